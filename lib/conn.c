@@ -1,0 +1,833 @@
+/* The connection guard: a libpq non-blocking connection driven by the loop adapter (loop.h):
+ * async connect with a deadline, a pipelined FIFO of statements, cancel, close and loss.
+ * Knows nothing of transactions or pools; tx.c and pool.c use it through conn.h. */
+#include "conn.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "error.h"
+#include "loop.h"
+#include "pgs_config.h"
+
+enum { DEFAULT_CONNECT_TIMEOUT_MS = 30000, DEFAULT_CANCEL_TIMEOUT_MS = 5000 };
+
+typedef enum conn_state {
+    CS_CONNECTING, /* PQconnectPoll handshake in progress */
+    CS_READY,      /* connected, in pipeline mode */
+    CS_DEAD,       /* the PGconn is gone (failed, lost or cancelled); awaiting pgs_conn_close */
+    CS_CLOSING,    /* pgs_conn_close called: deliver what is pending, then done, then free */
+} conn_state;
+
+typedef enum op_phase {
+    OP_UNSENT,  /* queued while connecting: sql and values are kept in op->copy */
+    OP_RESULTS, /* sent: collecting the statement's results up to libpq's NULL */
+    OP_SYNC,    /* results delivered: waiting for the PGRES_PIPELINE_SYNC that follows */
+} op_phase;
+
+typedef struct op {
+    struct op *next;
+    op_phase phase;
+    int flags;
+    pgs_result_cb cb; /* NULL once it has fired */
+    void *arg;
+    PGresult *res; /* the statement's result, once it came */
+    /* OP_UNSENT only: one block holding the value pointers, then the strings */
+    int nparams;
+    char **copy;
+} op;
+
+typedef struct cancel_req cancel_req;
+
+typedef struct op_list {
+    op *head, *tail;
+} op_list;
+
+struct pgs_conn {
+    conn_state state;
+    PGconn *pg;
+    struct event_base *base;
+    loop_ev *io;    /* the socket */
+    loop_ev *timer; /* connect deadline, then the cancel-request deadline */
+    loop_ev *defer; /* deferred delivery: callbacks never fire inside the call that caused them */
+    cancel_req *cancel; /* a cancel request in flight */
+    pgs_conn_opts opts;
+    char *password; /* kept only to redact it from messages; wiped on free */
+
+    pgs_conn_cb on_open; /* NULL once it has fired */
+    void *open_arg;
+    pgs_done_cb done;
+    void *done_arg;
+
+    op_list sent;   /* in flight, in the order sent: results map to it one by one */
+    op_list unsent; /* queued while connecting */
+    op_list failed; /* to be told dead_err from the loop */
+    int want_write; /* PQflush left data: wait for write-ready too */
+    int flush_due;  /* statements were sent since the last flush */
+    int lost_due;   /* on_lost is to fire */
+    pgs_error dead_err;
+    pgs_error segment_err; /* the error that aborted the current pipeline segment */
+    int segment_failed;
+};
+
+/* ---- op lists ---- */
+
+static void list_push(op_list *l, op *o)
+{
+    o->next = NULL;
+    if (l->tail)
+        l->tail->next = o;
+    else
+        l->head = o;
+    l->tail = o;
+}
+
+static op *list_pop(op_list *l)
+{
+    op *o = l->head;
+    if (o) {
+        l->head = o->next;
+        if (!l->head)
+            l->tail = NULL;
+    }
+    return o;
+}
+
+static void list_append(op_list *to, op_list *from)
+{
+    if (!from->head)
+        return;
+    if (to->tail)
+        to->tail->next = from->head;
+    else
+        to->head = from->head;
+    to->tail = from->tail;
+    from->head = from->tail = NULL;
+}
+
+static void op_free(op *o)
+{
+    PQclear(o->res);
+    free(o->copy);
+    free(o);
+}
+
+/* ---- helpers ---- */
+
+static void set_error(pgs_conn *c, pgs_error *e, pgs_code code, const char *sqlstate,
+                      const char *msg)
+{
+    err_set(e, code, sqlstate, msg, c->password);
+}
+
+/* Close the libpq connection. The socket watch goes first: the fd dies with PQfinish. */
+static void drop_pgconn(pgs_conn *c)
+{
+    if (!c->pg)
+        return;
+    loop_ev_stop(c->io);
+    PQfinish(c->pg);
+    c->pg = NULL;
+    c->want_write = c->flush_due = 0;
+}
+
+/* Every statement still owed a callback goes to the failed list, to hear dead_err. */
+static void fail_pending(pgs_conn *c)
+{
+    list_append(&c->failed, &c->sent);
+    list_append(&c->failed, &c->unsent);
+    loop_ev_post(c->defer);
+}
+
+/* The connection is gone for good (lost, failed, cancelled): record why, tell everyone later. */
+static void go_dead(pgs_conn *c, const pgs_error *why)
+{
+    if (c->state == CS_READY || c->state == CS_CONNECTING) {
+        c->dead_err = *why;
+        c->state = CS_DEAD;
+    }
+    drop_pgconn(c);
+    if (!c->cancel) /* else the timer bounds the cancel request */
+        loop_ev_stop(c->timer);
+    fail_pending(c);
+}
+
+static void conn_lost(pgs_conn *c, const pgs_error *why)
+{
+    if (c->state == CS_READY && c->opts.on_lost)
+        c->lost_due = 1;
+    go_dead(c, why);
+}
+
+static void lost_from_libpq(pgs_conn *c)
+{
+    pgs_error e;
+    set_error(c, &e, PGS_ECONN, "08006", PQerrorMessage(c->pg));
+    conn_lost(c, &e);
+}
+
+/* ---- the cancel request ---- */
+
+/* A cancel request in flight. It outlives nothing: the connection waits for it (bounded by
+ * cancel_timeout_ms) before callbacks hear "cancelled" and before `done`. */
+struct cancel_req {
+    pgs_conn *conn;
+#if PGS_HAVE_ASYNC_CANCEL
+    PGcancelConn *cc;
+    loop_ev *ev;
+#else
+    PGcancel *cancel;
+    loop_job *job;
+#endif
+};
+
+static void cancel_finished(pgs_conn *c)
+{
+    c->cancel = NULL;
+    loop_ev_stop(c->timer);
+    loop_ev_post(c->defer);
+}
+
+#if !PGS_HAVE_ASYNC_CANCEL
+/* libpq < 17 has only the blocking PQcancel, which libpq allows on another thread. */
+static void cancel_work(void *arg)
+{
+    cancel_req *r = arg;
+    char errbuf[256];
+    PQcancel(r->cancel, errbuf, sizeof errbuf); /* failure is fine: the close follows anyway */
+    PQfreeCancel(r->cancel);
+    r->cancel = NULL;
+}
+
+static void cancel_done(void *arg)
+{
+    cancel_req *r = arg;
+    pgs_conn *c = r->conn;
+    free(r);
+    cancel_finished(c);
+}
+
+/* Ask the server to stop what the backend runs. Call while c->pg is still open. */
+static void start_cancel(pgs_conn *c)
+{
+    cancel_req *r = calloc(1, sizeof *r);
+    if (!r)
+        return;
+    r->conn = c;
+    r->cancel = PQgetCancel(c->pg);
+    if (r->cancel) {
+        r->job = loop_job_start(c->base, cancel_work, cancel_done, r);
+        if (r->job) {
+            c->cancel = r;
+            loop_ev_timer(c->timer, c->opts.cancel_timeout_ms);
+            return;
+        }
+        PQfreeCancel(r->cancel);
+    }
+    free(r);
+}
+
+/* The request took too long (the server's address stalls): stop waiting; the worker frees
+ * its part when PQcancel returns. */
+static void abandon_cancel(pgs_conn *c)
+{
+    loop_job_abandon(c->cancel->job, free);
+    cancel_finished(c);
+}
+#else
+/* libpq >= 17: the non-blocking cancel connection, polled on the loop like a connect. */
+static void cancel_end(cancel_req *r)
+{
+    pgs_conn *c = r->conn;
+    loop_ev_free(r->ev);
+    PQcancelFinish(r->cc);
+    free(r);
+    cancel_finished(c);
+}
+
+static int cancel_watch(cancel_req *r, PostgresPollingStatusType st)
+{
+    if (st != PGRES_POLLING_READING && st != PGRES_POLLING_WRITING)
+        return -1;
+    return loop_ev_watch_once(r->ev, PQcancelSocket(r->cc),
+                              st == PGRES_POLLING_READING ? LOOP_READ : LOOP_WRITE);
+}
+
+static void cancel_poll(void *arg, int what)
+{
+    (void)what;
+    cancel_req *r = arg;
+    if (cancel_watch(r, PQcancelPoll(r->cc)) != 0)
+        cancel_end(r);
+}
+
+static void start_cancel(pgs_conn *c)
+{
+    cancel_req *r = calloc(1, sizeof *r);
+    if (!r)
+        return;
+    r->conn = c;
+    r->cc = PQcancelCreate(c->pg);
+    r->ev = r->cc ? loop_ev_new(c->base, cancel_poll, r) : NULL;
+    if (!r->ev || !PQcancelStart(r->cc) || cancel_watch(r, PGRES_POLLING_WRITING) != 0) {
+        loop_ev_free(r->ev);
+        PQcancelFinish(r->cc);
+        free(r);
+        return;
+    }
+    c->cancel = r;
+    loop_ev_timer(c->timer, c->opts.cancel_timeout_ms);
+}
+
+static void abandon_cancel(pgs_conn *c)
+{
+    cancel_end(c->cancel);
+}
+#endif
+
+/* ---- deferred delivery ---- */
+
+/* Push libpq's output buffer out. While data is left, watch write-ready as well; drop it as
+ * soon as all is out (a persistent write watch on a writable socket spins). */
+static int flush_output(pgs_conn *c)
+{
+    int r = PQflush(c->pg);
+    if (r >= 0 && r != c->want_write) {
+        c->want_write = r;
+        if (loop_ev_watch(c->io, PQsocket(c->pg), LOOP_READ | (r ? LOOP_WRITE : 0)) != 0)
+            r = -1;
+    }
+    if (r < 0) {
+        lost_from_libpq(c);
+        return -1;
+    }
+    return 0;
+}
+
+static void free_conn(pgs_conn *c)
+{
+    loop_ev_free(c->io);
+    loop_ev_free(c->timer);
+    loop_ev_free(c->defer);
+    if (c->password) {
+        memset(c->password, 0, strlen(c->password));
+        free(c->password);
+    }
+    free(c);
+}
+
+/* Runs from the loop only. User callbacks may call back into the API (close, query); the
+ * state is re-read after each one, and the handle is freed only here, after `done`. */
+static void run_deferred(void *arg, int what)
+{
+    (void)what;
+    pgs_conn *c = arg;
+    if (c->state == CS_READY) {
+        c->flush_due = 0;
+        if (flush_output(c) == 0)
+            return;
+    }
+    /* A cancel request goes out before anyone hears "cancelled", so the statement has
+     * really been told to stop when the callback runs. */
+    if (c->cancel)
+        return;
+    if (c->on_open && c->state != CS_CONNECTING) {
+        pgs_conn_cb cb = c->on_open;
+        c->on_open = NULL;
+        cb(c, &c->dead_err, c->open_arg);
+    }
+    for (op *o; (o = list_pop(&c->failed));) {
+        if (o->cb) {
+            pgs_result_cb cb = o->cb;
+            o->cb = NULL;
+            cb(c, NULL, &c->dead_err, o->arg);
+        }
+        op_free(o);
+    }
+    if (c->lost_due) {
+        c->lost_due = 0;
+        c->opts.on_lost(c, &c->dead_err, c->opts.lost_arg);
+    }
+    if (c->state == CS_CLOSING && !c->cancel && !c->failed.head && !c->on_open) {
+        pgs_done_cb done = c->done;
+        void *done_arg = c->done_arg;
+        free_conn(c);
+        if (done)
+            done(done_arg);
+    }
+}
+
+static void on_timer(void *arg, int what)
+{
+    (void)what;
+    pgs_conn *c = arg;
+    if (c->cancel) {
+        abandon_cancel(c);
+        return;
+    }
+    if (c->state == CS_CONNECTING) {
+        char msg[80];
+        snprintf(msg, sizeof msg, "connection timed out after %d ms", c->opts.connect_timeout_ms);
+        pgs_error e;
+        set_error(c, &e, PGS_ETIMEDOUT, NULL, msg);
+        go_dead(c, &e);
+    }
+}
+
+/* ---- results ---- */
+
+static int is_fatal(const PGresult *res)
+{
+    const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    return sev && (strcmp(sev, "FATAL") == 0 || strcmp(sev, "PANIC") == 0);
+}
+
+/* The statement at the head of `sent` has all its results: tell its callback. Returns 0 when
+ * the connection went down on the way (the caller must stop). */
+static int deliver(pgs_conn *c, op *o)
+{
+    pgs_error e;
+    const pgs_error *err = NULL;
+    PGresult *res = o->res;
+    o->res = NULL;
+    ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+    switch (st) {
+    case PGRES_COMMAND_OK:
+    case PGRES_TUPLES_OK:
+    case PGRES_EMPTY_QUERY:
+        break;
+    case PGRES_PIPELINE_ABORTED: {
+        char msg[sizeof e.message + 64];
+        snprintf(msg, sizeof msg, "not run: an earlier statement in the same pipeline failed: %s",
+                 c->segment_err.message);
+        set_error(c, &e, PGS_ESQL, c->segment_err.sqlstate, msg);
+        err = &e;
+        break;
+    }
+    case PGRES_COPY_IN:
+    case PGRES_COPY_OUT:
+    case PGRES_COPY_BOTH:
+        set_error(c, &e, PGS_EUNSUPPORTED, NULL, "COPY is not supported by pgscope");
+        err = &e;
+        break;
+    default:
+        if (res) {
+            /* FATAL means the server ends the session (pg_terminate_backend: 57P01). */
+            err_from_result(&e, is_fatal(res) ? PGS_ECONN : PGS_ESQL, res, c->password);
+        } else {
+            set_error(c, &e, PGS_ECONN, "08006", PQerrorMessage(c->pg));
+        }
+        err = &e;
+        if (!c->segment_failed) {
+            c->segment_failed = 1;
+            c->segment_err = e;
+        }
+        break;
+    }
+    pgs_result_cb cb = o->cb;
+    o->cb = NULL;
+    cb(c, err ? (err->code == PGS_ESQL ? res : NULL) : res, err, o->arg);
+    PQclear(res);
+    if (c->state != CS_READY)
+        return 0;
+    if (err && err->code != PGS_ESQL) {
+        conn_lost(c, err);
+        return 0;
+    }
+    return 1;
+}
+
+/* Map every result through the FIFO of what was sent (libpq pipeline mode: each statement's
+ * results end with NULL; each sync yields PGRES_PIPELINE_SYNC). */
+static void read_results(pgs_conn *c)
+{
+    while (c->state == CS_READY && c->sent.head && !PQisBusy(c->pg)) {
+        op *o = c->sent.head;
+        PGresult *res = PQgetResult(c->pg);
+        if (o->phase == OP_SYNC) {
+            if (res && PQresultStatus(res) == PGRES_PIPELINE_SYNC) {
+                PQclear(res);
+                c->segment_failed = 0;
+                op_free(list_pop(&c->sent));
+                continue;
+            }
+            PQclear(res);
+            pgs_error e;
+            set_error(c, &e, PGS_ECONN, "08P01", "protocol out of step: expected a sync");
+            conn_lost(c, &e);
+            return;
+        }
+        if (res) {
+            ExecStatusType st = PQresultStatus(res);
+            if (!o->res)
+                o->res = res;
+            else
+                PQclear(res);
+            /* A COPY result has no terminating NULL the pipeline can reach: end here. */
+            if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
+                pgs_error e;
+                set_error(c, &e, PGS_EUNSUPPORTED, NULL, "COPY is not supported by pgscope");
+                conn_lost(c, &e);
+                return;
+            }
+            continue;
+        }
+        if (o->flags & CONN_NO_SYNC) {
+            list_pop(&c->sent);
+            if (!deliver(c, o)) {
+                op_free(o);
+                return;
+            }
+            op_free(o);
+        } else {
+            o->phase = OP_SYNC;
+            if (!deliver(c, o))
+                return;
+        }
+    }
+}
+
+static void read_notifies(pgs_conn *c)
+{
+    for (PGnotify *n; c->state == CS_READY && (n = PQnotifies(c->pg));) {
+        if (c->opts.on_notify)
+            c->opts.on_notify(c, n, c->opts.notify_arg);
+        PQfreemem(n);
+    }
+}
+
+static void on_socket_ready(pgs_conn *c, int what)
+{
+    if (what & LOOP_READ) {
+        if (!PQconsumeInput(c->pg)) {
+            lost_from_libpq(c);
+            return;
+        }
+    }
+    /* Output left over: flush on write-ready, and after reading too, since the server may
+     * only read ours once we have read its (libpq docs, Asynchronous Command Processing). */
+    if (c->want_write && flush_output(c) != 0)
+        return;
+    read_notifies(c);
+    read_results(c);
+    read_notifies(c);
+    if (c->state == CS_READY && PQstatus(c->pg) == CONNECTION_BAD)
+        lost_from_libpq(c);
+}
+
+/* ---- sending ---- */
+
+static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *values)
+{
+    if (!PQsendQueryParams(c->pg, sql, o->nparams, NULL, values, NULL, NULL, 0))
+        return -1;
+    if (!(o->flags & CONN_NO_SYNC) && !PQpipelineSync(c->pg))
+        return -1;
+    o->phase = OP_RESULTS;
+    list_push(&c->sent, o);
+    if (!c->flush_due) {
+        c->flush_due = 1;
+        loop_ev_post(c->defer); /* one flush for everything queued in this loop turn */
+    }
+    return 0;
+}
+
+static void send_unsent(pgs_conn *c)
+{
+    for (op *o; c->state == CS_READY && (o = list_pop(&c->unsent));) {
+        if (send_op(c, o, o->copy[o->nparams], (const char *const *)o->copy) != 0) {
+            list_push(&c->sent, o);
+            lost_from_libpq(c);
+        } else {
+            free(o->copy);
+            o->copy = NULL;
+        }
+    }
+}
+
+/* Keep sql and values for a statement queued before the connection is up. */
+static char **copy_statement(const char *sql, int nparams, const char *const *values)
+{
+    size_t size = (size_t)(nparams + 1) * sizeof(char *) + strlen(sql) + 1;
+    for (int i = 0; i < nparams; i++)
+        size += values[i] ? strlen(values[i]) + 1 : 0;
+    char **v = malloc(size);
+    if (!v)
+        return NULL;
+    char *p = (char *)(v + nparams + 1);
+    for (int i = 0; i <= nparams; i++) {
+        const char *s = i < nparams ? values[i] : sql;
+        if (!s) {
+            v[i] = NULL;
+            continue;
+        }
+        size_t n = strlen(s) + 1;
+        v[i] = memcpy(p, s, n);
+        p += n;
+    }
+    return v;
+}
+
+int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *values, int flags,
+               pgs_result_cb cb, void *arg)
+{
+    if (!c || !sql || !cb || nparams < 0 || (nparams > 0 && !values))
+        return PGS_EINVAL;
+    switch (c->state) {
+    case CS_CLOSING:
+        return PGS_EMISUSE;
+    case CS_DEAD:
+        return c->dead_err.code;
+    case CS_CONNECTING:
+    case CS_READY:
+        break;
+    }
+    op *o = calloc(1, sizeof *o);
+    if (!o)
+        return PGS_ENOMEM;
+    o->cb = cb;
+    o->arg = arg;
+    o->flags = flags;
+    o->nparams = nparams;
+    if (c->state == CS_CONNECTING) {
+        o->copy = copy_statement(sql, nparams, values);
+        if (!o->copy) {
+            free(o);
+            return PGS_ENOMEM;
+        }
+        o->phase = OP_UNSENT;
+        list_push(&c->unsent, o);
+        return PGS_OK;
+    }
+    if (send_op(c, o, sql, values) != 0) {
+        /* Not accepted, so its callback never fires; the others hear of the loss. */
+        free(o);
+        lost_from_libpq(c);
+        return PGS_ECONN;
+    }
+    return PGS_OK;
+}
+
+int pgs_query(pgs_conn *c, const char *sql, int nparams, const char *const *values,
+              pgs_result_cb cb, void *arg)
+{
+    return conn_query(c, sql, nparams, values, 0, cb, arg);
+}
+
+/* ---- connecting ---- */
+
+/* libpq puts a startup error's SQLSTATE only in the verbose message text ("FATAL:  28P01: ...",
+ * with a LOCATION line): take the code out and leave the words. */
+static void connect_error(pgs_conn *c, pgs_error *e)
+{
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", PQerrorMessage(c->pg));
+    char sqlstate[6] = "";
+    for (char *p = strstr(msg, "FATAL:  "); p; p = strstr(p, "FATAL:  ")) {
+        p += 8;
+        if (strspn(p, "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ") == 5 && p[5] == ':' && p[6] == ' ') {
+            memcpy(sqlstate, p, 5);
+            memmove(p, p + 7, strlen(p + 7) + 1);
+        }
+    }
+    for (char *p = strstr(msg, "\nLOCATION:"); p; p = strstr(p, "\nLOCATION:")) {
+        char *end = strchr(p + 1, '\n');
+        if (!end) {
+            *p = '\0';
+            break;
+        }
+        memmove(p, end, strlen(end) + 1);
+    }
+    pgs_code code = PGS_ECONNECT;
+    if (strncmp(sqlstate, "28", 2) == 0)
+        code = PGS_EAUTH;
+    else if (strcmp(sqlstate, "3D000") == 0)
+        code = PGS_ENODB;
+    set_error(c, e, code, sqlstate, msg);
+}
+
+static void connected(pgs_conn *c)
+{
+    loop_ev_stop(c->timer);
+    PQsetErrorVerbosity(c->pg, PQERRORS_DEFAULT);
+    if (PQsetnonblocking(c->pg, 1) != 0 || !PQenterPipelineMode(c->pg)) {
+        pgs_error e;
+        set_error(c, &e, PGS_ECONNECT, NULL, PQerrorMessage(c->pg));
+        go_dead(c, &e);
+        return;
+    }
+    c->state = CS_READY;
+    if (loop_ev_watch(c->io, PQsocket(c->pg), LOOP_READ) != 0) {
+        lost_from_libpq(c);
+        return;
+    }
+    send_unsent(c);
+    if (c->state != CS_READY)
+        return;
+    pgs_conn_cb cb = c->on_open;
+    c->on_open = NULL;
+    cb(c, NULL, c->open_arg);
+}
+
+/* One step of the handshake. The socket may change between steps, so each step re-points a
+ * one-shot watch at PQsocket() in the direction the poll asked for. */
+static void connect_step(pgs_conn *c, PostgresPollingStatusType st)
+{
+    if (st == PGRES_POLLING_READING || st == PGRES_POLLING_WRITING) {
+        int want = st == PGRES_POLLING_READING ? LOOP_READ : LOOP_WRITE;
+        if (loop_ev_watch_once(c->io, PQsocket(c->pg), want) == 0)
+            return;
+    }
+    if (st == PGRES_POLLING_OK) {
+        connected(c);
+        return;
+    }
+    pgs_error e;
+    connect_error(c, &e);
+    go_dead(c, &e);
+}
+
+static void on_io(void *arg, int what)
+{
+    pgs_conn *c = arg;
+    if (c->state == CS_CONNECTING)
+        connect_step(c, PQconnectPoll(c->pg));
+    else if (c->state == CS_READY)
+        on_socket_ready(c, what);
+}
+
+static void on_notice(void *arg, const PGresult *res)
+{
+    pgs_conn *c = arg;
+    if (c->opts.on_notice && c->state == CS_READY)
+        c->opts.on_notice(c, res, c->opts.notice_arg);
+}
+
+/* Start libpq from the parsed conninfo. Returns 0, or fills e (bad options, no memory). */
+static int start_connect(pgs_conn *c, PQconninfoOption *opts, pgs_error *e)
+{
+    const char *kw[64], *val[64];
+    int n = 0, timeout_s = 0;
+    for (PQconninfoOption *o = opts; o->keyword && n < 63; o++) {
+        if (!o->val)
+            continue;
+        if (strcmp(o->keyword, "password") == 0 && !c->password)
+            c->password = strdup(o->val);
+        if (strcmp(o->keyword, "connect_timeout") == 0)
+            timeout_s = atoi(o->val);
+        kw[n] = o->keyword;
+        val[n++] = o->val;
+    }
+    kw[n] = val[n] = NULL;
+    if (c->opts.connect_timeout_ms == 0)
+        c->opts.connect_timeout_ms =
+            timeout_s > 0 ? (timeout_s < 2 ? 2 : timeout_s) * 1000 : DEFAULT_CONNECT_TIMEOUT_MS;
+    c->pg = PQconnectStartParams(kw, val, 0);
+    if (!c->pg) {
+        set_error(c, e, PGS_ENOMEM, NULL, NULL);
+        return -1;
+    }
+    PQsetNoticeReceiver(c->pg, on_notice, c);
+    /* Verbose only during start-up, to learn the SQLSTATE of a refused login. */
+    PQsetErrorVerbosity(c->pg, PQERRORS_VERBOSE);
+    if (PQstatus(c->pg) == CONNECTION_BAD) {
+        set_error(c, e, PGS_EINVAL, NULL, PQerrorMessage(c->pg));
+        return -1;
+    }
+    if (c->opts.connect_timeout_ms > 0 && loop_ev_timer(c->timer, c->opts.connect_timeout_ms))
+        return -1;
+    /* Per the libpq docs, the first poll waits as if PQconnectPoll said "writing". */
+    if (loop_ev_watch_once(c->io, PQsocket(c->pg), LOOP_WRITE) != 0) {
+        set_error(c, e, PGS_ECONNECT, NULL, "could not watch the connection's socket");
+        return -1;
+    }
+    return 0;
+}
+
+int pgs_conn_open(struct event_base *base, const char *conninfo, const pgs_conn_opts *opts,
+                  pgs_conn_cb on_open, void *arg, pgs_conn **out)
+{
+    if (out)
+        *out = NULL;
+    if (!base || !conninfo || !on_open || !out)
+        return PGS_EINVAL;
+    pgs_conn *c = calloc(1, sizeof *c);
+    if (!c)
+        return PGS_ENOMEM;
+    c->base = base;
+    if (opts)
+        c->opts = *opts;
+    if (c->opts.cancel_timeout_ms <= 0)
+        c->opts.cancel_timeout_ms = DEFAULT_CANCEL_TIMEOUT_MS;
+    c->on_open = on_open;
+    c->open_arg = arg;
+    c->io = loop_ev_new(base, on_io, c);
+    c->timer = loop_ev_new(base, on_timer, c);
+    c->defer = loop_ev_new(base, run_deferred, c);
+    if (!c->io || !c->timer || !c->defer) {
+        free_conn(c);
+        return PGS_ENOMEM;
+    }
+    c->state = CS_CONNECTING;
+    char *why = NULL;
+    PQconninfoOption *parsed = PQconninfoParse(conninfo, &why);
+    pgs_error e;
+    if (!parsed) {
+        /* libpq's reason can quote the string: redaction masks any password in it. */
+        char msg[600];
+        snprintf(msg, sizeof msg, "invalid connection string: %s",
+                 why ? why : "out of memory");
+        set_error(c, &e, why ? PGS_EINVAL : PGS_ENOMEM, NULL, msg);
+        PQfreemem(why);
+        go_dead(c, &e);
+    } else {
+        if (start_connect(c, parsed, &e) != 0)
+            go_dead(c, &e);
+        PQconninfoFree(parsed);
+    }
+    *out = c;
+    return PGS_OK;
+}
+
+/* ---- exit paths ---- */
+
+int pgs_conn_close(pgs_conn *c, pgs_done_cb done, void *arg)
+{
+    if (!c)
+        return PGS_EINVAL;
+    if (c->state == CS_CLOSING)
+        return PGS_EMISUSE;
+    if (c->state == CS_READY || c->state == CS_CONNECTING) {
+        /* Work the server still runs would go on for nobody: ask it to stop. */
+        if (c->state == CS_READY && c->sent.head && !c->cancel)
+            start_cancel(c);
+        pgs_error e;
+        set_error(c, &e, PGS_ECLOSED, NULL, "the connection guard was closed");
+        go_dead(c, &e);
+    }
+    c->state = CS_CLOSING;
+    c->done = done;
+    c->done_arg = arg;
+    c->lost_due = 0;
+    fail_pending(c);
+    return PGS_OK;
+}
+
+int pgs_conn_cancel(pgs_conn *c)
+{
+    if (!c)
+        return PGS_EINVAL;
+    if (c->state != CS_READY && c->state != CS_CONNECTING)
+        return PGS_EMISUSE;
+    if (c->state == CS_READY && c->sent.head)
+        start_cancel(c);
+    pgs_error e;
+    set_error(c, &e, PGS_ECANCELED, "57014", "canceled by the caller; the connection is closed");
+    go_dead(c, &e);
+    return PGS_OK;
+}
+
+PGconn *pgs_conn_pgconn(pgs_conn *c)
+{
+    return c && c->state == CS_READY ? c->pg : NULL;
+}

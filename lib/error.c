@@ -1,0 +1,153 @@
+/* pgs_error: codes, SQLSTATEs and messages with passwords redacted. The bottom layer: knows
+ * libpq's result fields, nothing of connections or loops. */
+#include "error.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const code_names[] = {
+    [PGS_OK] = "PGS_OK: success",
+    [PGS_EINVAL] = "PGS_EINVAL: invalid argument",
+    [PGS_EMISUSE] = "PGS_EMISUSE: call not allowed in this state",
+    [PGS_ECONNECT] = "PGS_ECONNECT: could not connect to the server",
+    [PGS_EAUTH] = "PGS_EAUTH: authentication failed",
+    [PGS_ENODB] = "PGS_ENODB: database does not exist",
+    [PGS_ECONN] = "PGS_ECONN: connection lost",
+    [PGS_ESQL] = "PGS_ESQL: the server reported an error",
+    [PGS_ETIMEDOUT] = "PGS_ETIMEDOUT: timed out",
+    [PGS_ECANCELED] = "PGS_ECANCELED: canceled",
+    [PGS_ECOMMIT_UNKNOWN] = "PGS_ECOMMIT_UNKNOWN: connection lost during COMMIT, outcome unknown",
+    [PGS_ECLOSED] = "PGS_ECLOSED: the guard was closed",
+    [PGS_ENOMEM] = "PGS_ENOMEM: out of memory",
+    [PGS_EUNSUPPORTED] = "PGS_EUNSUPPORTED: not supported by pgscope",
+};
+
+const char *pgs_strerror(int code)
+{
+    if (code < 0 || (size_t)code >= sizeof code_names / sizeof code_names[0] ||
+        !code_names[code])
+        return "PGS_E?: unknown error code";
+    return code_names[code];
+}
+
+/* Replace n bytes at p with "***" (fewer stars when n < 3: the text never grows, so masking
+ * cannot overflow), shifting the rest of the string. Returns the end of the mask. */
+static char *mask_span(char *p, size_t n)
+{
+    size_t stars = n < 3 ? n : 3;
+    memmove(p + stars, p + n, strlen(p + n) + 1);
+    memset(p, '*', stars);
+    return p + stars;
+}
+
+static void mask_secret(char *msg, const char *secret)
+{
+    size_t n = secret ? strlen(secret) : 0;
+    if (n == 0)
+        return;
+    for (char *p = strstr(msg, secret); p; p = strstr(p, secret)) {
+        if (n < 3) {
+            /* A short password would garble the message; mask only standalone words. */
+            int left = p == msg || !isalnum((unsigned char)p[-1]);
+            int right = !isalnum((unsigned char)p[n]);
+            if (!(left && right)) {
+                p += n;
+                continue;
+            }
+        }
+        p = mask_span(p, n);
+    }
+}
+
+/* "password = value" or "password='va lue'" in keyword/value form. */
+static void mask_keyword_values(char *msg)
+{
+    for (char *p = strstr(msg, "password"); p; p = strstr(p, "password")) {
+        char *q = p + 8;
+        while (*q == ' ')
+            q++;
+        if (*q != '=') {
+            p = q;
+            continue;
+        }
+        q++;
+        while (*q == ' ')
+            q++;
+        char *end = q;
+        if (*q == '\'') {
+            end++;
+            while (*end && *end != '\'')
+                end += (*end == '\\' && end[1]) ? 2 : 1;
+            if (*end)
+                end++;
+        } else {
+            while (*end && !isspace((unsigned char)*end) && *end != '"' && *end != '&')
+                end++;
+        }
+        p = end > q ? mask_span(q, (size_t)(end - q)) : end;
+    }
+}
+
+/* postgresql://user:secret@host */
+static void mask_uri_passwords(char *msg)
+{
+    for (char *p = strstr(msg, "://"); p; p = strstr(p, "://")) {
+        char *auth = p + 3;
+        size_t len = strcspn(auth, "@/ \t\n\"'");
+        if (auth[len] != '@') {
+            p = auth;
+            continue;
+        }
+        char *colon = memchr(auth, ':', len);
+        p = colon && auth + len > colon + 1 ? mask_span(colon + 1, (size_t)(auth + len - colon - 1))
+                                            : auth + len;
+    }
+}
+
+void err_redact(char *msg, const char *secret)
+{
+    mask_secret(msg, secret);
+    mask_keyword_values(msg);
+    mask_uri_passwords(msg);
+}
+
+void err_set(pgs_error *e, pgs_code code, const char *sqlstate, const char *msg,
+             const char *secret)
+{
+    e->code = code;
+    snprintf(e->sqlstate, sizeof e->sqlstate, "%s", sqlstate ? sqlstate : "");
+    /* Redact the whole text before cutting it, so a password split by the cut cannot leak. */
+    size_t len = strlen(msg && *msg ? msg : pgs_strerror(code));
+    char small[1024];
+    char *buf = len < sizeof small ? small : malloc(len + 1);
+    if (!buf) {
+        snprintf(e->message, sizeof e->message, "%s", pgs_strerror(code));
+        return;
+    }
+    memcpy(buf, msg && *msg ? msg : pgs_strerror(code), len + 1);
+    while (len > 0 && isspace((unsigned char)buf[len - 1]))
+        buf[--len] = '\0';
+    err_redact(buf, secret);
+    len = strlen(buf);
+    size_t n = len < sizeof e->message ? len : sizeof e->message - 1;
+    memcpy(e->message, buf, n); /* cut long server messages to fit */
+    e->message[n] = '\0';
+    if (buf != small)
+        free(buf);
+}
+
+void err_from_result(pgs_error *e, pgs_code code, const PGresult *res, const char *secret)
+{
+    const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    const char *detail = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
+    char msg[sizeof e->message];
+    if (primary && detail)
+        snprintf(msg, sizeof msg, "%s (%s)", primary, detail);
+    else if (primary)
+        snprintf(msg, sizeof msg, "%s", primary);
+    else
+        snprintf(msg, sizeof msg, "%s", PQresultErrorMessage(res));
+    err_set(e, code, PQresultErrorField(res, PG_DIAG_SQLSTATE), msg, secret);
+}

@@ -1,0 +1,21 @@
+/* Internal: building pgs_error values. The bottom layer; every other file reports through it,
+ * so the redaction of passwords happens in one place. */
+#ifndef PGS_ERROR_H
+#define PGS_ERROR_H
+
+#include "pgscope.h"
+
+/* Fill e with code, sqlstate (NULL or "" for none) and msg (NULL: the code's name). The message
+ * is trimmed of trailing white space, cut to fit, and every occurrence of `secret` (the
+ * password, may be NULL) and anything after "password=" is replaced with "***". */
+void err_set(pgs_error *e, pgs_code code, const char *sqlstate, const char *msg,
+             const char *secret);
+
+/* Fill e from a server error result: its SQLSTATE, primary message and detail. */
+void err_from_result(pgs_error *e, pgs_code code, const PGresult *res, const char *secret);
+
+/* Mask passwords in msg (in place): every copy of secret, values after "password=" and the
+ * password part of a postgresql://user:password@host URI. */
+void err_redact(char *msg, const char *secret);
+
+#endif
