@@ -32,14 +32,13 @@ const char *pgs_strerror(int code)
     return code_names[code];
 }
 
-/* Replace n bytes at p with "***" (fewer stars when n < 3: the text never grows, so masking
- * cannot overflow), shifting the rest of the string. Returns the end of the mask. */
+/* Replace n bytes at p with "***" (always three, so the mask does not tell the length),
+ * shifting the rest of the string. Returns the end of the mask. */
 static char *mask_span(char *p, size_t n)
 {
-    size_t stars = n < 3 ? n : 3;
-    memmove(p + stars, p + n, strlen(p + n) + 1);
-    memset(p, '*', stars);
-    return p + stars;
+    memmove(p + 3, p + n, strlen(p + n) + 1);
+    memcpy(p, "***", 3);
+    return p + 3;
 }
 
 static void mask_secret(char *msg, const char *secret)
@@ -120,8 +119,9 @@ void err_set(pgs_error *e, pgs_code code, const char *sqlstate, const char *msg,
     snprintf(e->sqlstate, sizeof e->sqlstate, "%s", sqlstate ? sqlstate : "");
     /* Redact the whole text before cutting it, so a password split by the cut cannot leak. */
     size_t len = strlen(msg && *msg ? msg : pgs_strerror(code));
+    /* Masking can grow the text (a 1-byte value becomes "***"): room for three times it. */
     char small[1024];
-    char *buf = len < sizeof small ? small : malloc(len + 1);
+    char *buf = 3 * len + 1 < sizeof small ? small : malloc(3 * len + 1);
     if (!buf) {
         snprintf(e->message, sizeof e->message, "%s", pgs_strerror(code));
         return;
@@ -129,6 +129,12 @@ void err_set(pgs_error *e, pgs_code code, const char *sqlstate, const char *msg,
     memcpy(buf, msg && *msg ? msg : pgs_strerror(code), len + 1);
     while (len > 0 && isspace((unsigned char)buf[len - 1]))
         buf[--len] = '\0';
+    if (len == 0) {
+        if (buf != small)
+            free(buf);
+        snprintf(e->message, sizeof e->message, "%s", pgs_strerror(code));
+        return;
+    }
     err_redact(buf, secret);
     len = strlen(buf);
     size_t n = len < sizeof e->message ? len : sizeof e->message - 1;

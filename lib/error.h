@@ -14,8 +14,9 @@ void err_set(pgs_error *e, pgs_code code, const char *sqlstate, const char *msg,
 /* Fill e from a server error result: its SQLSTATE, primary message and detail. */
 void err_from_result(pgs_error *e, pgs_code code, const PGresult *res, const char *secret);
 
-/* Mask passwords in msg (in place): every copy of secret, values after "password=" and the
- * password part of a postgresql://user:password@host URI. */
+/* Mask passwords in msg (in place) with "***": every copy of secret, values after "password="
+ * and the password part of a postgresql://user:password@host URI. msg must have room for
+ * three times its length (a one-byte value becomes three stars). */
 void err_redact(char *msg, const char *secret);
 
 #endif

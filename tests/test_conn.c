@@ -1,0 +1,736 @@
+/* The connection guard against the real server: connect and its failures, pipelined queries,
+ * close on every path, cancel, connection loss, notices and notifications. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "helpers.h"
+
+/* A record of one statement's callback. */
+typedef struct call {
+    int fired;
+    int seq; /* global order in which callbacks fired */
+    pgs_code code;
+    char sqlstate[6];
+    char message[512];
+    char value[256];
+    int ntuples;
+    double at;
+} call;
+
+static int fire_seq;
+
+static void record(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c;
+    call *k = arg;
+    k->fired++;
+    k->seq = fire_seq++;
+    k->at = th_now();
+    k->code = err ? err->code : PGS_OK;
+    if (err) {
+        memcpy(k->sqlstate, err->sqlstate, sizeof k->sqlstate);
+        memcpy(k->message, err->message, sizeof k->message);
+    }
+    if (!err && res && PQresultStatus(res) == PGRES_TUPLES_OK) {
+        k->ntuples = PQntuples(res);
+        if (k->ntuples > 0)
+            snprintf(k->value, sizeof k->value, "%s", PQgetvalue(res, 0, 0));
+    }
+}
+
+static void on_done_count(void *arg)
+{
+    (*(int *)arg)++;
+}
+
+static int backend_pid(pgs_conn *c)
+{
+    PGconn *pg = pgs_conn_pgconn(c);
+    ck_assert_ptr_nonnull(pg);
+    return PQbackendPID(pg);
+}
+
+/* ---- queries ---- */
+
+START_TEST(test_params_come_back_verbatim_no_injection)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    const char *tricky[] = {
+        "it's", "a;b", "'; DROP TABLE pgs_victim; --", "\"quoted\" \\ back\\slash", "$1", "",
+    };
+    call k[6] = {0};
+    call made = {0}, after = {0};
+    ck_assert_int_eq(pgs_query(c, "CREATE TEMP TABLE pgs_victim(x int)", 0, NULL, record, &made),
+                     PGS_OK);
+    for (int i = 0; i < 6; i++) {
+        const char *v[] = {tricky[i]};
+        ck_assert_int_eq(pgs_query(c, "SELECT $1::text", 1, v, record, &k[i]), PGS_OK);
+    }
+    ck_assert_int_eq(pgs_query(c, "SELECT count(*) FROM pgs_victim", 0, NULL, record, &after),
+                     PGS_OK);
+    th_run_until(b, &after.fired, 10);
+    ck_assert_int_eq(made.code, PGS_OK);
+    for (int i = 0; i < 6; i++) {
+        ck_assert_int_eq(k[i].fired, 1);
+        ck_assert_int_eq(k[i].code, PGS_OK);
+        ck_assert_str_eq(k[i].value, tricky[i]);
+    }
+    ck_assert_int_eq(after.code, PGS_OK); /* the table survived */
+    ck_assert_str_eq(after.value, "0");
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+START_TEST(test_typed_params_and_null)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    const char *v[] = {"41", NULL};
+    call k = {0}, n = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT $1::int + 1", 1, v, record, &k), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT ($2::text IS NULL)::text || $1", 2, v, record, &n),
+                     PGS_OK);
+    th_run_until(b, &n.fired, 10);
+    ck_assert_str_eq(k.value, "42");
+    ck_assert_str_eq(n.value, "true41");
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+START_TEST(test_hundred_queued_run_in_order_failure_isolated)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    call k[100] = {0};
+    char num[100][8];
+    fire_seq = 0;
+    for (int i = 0; i < 100; i++) {
+        snprintf(num[i], sizeof num[i], "%d", i);
+        const char *v[] = {num[i]};
+        const char *sql = i == 50 ? "SELECT 1 / ($1::int - 50)" : "SELECT $1::int";
+        ck_assert_int_eq(pgs_query(c, sql, 1, v, record, &k[i]), PGS_OK);
+    }
+    ck_assert_int_eq(fire_seq, 0); /* nothing fires inside pgs_query */
+    th_run_until(b, &k[99].fired, 15);
+    for (int i = 0; i < 100; i++) {
+        ck_assert_int_eq(k[i].fired, 1);
+        ck_assert_int_eq(k[i].seq, i);
+        if (i == 50) {
+            ck_assert_int_eq(k[i].code, PGS_ESQL);
+            ck_assert_str_eq(k[i].sqlstate, "22012"); /* division_by_zero */
+        } else {
+            ck_assert_int_eq(k[i].code, PGS_OK);
+            ck_assert_str_eq(k[i].value, num[i]);
+        }
+    }
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+START_TEST(test_multiple_statements_in_one_string_rejected)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    call k = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT 1; SELECT 2", 0, NULL, record, &k), PGS_OK);
+    th_run_until(b, &k.fired, 10);
+    ck_assert_int_eq(k.code, PGS_ESQL);
+    ck_assert_str_eq(k.sqlstate, "42601");
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+static void on_open_seq(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    (void)c;
+    call *k = arg;
+    k->fired++;
+    k->seq = fire_seq++;
+    k->code = err ? err->code : PGS_OK;
+}
+
+START_TEST(test_queries_queued_while_connecting_run_after_connect)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = NULL;
+    call opened = {0};
+    call k[3] = {0};
+    fire_seq = 0;
+    ck_assert_int_eq(pgs_conn_open(b, th_conninfo(NULL), NULL, on_open_seq, &opened, &c), PGS_OK);
+    const char *v[] = {"7"};
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(pgs_query(c, "SELECT $1::int * 6", 1, v, record, &k[i]), PGS_OK);
+    th_run_until(b, &k[2].fired, 10);
+    ck_assert_int_eq(opened.fired, 1);
+    ck_assert_int_eq(opened.code, PGS_OK);
+    ck_assert_int_eq(opened.seq, 0);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(k[i].seq, i + 1);
+        ck_assert_str_eq(k[i].value, "42");
+    }
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+/* ---- connect failures ---- */
+
+typedef struct open_rec {
+    int fired;
+    int ok;
+    pgs_error err;
+    double at;
+} open_rec;
+
+static void on_open_rec(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    (void)c;
+    open_rec *r = arg;
+    r->fired++;
+    r->at = th_now();
+    r->ok = !err;
+    if (err)
+        r->err = *err;
+}
+
+/* Open with conninfo, expect failure with `code`; return the error for further checks. */
+static pgs_error open_fails(const char *conninfo, const pgs_conn_opts *opts, pgs_code code)
+{
+    struct event_base *b = th_loop_begin();
+    open_rec r = {0};
+    int done = 0;
+    pgs_conn *c = NULL;
+    ck_assert_int_eq(pgs_conn_open(b, conninfo, opts, on_open_rec, &r, &c), PGS_OK);
+    ck_assert_int_eq(r.fired, 0);
+    th_run_until(b, &r.fired, 20);
+    ck_assert_int_eq(r.ok, 0);
+    ck_assert_msg(r.err.code == code, "expected %s, got %s: %s", pgs_strerror(code),
+                  pgs_strerror(r.err.code), r.err.message);
+    /* A dead guard refuses statements with its cause, and still needs (and takes) its exit. */
+    call k = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &k), code);
+    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    th_loop_end(b);
+    ck_assert_int_eq(done, 1);
+    ck_assert_int_eq(r.fired, 1);
+    ck_assert_int_eq(k.fired, 0);
+    return r.err;
+}
+
+START_TEST(test_connect_bad_conninfo_syntax)
+{
+    pgs_error e = open_fails("host=127.0.0.1 password=Hunter2Syntax port", NULL, PGS_EINVAL);
+    ck_assert_ptr_null(strstr(e.message, "Hunter2Syntax"));
+    ck_assert_ptr_nonnull(strstr(e.message, "invalid connection string"));
+    e = open_fails("postgresql://u:Hunter2Uri@127.0.0.1:notaport/db", NULL, PGS_EINVAL);
+    ck_assert_ptr_null(strstr(e.message, "Hunter2Uri"));
+    e = open_fails("host=127.0.0.1 bogus_option=1 password=Hunter2Opt", NULL, PGS_EINVAL);
+    ck_assert_ptr_null(strstr(e.message, "Hunter2Opt"));
+    ck_assert_ptr_nonnull(strstr(e.message, "bogus_option"));
+}
+END_TEST
+
+START_TEST(test_connect_refused_port)
+{
+    char ci[256];
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=x password=Hunter2Refused dbname=x",
+             th_closed_port());
+    pgs_error e = open_fails(ci, NULL, PGS_ECONNECT);
+    ck_assert_ptr_nonnull(strstr(e.message, "refused"));
+    ck_assert_ptr_null(strstr(e.message, "Hunter2Refused"));
+}
+END_TEST
+
+START_TEST(test_connect_wrong_password)
+{
+    pgs_error e = open_fails(th_conninfo("password=Hunter2Wrong"), NULL, PGS_EAUTH);
+    ck_assert_str_eq(e.sqlstate, "28P01");
+    ck_assert_ptr_nonnull(strstr(e.message, "password authentication failed"));
+    ck_assert_ptr_null(strstr(e.message, "Hunter2Wrong"));
+    ck_assert_ptr_null(strstr(e.message, "LOCATION"));
+}
+END_TEST
+
+START_TEST(test_connect_unknown_database)
+{
+    pgs_error e = open_fails(th_conninfo("dbname=pgs_no_such_db"), NULL, PGS_ENODB);
+    ck_assert_str_eq(e.sqlstate, "3D000");
+    ck_assert_ptr_nonnull(strstr(e.message, "pgs_no_such_db"));
+    ck_assert_ptr_null(strstr(e.message, th_conninfo_value("password")));
+}
+END_TEST
+
+START_TEST(test_connect_timeout_against_silent_listener)
+{
+    int port;
+    int lfd = th_silent_listener(&port);
+    char ci[256];
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=x dbname=x connect_timeout=0", port);
+    pgs_conn_opts o = {.connect_timeout_ms = 500};
+    double t0 = th_now();
+    struct event_base *b = th_loop_begin();
+    open_rec r = {0};
+    int done = 0;
+    pgs_conn *c = NULL;
+    ck_assert_int_eq(pgs_conn_open(b, ci, &o, on_open_rec, &r, &c), PGS_OK);
+    th_run_until(b, &r.fired, 10);
+    ck_assert_int_eq(r.err.code, PGS_ETIMEDOUT);
+    double took = r.at - t0;
+    ck_assert_msg(took >= 0.45 && took < 2.0, "timed out after %.3f s, want ~0.5 s", took);
+    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    th_loop_end(b); /* also proves the guard's socket is closed */
+    ck_assert_int_eq(done, 1);
+    close(lfd);
+}
+END_TEST
+
+/* ---- close ---- */
+
+START_TEST(test_close_while_connecting)
+{
+    int port;
+    int lfd = th_silent_listener(&port);
+    char ci[256];
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=x dbname=x", port);
+    struct event_base *b = th_loop_begin();
+    open_rec r = {0};
+    int done = 0;
+    pgs_conn *c = NULL;
+    call k = {0};
+    ck_assert_int_eq(pgs_conn_open(b, ci, NULL, on_open_rec, &r, &c), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &k), PGS_OK);
+    event_base_loop(b, EVLOOP_NONBLOCK); /* let the handshake start */
+    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    ck_assert_int_eq(r.fired + k.fired + done, 0); /* nothing fires inside close */
+    th_loop_end(b);
+    ck_assert_int_eq(r.fired, 1);
+    ck_assert_int_eq(r.err.code, PGS_ECLOSED);
+    ck_assert_int_eq(k.fired, 1);
+    ck_assert_int_eq(k.code, PGS_ECLOSED);
+    ck_assert_int_eq(done, 1);
+    close(lfd);
+}
+END_TEST
+
+typedef struct closer {
+    pgs_conn *c;
+    int done;
+    int close_rc;
+    int second_rc;
+} closer;
+
+static void close_from_timer(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    closer *k = arg;
+    k->close_rc = pgs_conn_close(k->c, on_done_count, &k->done);
+    k->second_rc = pgs_conn_close(k->c, on_done_count, &k->done); /* idempotent */
+}
+
+START_TEST(test_close_while_statement_runs)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    int pid = backend_pid(c);
+    call k = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(30)", 0, NULL, record, &k), PGS_OK);
+    closer cl = {.c = c};
+    struct event *t = evtimer_new(b, close_from_timer, &cl);
+    struct timeval tv = {0, 200000};
+    evtimer_add(t, &tv);
+    double t0 = th_now();
+    th_run_until(b, &cl.done, 10);
+    event_free(t);
+    ck_assert_int_eq(cl.close_rc, PGS_OK);
+    ck_assert_int_eq(cl.second_rc, PGS_EMISUSE);
+    ck_assert_int_eq(k.fired, 1);
+    ck_assert_int_eq(k.code, PGS_ECLOSED);
+    ck_assert_msg(th_now() - t0 < 5, "close took %.2f s", th_now() - t0);
+    th_loop_end(b);
+    ck_assert_int_eq(cl.done, 1);
+    /* close asked the server to stop: the backend does not sleep on for 30 s */
+    th_wait_backend_gone(pid, 5);
+}
+END_TEST
+
+START_TEST(test_close_with_ten_queued)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    call k[10] = {0};
+    for (int i = 0; i < 10; i++)
+        ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(0.05)", 0, NULL, record, &k[i]), PGS_OK);
+    int done = 0;
+    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    for (int i = 0; i < 10; i++)
+        ck_assert_int_eq(k[i].fired, 0);
+    ck_assert_int_eq(done, 0);
+    th_loop_end(b);
+    for (int i = 0; i < 10; i++) {
+        ck_assert_int_eq(k[i].fired, 1);
+        ck_assert_int_eq(k[i].code, PGS_ECLOSED);
+    }
+    ck_assert_int_eq(done, 1);
+}
+END_TEST
+
+static int inner_done;
+
+static void close_inside_result(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    record(c, res, err, arg);
+    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &inner_done), PGS_OK);
+    ck_assert_int_eq(inner_done, 0);
+}
+
+START_TEST(test_close_from_inside_a_result_callback)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    call first = {0}, second = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, close_inside_result, &first), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT 2", 0, NULL, record, &second), PGS_OK);
+    th_loop_end(b);
+    ck_assert_int_eq(first.fired, 1);
+    ck_assert_int_eq(second.fired, 1);
+    ck_assert_int_eq(second.code, PGS_ECLOSED);
+    ck_assert_int_eq(inner_done, 1); /* done fired once, after the callback returned */
+}
+END_TEST
+
+START_TEST(test_misuse_gets_codes_not_crashes)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = NULL;
+    ck_assert_int_eq(pgs_conn_open(NULL, "", NULL, on_open_rec, NULL, &c), PGS_EINVAL);
+    ck_assert_ptr_null(c);
+    ck_assert_int_eq(pgs_conn_open(b, NULL, NULL, on_open_rec, NULL, &c), PGS_EINVAL);
+    ck_assert_int_eq(pgs_conn_open(b, "", NULL, NULL, NULL, &c), PGS_EINVAL);
+    ck_assert_int_eq(pgs_query(NULL, "SELECT 1", 0, NULL, record, NULL), PGS_EINVAL);
+    ck_assert_int_eq(pgs_conn_close(NULL, NULL, NULL), PGS_EINVAL);
+    ck_assert_int_eq(pgs_conn_cancel(NULL), PGS_EINVAL);
+    c = th_open(b, NULL);
+    call k = {0};
+    ck_assert_int_eq(pgs_query(c, NULL, 0, NULL, record, &k), PGS_EINVAL);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, NULL, &k), PGS_EINVAL);
+    ck_assert_int_eq(pgs_query(c, "SELECT $1", 1, NULL, record, &k), PGS_EINVAL);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", -1, NULL, record, &k), PGS_EINVAL);
+    int done = 0;
+    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &k), PGS_EMISUSE);
+    ck_assert_int_eq(pgs_conn_cancel(c), PGS_EMISUSE);
+    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_EMISUSE);
+    th_loop_end(b);
+    ck_assert_int_eq(done, 1);
+    ck_assert_int_eq(k.fired, 0);
+}
+END_TEST
+
+START_TEST(test_copy_is_refused_clearly)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    call k = {0};
+    ck_assert_int_eq(pgs_query(c, "COPY (SELECT 1) TO STDOUT", 0, NULL, record, &k), PGS_OK);
+    th_run_until(b, &k.fired, 10);
+    ck_assert_int_eq(k.code, PGS_EUNSUPPORTED);
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+/* ---- cancel ---- */
+
+typedef struct ticker {
+    struct event *ev;
+    double last;
+    double max_gap;
+    int ticks;
+} ticker;
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    ticker *t = arg;
+    double now = th_now();
+    if (t->last > 0 && now - t->last > t->max_gap)
+        t->max_gap = now - t->last;
+    t->last = now;
+    t->ticks++;
+}
+
+typedef struct canceller {
+    pgs_conn *c;
+    int rc;
+    int rc_again;
+    double at;
+} canceller;
+
+static void cancel_from_timer(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    canceller *k = arg;
+    k->at = th_now();
+    k->rc = pgs_conn_cancel(k->c);
+    k->rc_again = pgs_conn_cancel(k->c);
+}
+
+START_TEST(test_cancel_long_statement)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    int pid = backend_pid(c);
+    call k = {0}, queued = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(30)", 0, NULL, record, &k), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &queued), PGS_OK);
+    ticker tk = {0};
+    tk.ev = event_new(b, -1, EV_PERSIST, on_tick, &tk);
+    struct timeval every = {0, 10000};
+    event_add(tk.ev, &every);
+    canceller cn = {.c = c};
+    struct event *t = evtimer_new(b, cancel_from_timer, &cn);
+    struct timeval tv = {0, 300000};
+    evtimer_add(t, &tv);
+    th_run_until(b, &k.fired, 10);
+    ck_assert_int_eq(cn.rc, PGS_OK);
+    ck_assert_int_eq(cn.rc_again, PGS_EMISUSE);
+    ck_assert_int_eq(k.code, PGS_ECANCELED);
+    ck_assert_msg(k.at - cn.at < 1.0, "cancel took %.3f s", k.at - cn.at);
+    /* the loop kept running while the cancel request was out */
+    ck_assert_msg(tk.max_gap < 0.25, "the loop stalled for %.3f s", tk.max_gap);
+    ck_assert_int_ge(tk.ticks, 20);
+    event_free(tk.ev);
+    event_free(t);
+    th_run_until(b, &queued.fired, 5);
+    ck_assert_int_eq(queued.code, PGS_ECANCELED);
+    call after = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &after), PGS_ECANCELED);
+    th_wait_backend_gone(pid, 5);
+    th_close(b, c);
+    th_loop_end(b);
+    ck_assert_int_eq(k.fired, 1);
+    ck_assert_int_eq(queued.fired, 1);
+    ck_assert_int_eq(after.fired, 0);
+}
+END_TEST
+
+START_TEST(test_cancel_while_connecting)
+{
+    int port;
+    int lfd = th_silent_listener(&port);
+    char ci[256];
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=x dbname=x", port);
+    struct event_base *b = th_loop_begin();
+    open_rec r = {0};
+    pgs_conn *c = NULL;
+    ck_assert_int_eq(pgs_conn_open(b, ci, NULL, on_open_rec, &r, &c), PGS_OK);
+    ck_assert_int_eq(pgs_conn_cancel(c), PGS_OK);
+    ck_assert_int_eq(r.fired, 0);
+    th_run_until(b, &r.fired, 5);
+    ck_assert_int_eq(r.err.code, PGS_ECANCELED);
+    int done = 0;
+    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    th_loop_end(b);
+    ck_assert_int_eq(done, 1);
+    ck_assert_int_eq(r.fired, 1);
+    close(lfd);
+}
+END_TEST
+
+/* ---- connection loss ---- */
+
+typedef struct lost_rec {
+    int fired;
+    pgs_error err;
+} lost_rec;
+
+static void on_lost_rec(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    (void)c;
+    lost_rec *l = arg;
+    l->fired++;
+    l->err = *err;
+}
+
+static void terminate_from_timer(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    char p[16];
+    snprintf(p, sizeof p, "%d", *(int *)arg);
+    const char *v[] = {p};
+    char *r = th_scalar("SELECT pg_terminate_backend($1)::text", 1, v);
+    ck_assert_str_eq(r, "true");
+    free(r);
+}
+
+START_TEST(test_terminated_backend_mid_statement_is_econn)
+{
+    struct event_base *b = th_loop_begin();
+    lost_rec l = {0};
+    pgs_conn_opts o = {.on_lost = on_lost_rec, .lost_arg = &l};
+    pgs_conn *c = th_open(b, &o);
+    int pid = backend_pid(c);
+    call k = {0}, queued = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(30)", 0, NULL, record, &k), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &queued), PGS_OK);
+    struct event *t = evtimer_new(b, terminate_from_timer, &pid);
+    struct timeval tv = {0, 200000};
+    evtimer_add(t, &tv);
+    th_run_until(b, &queued.fired, 10);
+    event_free(t);
+    ck_assert_int_eq(k.fired, 1);
+    ck_assert_int_eq(k.code, PGS_ECONN);
+    ck_assert_str_eq(k.sqlstate, "57P01"); /* admin_shutdown */
+    ck_assert_int_eq(queued.code, PGS_ECONN);
+    th_run_until(b, &l.fired, 5);
+    ck_assert_int_eq(l.err.code, PGS_ECONN);
+    call after = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &after), PGS_ECONN);
+    ck_assert_ptr_null(pgs_conn_pgconn(c));
+    th_close(b, c);
+    th_loop_end(b);
+    ck_assert_int_eq(l.fired, 1);
+    ck_assert_int_eq(k.fired, 1);
+}
+END_TEST
+
+START_TEST(test_terminated_idle_backend_reported_by_on_lost)
+{
+    struct event_base *b = th_loop_begin();
+    lost_rec l = {0};
+    pgs_conn_opts o = {.on_lost = on_lost_rec, .lost_arg = &l};
+    pgs_conn *c = th_open(b, &o);
+    int pid = backend_pid(c);
+    terminate_from_timer(-1, 0, &pid);
+    th_run_until(b, &l.fired, 5);
+    ck_assert_int_eq(l.err.code, PGS_ECONN);
+    th_close(b, c);
+    th_loop_end(b);
+    ck_assert_int_eq(l.fired, 1);
+}
+END_TEST
+
+/* ---- notices and notifications ---- */
+
+typedef struct notify_rec {
+    int fired;
+    char channel[64];
+    char payload[64];
+    int pid;
+} notify_rec;
+
+static void on_notify_rec(pgs_conn *c, const PGnotify *n, void *arg)
+{
+    (void)c;
+    notify_rec *r = arg;
+    r->fired++;
+    snprintf(r->channel, sizeof r->channel, "%s", n->relname);
+    snprintf(r->payload, sizeof r->payload, "%s", n->extra);
+    r->pid = n->be_pid;
+}
+
+START_TEST(test_notify_from_another_connection_reaches_listener)
+{
+    struct event_base *b = th_loop_begin();
+    notify_rec r = {0};
+    pgs_conn_opts o = {.on_notify = on_notify_rec, .notify_arg = &r};
+    pgs_conn *c = th_open(b, &o);
+    call listened = {0};
+    ck_assert_int_eq(pgs_query(c, "LISTEN pgs_chan", 0, NULL, record, &listened), PGS_OK);
+    th_run_until(b, &listened.fired, 5);
+    ck_assert_int_eq(listened.code, PGS_OK);
+    const char *v[] = {"it's; a payload"};
+    free(th_scalar("SELECT pg_notify('pgs_chan', $1)", 1, v));
+    th_run_until(b, &r.fired, 5);
+    ck_assert_str_eq(r.channel, "pgs_chan");
+    ck_assert_str_eq(r.payload, "it's; a payload");
+    ck_assert_int_ne(r.pid, backend_pid(c));
+    th_close(b, c);
+    th_loop_end(b);
+    ck_assert_int_eq(r.fired, 1);
+}
+END_TEST
+
+typedef struct notice_rec {
+    int fired;
+    char message[128];
+    char severity[16];
+} notice_rec;
+
+static void on_notice_rec(pgs_conn *c, const PGresult *res, void *arg)
+{
+    (void)c;
+    notice_rec *r = arg;
+    r->fired++;
+    snprintf(r->message, sizeof r->message, "%s",
+             PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY));
+    snprintf(r->severity, sizeof r->severity, "%s",
+             PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED));
+}
+
+START_TEST(test_notice_reaches_callback)
+{
+    struct event_base *b = th_loop_begin();
+    notice_rec r = {0};
+    pgs_conn_opts o = {.on_notice = on_notice_rec, .notice_arg = &r};
+    pgs_conn *c = th_open(b, &o);
+    call k = {0};
+    ck_assert_int_eq(pgs_query(c, "DO $$ BEGIN RAISE NOTICE 'hello %', 42; END $$", 0, NULL,
+                               record, &k),
+                     PGS_OK);
+    th_run_until(b, &k.fired, 5);
+    ck_assert_int_eq(k.code, PGS_OK);
+    ck_assert_int_eq(r.fired, 1);
+    ck_assert_str_eq(r.message, "hello 42");
+    ck_assert_str_eq(r.severity, "NOTICE");
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+static Suite *conn_suite(void)
+{
+    Suite *s = suite_create("conn");
+    TCase *t = tcase_create("conn");
+    tcase_set_timeout(t, 30);
+    tcase_add_test(t, test_params_come_back_verbatim_no_injection);
+    tcase_add_test(t, test_typed_params_and_null);
+    tcase_add_test(t, test_hundred_queued_run_in_order_failure_isolated);
+    tcase_add_test(t, test_multiple_statements_in_one_string_rejected);
+    tcase_add_test(t, test_queries_queued_while_connecting_run_after_connect);
+    tcase_add_test(t, test_connect_bad_conninfo_syntax);
+    tcase_add_test(t, test_connect_refused_port);
+    tcase_add_test(t, test_connect_wrong_password);
+    tcase_add_test(t, test_connect_unknown_database);
+    tcase_add_test(t, test_connect_timeout_against_silent_listener);
+    tcase_add_test(t, test_close_while_connecting);
+    tcase_add_test(t, test_close_while_statement_runs);
+    tcase_add_test(t, test_close_with_ten_queued);
+    tcase_add_test(t, test_close_from_inside_a_result_callback);
+    tcase_add_test(t, test_misuse_gets_codes_not_crashes);
+    tcase_add_test(t, test_copy_is_refused_clearly);
+    tcase_add_test(t, test_cancel_long_statement);
+    tcase_add_test(t, test_cancel_while_connecting);
+    tcase_add_test(t, test_terminated_backend_mid_statement_is_econn);
+    tcase_add_test(t, test_terminated_idle_backend_reported_by_on_lost);
+    tcase_add_test(t, test_notify_from_another_connection_reaches_listener);
+    tcase_add_test(t, test_notice_reaches_callback);
+    suite_add_tcase(s, t);
+    return s;
+}
+
+int main(void)
+{
+    return th_run_suite(conn_suite());
+}
