@@ -8,7 +8,15 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include <event2/dns.h>
 #include <event2/event.h>
+#include <event2/util.h>
 
 struct loop_ev {
     struct event *ev;
@@ -101,9 +109,15 @@ void loop_ev_free(loop_ev *e)
 
 /* ---- worker-thread jobs ---- */
 
+/* The thread is joinable: a job the loop waits for is joined (the thread has already written
+ * its byte, so the join is brief) and everything is closed before `done` runs, so a caller
+ * counting descriptors after `done` sees none left. An abandoned job is detached and the thread
+ * cleans up after itself; the mutex makes "finished" and "abandoned" one decision. */
 struct loop_job {
     pthread_mutex_t mu;
-    int refs; /* the thread's and the loop's; the last to let go frees the job */
+    pthread_t tid;
+    int finished;  /* the thread wrote its byte */
+    int abandoned; /* the loop stopped waiting */
     int wake[2];
     struct event *ev;
     void (*work)(void *);
@@ -112,13 +126,8 @@ struct loop_job {
     void *arg;
 };
 
-static void job_unref(loop_job *j)
+static void job_free(loop_job *j)
 {
-    pthread_mutex_lock(&j->mu);
-    int last = --j->refs == 0;
-    pthread_mutex_unlock(&j->mu);
-    if (!last)
-        return;
     if (j->release)
         j->release(j->arg);
     close(j->wake[0]);
@@ -131,13 +140,19 @@ static void *job_thread(void *p)
 {
     loop_job *j = p;
     j->work(j->arg);
-    /* Both pipe ends live until the last reference goes, so this write can never raise
-     * SIGPIPE, even when the loop has abandoned the job. */
+    pthread_mutex_lock(&j->mu);
+    if (j->abandoned) {
+        pthread_mutex_unlock(&j->mu);
+        job_free(j);
+        return NULL;
+    }
+    j->finished = 1;
+    /* The read end stays open until the loop has read this: no SIGPIPE is possible. */
     ssize_t n;
     do
         n = write(j->wake[1], "x", 1);
     while (n < 0 && errno == EINTR);
-    job_unref(j);
+    pthread_mutex_unlock(&j->mu);
     return NULL;
 }
 
@@ -147,8 +162,12 @@ static void job_woken(evutil_socket_t fd, short what, void *arg)
     (void)what;
     loop_job *j = arg;
     event_free(j->ev);
-    j->done(j->arg);
-    job_unref(j);
+    pthread_join(j->tid, NULL);
+    void (*done)(void *) = j->done;
+    void *done_arg = j->arg;
+    j->release = NULL;
+    job_free(j);
+    done(done_arg);
 }
 
 loop_job *loop_job_start(struct event_base *base, void (*work)(void *), void (*done)(void *),
@@ -164,24 +183,12 @@ loop_job *loop_job_start(struct event_base *base, void (*work)(void *), void (*d
     j->work = work;
     j->done = done;
     j->arg = arg;
-    j->refs = 2;
     pthread_mutex_init(&j->mu, NULL);
     j->ev = event_new(base, j->wake[0], EV_READ, job_woken, j);
-    pthread_attr_t attr;
-    pthread_t tid;
-    int ok = j->ev && event_add(j->ev, NULL) == 0 && pthread_attr_init(&attr) == 0;
-    if (ok) {
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        ok = pthread_create(&tid, &attr, job_thread, j) == 0;
-        pthread_attr_destroy(&attr);
-    }
-    if (!ok) {
+    if (!j->ev || event_add(j->ev, NULL) != 0 || pthread_create(&j->tid, NULL, job_thread, j)) {
         if (j->ev)
             event_free(j->ev);
-        close(j->wake[0]);
-        close(j->wake[1]);
-        pthread_mutex_destroy(&j->mu);
-        free(j);
+        job_free(j);
         return NULL;
     }
     return j;
@@ -192,6 +199,130 @@ void loop_job_abandon(loop_job *j, void (*release)(void *))
     event_free(j->ev);
     pthread_mutex_lock(&j->mu);
     j->release = release;
+    if (!j->finished) {
+        j->abandoned = 1;
+        pthread_detach(j->tid);
+        pthread_mutex_unlock(&j->mu);
+        return; /* the thread frees the job when its work returns */
+    }
     pthread_mutex_unlock(&j->mu);
-    job_unref(j);
+    pthread_join(j->tid, NULL);
+    job_free(j);
+}
+
+/* ---- host name lookups ---- */
+
+struct loop_lookup {
+    struct evdns_base *dns;
+    struct evdns_getaddrinfo_request *req;
+    struct event *deliver;
+    loop_resolved_fn fn; /* NULL once cancelled */
+    void *arg;
+    int answered;
+    char *addrs;
+    char why[160];
+};
+
+/* Runs from the loop after evdns answered (or was cancelled): never inside evdns's own
+ * callback, where freeing its base is not allowed. */
+static void lookup_deliver(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    loop_lookup *lk = arg;
+    if (lk->fn)
+        lk->fn(lk->arg, lk->addrs, lk->addrs ? NULL : lk->why);
+    event_free(lk->deliver);
+    evdns_base_free(lk->dns, 0);
+    free(lk->addrs);
+    free(lk);
+}
+
+static char *join_addrs(const struct evutil_addrinfo *ai)
+{
+    size_t cap = 1, len = 0;
+    for (const struct evutil_addrinfo *a = ai; a; a = a->ai_next)
+        cap += INET6_ADDRSTRLEN + 1;
+    char *out = malloc(cap);
+    if (!out)
+        return NULL;
+    out[0] = '\0';
+    for (const struct evutil_addrinfo *a = ai; a; a = a->ai_next) {
+        char buf[INET6_ADDRSTRLEN];
+        const void *src = a->ai_family == AF_INET6
+                              ? (const void *)&((struct sockaddr_in6 *)a->ai_addr)->sin6_addr
+                              : (const void *)&((struct sockaddr_in *)a->ai_addr)->sin_addr;
+        if ((a->ai_family != AF_INET && a->ai_family != AF_INET6) ||
+            !evutil_inet_ntop(a->ai_family, src, buf, sizeof buf) || strstr(out, buf))
+            continue;
+        len += (size_t)snprintf(out + len, cap - len, "%s%s", len ? "," : "", buf);
+    }
+    if (len == 0) {
+        free(out);
+        return NULL;
+    }
+    return out;
+}
+
+static void lookup_answered(int result, struct evutil_addrinfo *res, void *arg)
+{
+    loop_lookup *lk = arg;
+    lk->answered = 1;
+    lk->req = NULL;
+    if (result == 0) {
+        lk->addrs = join_addrs(res);
+        if (!lk->addrs)
+            snprintf(lk->why, sizeof lk->why, "no usable address");
+    } else {
+        snprintf(lk->why, sizeof lk->why, "%s", evutil_gai_strerror(result));
+    }
+    if (res)
+        evutil_freeaddrinfo(res);
+    event_active(lk->deliver, 0, 0);
+}
+
+loop_lookup *loop_resolve(struct event_base *base, const char *name, loop_resolved_fn fn,
+                          void *arg)
+{
+    loop_lookup *lk = calloc(1, sizeof *lk);
+    if (!lk)
+        return NULL;
+    lk->fn = fn;
+    lk->arg = arg;
+    lk->dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS);
+    if (lk->dns && evdns_base_count_nameservers(lk->dns) == 0) /* no resolv.conf: still /etc/hosts */
+        evdns_base_load_hosts(lk->dns, NULL);
+    lk->deliver = event_new(base, -1, 0, lookup_deliver, lk);
+    if (!lk->dns || !lk->deliver) {
+        if (lk->deliver)
+            event_free(lk->deliver);
+        if (lk->dns)
+            evdns_base_free(lk->dns, 0);
+        free(lk);
+        return NULL;
+    }
+    struct evutil_addrinfo hints = {0};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_protocol = IPPROTO_TCP;
+    hints.ai_flags = EVUTIL_AI_ADDRCONFIG;
+    /* May answer at once (hosts file, cache): lookup_answered then defers delivery itself. */
+    struct evdns_getaddrinfo_request *req =
+        evdns_getaddrinfo(lk->dns, name, NULL, &hints, lookup_answered, lk);
+    if (!lk->answered)
+        lk->req = req;
+    return lk;
+}
+
+void loop_lookup_cancel(loop_lookup *lk)
+{
+    lk->fn = NULL;
+    if (lk->req) /* evdns then answers with EVUTIL_EAI_CANCEL, and delivery frees the lookup */
+        evdns_getaddrinfo_cancel(lk->req);
+}
+
+int loop_is_numeric_host(const char *host)
+{
+    unsigned char buf[sizeof(struct in6_addr)];
+    return evutil_inet_pton(AF_INET, host, buf) == 1 || evutil_inet_pton(AF_INET6, host, buf) == 1;
 }

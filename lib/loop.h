@@ -37,8 +37,23 @@ typedef struct loop_job loop_job;
  * was abandoned first. Returns NULL when no thread or pipe could be had (nothing runs). */
 loop_job *loop_job_start(struct event_base *base, void (*work)(void *), void (*done)(void *),
                          void *arg);
-/* The loop stops waiting: done never runs; the thread frees the job when work returns.
- * `release`(arg) is then called once, on whichever side finishes last. */
+/* The loop stops waiting: done never runs. release(arg) runs once, on the worker thread when
+ * work returns later, or at once when it has already returned. */
 void loop_job_abandon(loop_job *job, void (*release)(void *));
 
 #endif
+
+/* Host name lookup with libevent's evdns, so a name never blocks the loop (libpq would
+ * resolve it inside PQconnectPoll, on the loop thread). fn runs from the loop with every
+ * address of the name as a comma-separated numeric list, or with NULL and a reason. */
+typedef struct loop_lookup loop_lookup;
+typedef void (*loop_resolved_fn)(void *arg, const char *addrs, const char *why);
+
+/* Returns NULL when no resolver could be set up (fn never runs). */
+loop_lookup *loop_resolve(struct event_base *base, const char *name, loop_resolved_fn fn,
+                          void *arg);
+/* fn never runs after this; the lookup frees itself from the loop. */
+void loop_lookup_cancel(loop_lookup *lk);
+
+/* Is this a numeric IPv4 or IPv6 address (no lookup needed)? */
+int loop_is_numeric_host(const char *host);

@@ -291,6 +291,43 @@ START_TEST(test_connect_timeout_against_silent_listener)
 }
 END_TEST
 
+START_TEST(test_host_name_resolved_through_evdns)
+{
+    /* "localhost" goes through libevent's resolver and reaches libpq as a hostaddr. */
+    struct event_base *b = th_loop_begin();
+    open_rec r = {0};
+    pgs_conn *c = NULL;
+    ck_assert_int_eq(pgs_conn_open(b, th_conninfo("host=localhost"), NULL, on_open_rec, &r, &c),
+                     PGS_OK);
+    th_run_until(b, &r.fired, 10);
+    ck_assert_msg(r.ok, "connect to localhost failed: %s", r.err.message);
+    ck_assert_str_eq(PQhost(pgs_conn_pgconn(c)), "localhost");
+    ck_assert_str_eq(PQhostaddr(pgs_conn_pgconn(c)), "127.0.0.1");
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+START_TEST(test_unresolvable_host_fails_with_reason_then_next_host_used)
+{
+    pgs_conn_opts o = {.connect_timeout_ms = 8000};
+    pgs_error e = open_fails(th_conninfo("host=pgscope-no-such-host.invalid"), &o, PGS_ECONNECT);
+    ck_assert_ptr_nonnull(strstr(e.message, "could not resolve host name"));
+    ck_assert_ptr_nonnull(strstr(e.message, "pgscope-no-such-host.invalid"));
+    /* a list: the bad name is skipped, the next host is used */
+    struct event_base *b = th_loop_begin();
+    open_rec r = {0};
+    pgs_conn *c = NULL;
+    ck_assert_int_eq(pgs_conn_open(b, th_conninfo("host=pgscope-no-such-host.invalid,127.0.0.1"),
+                                   &o, on_open_rec, &r, &c),
+                     PGS_OK);
+    th_run_until(b, &r.fired, 10);
+    ck_assert_msg(r.ok, "connect failed: %s", r.err.message);
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
 /* ---- close ---- */
 
 START_TEST(test_close_while_connecting)
@@ -316,6 +353,22 @@ START_TEST(test_close_while_connecting)
     ck_assert_int_eq(k.code, PGS_ECLOSED);
     ck_assert_int_eq(done, 1);
     close(lfd);
+}
+END_TEST
+
+START_TEST(test_close_while_host_name_is_looked_up)
+{
+    struct event_base *b = th_loop_begin();
+    open_rec r = {0};
+    int done = 0;
+    pgs_conn *c = NULL;
+    ck_assert_int_eq(pgs_conn_open(b, th_conninfo("host=localhost"), NULL, on_open_rec, &r, &c),
+                     PGS_OK);
+    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    th_loop_end(b); /* the abandoned lookup frees itself and leaves nothing behind */
+    ck_assert_int_eq(r.fired, 1);
+    ck_assert_int_eq(r.err.code, PGS_ECLOSED);
+    ck_assert_int_eq(done, 1);
 }
 END_TEST
 
@@ -714,7 +767,10 @@ static Suite *conn_suite(void)
     tcase_add_test(t, test_connect_wrong_password);
     tcase_add_test(t, test_connect_unknown_database);
     tcase_add_test(t, test_connect_timeout_against_silent_listener);
+    tcase_add_test(t, test_host_name_resolved_through_evdns);
+    tcase_add_test(t, test_unresolvable_host_fails_with_reason_then_next_host_used);
     tcase_add_test(t, test_close_while_connecting);
+    tcase_add_test(t, test_close_while_host_name_is_looked_up);
     tcase_add_test(t, test_close_while_statement_runs);
     tcase_add_test(t, test_close_with_ten_queued);
     tcase_add_test(t, test_close_from_inside_a_result_callback);
