@@ -67,6 +67,8 @@ struct pgs_conn {
     op_list sent;   /* in flight, in the order sent: results map to it one by one */
     op_list unsent; /* queued while connecting */
     op_list failed; /* to be told dead_err from the loop */
+    int plugged;    /* > 0: new statements wait in `unsent` unless CONN_BYPASS */
+    void *owner;    /* the layer above that owns the session (a transaction guard) */
     int want_write; /* PQflush left data: wait for write-ready too */
     int flush_due;  /* statements were sent since the last flush */
     int lost_due;   /* on_lost is to fire */
@@ -528,12 +530,23 @@ static void on_socket_ready(pgs_conn *c, int what)
 
 static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *values)
 {
+    if (!sql) { /* a lone sync: ends the pipeline segment (and any error's abort) */
+        if (!PQpipelineSync(c->pg))
+            return -1;
+        o->phase = OP_SYNC;
+        list_push(&c->sent, o);
+        goto flush;
+    }
     if (!PQsendQueryParams(c->pg, sql, o->nparams, NULL, values, NULL, NULL, 0))
+        return -1;
+    /* Without a sync the server holds its replies; a flush request makes it send them. */
+    if ((o->flags & CONN_FLUSH) && !PQsendFlushRequest(c->pg))
         return -1;
     if (!(o->flags & CONN_NO_SYNC) && !PQpipelineSync(c->pg))
         return -1;
     o->phase = OP_RESULTS;
     list_push(&c->sent, o);
+flush:
     if (!c->flush_due) {
         c->flush_due = 1;
         loop_ev_post(c->defer); /* one flush for everything queued in this loop turn */
@@ -544,7 +557,8 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
 static void send_unsent(pgs_conn *c)
 {
     for (op *o; c->state == CS_READY && (o = list_pop(&c->unsent));) {
-        if (send_op(c, o, o->copy[o->nparams], (const char *const *)o->copy) != 0) {
+        const char *sql = o->copy ? o->copy[o->nparams] : NULL;
+        if (send_op(c, o, sql, (const char *const *)o->copy) != 0) {
             list_push(&c->sent, o);
             lost_from_libpq(c);
         } else {
@@ -577,11 +591,10 @@ static char **copy_statement(const char *sql, int nparams, const char *const *va
     return v;
 }
 
-int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *values, int flags,
-               pgs_result_cb cb, void *arg)
+/* Queue a statement (sql != NULL) or a lone sync (sql == NULL, cb may be NULL). */
+static int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const *values,
+                   int flags, pgs_result_cb cb, void *arg)
 {
-    if (!c || !sql || !cb || nparams < 0 || (nparams > 0 && !values))
-        return PGS_EINVAL;
     switch (c->state) {
     case CS_CLOSING:
         return PGS_EMISUSE;
@@ -598,11 +611,13 @@ int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *val
     o->arg = arg;
     o->flags = flags;
     o->nparams = nparams;
-    if (c->state == CS_CONNECTING) {
-        o->copy = copy_statement(sql, nparams, values);
-        if (!o->copy) {
-            free(o);
-            return PGS_ENOMEM;
+    if (c->state == CS_CONNECTING || (c->plugged && !(flags & CONN_BYPASS))) {
+        if (sql) {
+            o->copy = copy_statement(sql, nparams, values);
+            if (!o->copy) {
+                free(o);
+                return PGS_ENOMEM;
+            }
         }
         o->phase = OP_UNSENT;
         list_push(&c->unsent, o);
@@ -617,9 +632,55 @@ int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *val
     return PGS_OK;
 }
 
+int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *values, int flags,
+               pgs_result_cb cb, void *arg)
+{
+    if (!c || !sql || !cb || nparams < 0 || (nparams > 0 && !values))
+        return PGS_EINVAL;
+    return enqueue(c, sql, nparams, values, flags, cb, arg);
+}
+
+int conn_sync(pgs_conn *c, int flags)
+{
+    return enqueue(c, NULL, 0, NULL, flags, NULL, NULL);
+}
+
+void conn_plug(pgs_conn *c)
+{
+    c->plugged++;
+}
+
+void conn_unplug(pgs_conn *c)
+{
+    if (c->plugged > 0 && --c->plugged == 0)
+        send_unsent(c);
+}
+
+void *conn_owner(pgs_conn *c)
+{
+    return c->owner;
+}
+
+void conn_set_owner(pgs_conn *c, void *owner)
+{
+    c->owner = owner;
+}
+
+int conn_in_flight(pgs_conn *c)
+{
+    return c->sent.head != NULL || c->unsent.head != NULL;
+}
+
+int conn_ready(pgs_conn *c)
+{
+    return c->state == CS_READY;
+}
+
 int pgs_query(pgs_conn *c, const char *sql, int nparams, const char *const *values,
               pgs_result_cb cb, void *arg)
 {
+    if (c && c->owner)
+        return PGS_EMISUSE; /* a transaction guard owns the session: use pgs_tx_query */
     return conn_query(c, sql, nparams, values, 0, cb, arg);
 }
 
@@ -1003,18 +1064,23 @@ int pgs_conn_close(pgs_conn *c, pgs_done_cb done, void *arg)
     return PGS_OK;
 }
 
+int conn_kill(pgs_conn *c, pgs_code code, const char *msg, int send_cancel)
+{
+    if (c->state != CS_READY && c->state != CS_CONNECTING)
+        return PGS_EMISUSE;
+    if (send_cancel && c->state == CS_READY && c->sent.head)
+        start_cancel(c);
+    pgs_error e;
+    set_error(c, &e, code, code == PGS_ECANCELED ? "57014" : NULL, msg);
+    go_dead(c, &e);
+    return PGS_OK;
+}
+
 int pgs_conn_cancel(pgs_conn *c)
 {
     if (!c)
         return PGS_EINVAL;
-    if (c->state != CS_READY && c->state != CS_CONNECTING)
-        return PGS_EMISUSE;
-    if (c->state == CS_READY && c->sent.head)
-        start_cancel(c);
-    pgs_error e;
-    set_error(c, &e, PGS_ECANCELED, "57014", "canceled by the caller; the connection is closed");
-    go_dead(c, &e);
-    return PGS_OK;
+    return conn_kill(c, PGS_ECANCELED, "canceled by the caller; the connection is closed", 1);
 }
 
 PGconn *pgs_conn_pgconn(pgs_conn *c)

@@ -11,10 +11,36 @@ enum {
      * implicit transaction, and an error aborts them until the next sync (they get the
      * error that aborted them, PGS_ESQL with its SQLSTATE). */
     CONN_NO_SYNC = 1,
+    /* Follow the statement with a flush request, so the server sends its result now rather
+     * than at the next sync (needed with CONN_NO_SYNC when the caller waits for it). */
+    CONN_FLUSH = 2,
+    /* Send now even while the connection is plugged (see conn_plug). */
+    CONN_BYPASS = 4,
 };
 
-/* pgs_query with flags. */
+/* pgs_query with flags (and without pgs_query's check of the owner). */
 int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *values, int flags,
                pgs_result_cb cb, void *arg);
+/* Queue a lone pipeline sync: it ends the implicit transaction segment and, after an error,
+ * the server's skipping of everything sent before it. */
+int conn_sync(pgs_conn *c, int flags);
+
+/* While plugged, statements queued without CONN_BYPASS wait, in order, and go out at the last
+ * unplug: a layer above can slip statements in ahead of those already asked for. Nests. */
+void conn_plug(pgs_conn *c);
+void conn_unplug(pgs_conn *c);
+
+/* The layer above that owns the session; while set, pgs_query refuses with PGS_EMISUSE. */
+void *conn_owner(pgs_conn *c);
+void conn_set_owner(pgs_conn *c, void *owner);
+
+/* Anything queued or awaiting results? */
+int conn_in_flight(pgs_conn *c);
+/* Connected and usable? */
+int conn_ready(pgs_conn *c);
+
+/* End the connection now: optionally send a cancel request for what runs, close, and fail
+ * every pending callback with `code` (from the loop). PGS_EMISUSE when already gone. */
+int conn_kill(pgs_conn *c, pgs_code code, const char *msg, int send_cancel);
 
 #endif
