@@ -170,6 +170,156 @@ PGS_API int pgs_conn_cancel(pgs_conn *conn);
  * change its blocking mode or PQfinish it: the guard owns it. */
 PGS_API PGconn *pgs_conn_pgconn(pgs_conn *conn);
 
+
+/* ---------------------------------------------------------------------------------------- */
+/* Transaction guard                                                                         */
+/* ---------------------------------------------------------------------------------------- */
+
+/* The C form of `async with conn.transaction():`. Begin sends BEGIN (queued at once, so the
+ * transaction counts as open from that moment), statements run inside it, and the end commits
+ * when asked to and nothing failed, and rolls back otherwise. Rules:
+ *  - BEGIN goes out in the same write as the first statements (pipeline mode), and a body that
+ *    queues its statements and ends at once costs one round trip: BEGIN + statements +
+ *    COMMIT + sync.
+ *  - Once a statement fails the transaction cannot commit: the end rolls back and reports
+ *    the first error with its SQLSTATE, whatever `ok` said. Statements queued after a failure
+ *    get the error that aborted them.
+ *  - A transaction guard owns its connection while open: pgs_query on that connection returns
+ *    PGS_EMISUSE; use pgs_tx_query.
+ *  - Nesting: pgs_tx_savepoint opens a child as a SAVEPOINT. Children end in LIFO order. A
+ *    child's end waits for its own statements' results (a savepoint cannot contain an error it
+ *    has not seen), then releases the savepoint or rolls back to it; statements the parent
+ *    queues meanwhile run after that. Ending a parent with a child still open rolls both back
+ *    (never a COMMIT for a scope closed out of order) and the parent's end reports PGS_EMISUSE;
+ *    the child handle is freed with its parent and must not be used after the parent's done.
+ *  - Cancel (pgs_tx_cancel) and the whole-transaction timeout send a cancel request and close
+ *    the connection: its state is unknown afterwards. Every pending statement callback of the
+ *    transaction and its children gets PGS_ECANCELED (PGS_ETIMEDOUT for the timeout). The
+ *    guard must still be ended; its end reports the same code, the transaction rolled back
+ *    (the server rolls back when a connection closes). The connection guard stays to be closed.
+ *  - Once COMMIT is sent it is never cancelled: a cancel or timeout then waits up to
+ *    commit_grace_ms for its reply; without one, the connection is closed and the end reports
+ *    PGS_ECOMMIT_UNKNOWN. A connection lost while COMMIT is in flight is reported the same way,
+ *    never as success or rollback, and is never retried. The transaction id read just before
+ *    COMMIT (txid_current_if_assigned(), same round trip) comes with it, for pgs_tx_resolve.
+ *  - COMMIT answered with the tag ROLLBACK is an error, never success.
+ */
+typedef struct pgs_tx pgs_tx;
+
+typedef enum pgs_isolation {
+    PGS_ISO_DEFAULT = 0, /* the server's default_transaction_isolation */
+    PGS_ISO_READ_COMMITTED,
+    PGS_ISO_REPEATABLE_READ,
+    PGS_ISO_SERIALIZABLE,
+} pgs_isolation;
+
+/* Options for a transaction. Zero-initialise; zero means the default. Children (savepoints)
+ * take only their statements from their parent; their own options are ignored. */
+typedef struct pgs_tx_opts {
+    pgs_isolation isolation;
+    int read_only;  /* BEGIN ... READ ONLY: writes fail with SQLSTATE 25006 */
+    int deferrable; /* with serializable + read only: wait for a safe snapshot */
+    /* Server-side limit for each statement, in ms (SET LOCAL statement_timeout, sent with
+     * BEGIN). A statement over it fails with PGS_ETIMEDOUT (SQLSTATE 57014) and the
+     * transaction rolls back; the connection stays usable. 0: the server's setting. */
+    int statement_timeout_ms;
+    /* Client-side limit for the whole transaction, from begin to the end's reply, in ms. When
+     * it passes, the transaction is cancelled like pgs_tx_cancel, with PGS_ETIMEDOUT. 0: none. */
+    int timeout_ms;
+    /* How long a cancel or timeout waits for the reply of a COMMIT already sent. 0: 5000. */
+    int commit_grace_ms;
+    /* pgs_run_tx only: run the body again, up to this many more times, after a serialization
+     * failure (40001) or deadlock (40P01), with exponential backoff and jitter. */
+    int retries;
+    int retry_base_ms; /* first backoff (0: 5 ms); doubled each retry, up to retry_max_ms */
+    int retry_max_ms;  /* 0: 500 ms */
+} pgs_tx_opts;
+
+/* How a transaction ended. */
+typedef enum pgs_tx_outcome {
+    PGS_TX_COMMITTED = 1,
+    PGS_TX_ROLLED_BACK,
+    PGS_TX_UNKNOWN, /* connection lost while COMMIT was in flight: see pgs_tx_resolve */
+} pgs_tx_outcome;
+
+/* What the end reports. Borrowed: valid during the callback. */
+typedef struct pgs_tx_result {
+    pgs_tx_outcome outcome;
+    /* NULL when the transaction did what the end asked (commit, or the rollback ok=0 asked
+     * for); otherwise why it did not: the first statement error (PGS_ESQL with SQLSTATE,
+     * PGS_ETIMEDOUT for a statement timeout), PGS_ECANCELED, PGS_ETIMEDOUT, PGS_ECONN,
+     * PGS_ECLOSED, PGS_EMISUSE, or PGS_ECOMMIT_UNKNOWN. */
+    const pgs_error *err;
+    /* The transaction id (decimal text) read before COMMIT; "" when no id was assigned (the
+     * transaction wrote nothing, so its outcome changes nothing) or it did not arrive. */
+    char xid[24];
+    int attempts; /* how many times the body ran (pgs_run_tx); 1 otherwise */
+} pgs_tx_result;
+
+/* on_begun: BEGIN (or SAVEPOINT) came back; err NULL or why it failed. Optional. */
+typedef void (*pgs_tx_cb)(pgs_tx *tx, const pgs_error *err, void *arg);
+/* The end of a transaction guard: its last callback. The handle is freed after it returns. */
+typedef void (*pgs_tx_done_cb)(const pgs_tx_result *result, void *arg);
+
+/* Begin a transaction on a connected guard. BEGIN (with the options) is queued at once and
+ * goes out with the first statements; on_begun (may be NULL) fires when it is answered.
+ * The guard must be ended with pgs_tx_end exactly once, on every path.
+ * Returns PGS_OK and sets *out, or at once: PGS_EINVAL (NULL conn/out, bad options),
+ * PGS_EMISUSE (the connection is not connected and idle: statements still in flight, another
+ * transaction guard open, or a transaction the caller began with a raw BEGIN),
+ * PGS_ENOMEM. */
+PGS_API int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun,
+                         void *arg, pgs_tx **out);
+
+/* Begin a child of an open transaction: a SAVEPOINT with a generated name. Same contract as
+ * pgs_tx_begin. PGS_EMISUSE when the parent is ending or already has an open child. */
+PGS_API int pgs_tx_savepoint(pgs_tx *parent, pgs_tx_cb on_begun, void *arg, pgs_tx **out);
+
+/* A statement inside the transaction: as pgs_query (parameters only, one statement, cb fires
+ * exactly once). PGS_EMISUSE when the guard is ending or has an open child (LIFO). */
+PGS_API int pgs_tx_query(pgs_tx *tx, const char *sql, int nparams, const char *const *values,
+                         pgs_result_cb cb, void *arg);
+
+/* End the guard: ok != 0 commits (a child: RELEASE SAVEPOINT), ok == 0 rolls back (a child:
+ * ROLLBACK TO SAVEPOINT + RELEASE). done (may be NULL) fires exactly once with the outcome,
+ * after every statement callback of the guard. Returns PGS_OK, or PGS_EINVAL (NULL tx),
+ * PGS_EMISUSE (already ended: the first end stands, this done never fires). */
+PGS_API int pgs_tx_end(pgs_tx *tx, int ok, pgs_tx_done_cb done, void *arg);
+
+/* Cancel the transaction (see the rules above): cancel request, connection closed, pending
+ * callbacks get PGS_ECANCELED. Returns PGS_OK, PGS_EINVAL, or PGS_EMISUSE when it is already
+ * cancelled or its connection is gone. */
+PGS_API int pgs_tx_cancel(pgs_tx *tx);
+
+/* The body of pgs_run_tx: queue the transaction's statements with pgs_tx_query and finish the
+ * scope with pgs_tx_end(tx, ok, NULL, NULL) (now or later, from a result callback). With
+ * retries it may run more than once, each time in a new transaction. */
+typedef void (*pgs_tx_body)(pgs_tx *tx, void *arg);
+
+/* The whole `async with` form on one connection: begin, run the body, commit or roll back as
+ * the body's end says, retry serialization failures and deadlocks as opts->retries allows
+ * (never after an unknown commit), then fire done exactly once with the final outcome and the
+ * number of attempts. The body runs from the loop, never inside this call.
+ * Returns PGS_OK, or at once PGS_EINVAL, PGS_EMISUSE (as pgs_tx_begin), PGS_ENOMEM. */
+PGS_API int pgs_run_tx(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body,
+                       pgs_tx_done_cb done, void *arg);
+
+/* What the server says became of a transaction id (from a PGS_TX_UNKNOWN result). */
+typedef enum pgs_txid_status {
+    PGS_TXID_COMMITTED = 1,
+    PGS_TXID_ABORTED,
+    PGS_TXID_IN_PROGRESS, /* not finished yet: ask again later */
+    PGS_TXID_UNKNOWN,     /* too old for the server to remember, or no id */
+} pgs_txid_status;
+
+typedef void (*pgs_resolve_cb)(pgs_txid_status status, const pgs_error *err, void *arg);
+
+/* Resolve an unknown commit over a fresh connection (txid_status()). cb fires exactly once:
+ * err NULL and the status, or err (connect or SQL failure) and PGS_TXID_UNKNOWN.
+ * Returns PGS_OK, or PGS_EINVAL (NULL base/conninfo/xid/cb, xid not a number), PGS_ENOMEM. */
+PGS_API int pgs_tx_resolve(struct event_base *base, const char *conninfo, const char *xid,
+                           pgs_resolve_cb cb, void *arg);
+
 #ifdef __cplusplus
 }
 #endif

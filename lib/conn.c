@@ -25,6 +25,8 @@ typedef enum op_phase {
     OP_SYNC,    /* results delivered: waiting for the PGRES_PIPELINE_SYNC that follows */
 } op_phase;
 
+enum { OP_MARKER = 1 << 16 }; /* a plug marker in `unsent` (not a statement) */
+
 typedef struct op {
     struct op *next;
     op_phase phase;
@@ -67,7 +69,8 @@ struct pgs_conn {
     op_list sent;   /* in flight, in the order sent: results map to it one by one */
     op_list unsent; /* queued while connecting */
     op_list failed; /* to be told dead_err from the loop */
-    int plugged;    /* > 0: new statements wait in `unsent` unless CONN_BYPASS */
+    int plugged;    /* plug markers in `unsent`: new statements wait unless CONN_BYPASS */
+    int next_plug;
     void *owner;    /* the layer above that owns the session (a transaction guard) */
     int want_write; /* PQflush left data: wait for write-ready too */
     int flush_due;  /* statements were sent since the last flush */
@@ -128,6 +131,7 @@ static void set_error(pgs_conn *c, pgs_error *e, pgs_code code, const char *sqls
 }
 
 static void drop_lookups(pgs_conn *c);
+static int deliver(pgs_conn *c, struct op *o);
 
 /* Close the libpq connection. The socket watch goes first: the fd dies with PQfinish. */
 static void drop_pgconn(pgs_conn *c)
@@ -144,6 +148,7 @@ static void drop_pgconn(pgs_conn *c)
 /* Every statement still owed a callback goes to the failed list, to hear dead_err. */
 static void fail_pending(pgs_conn *c)
 {
+    c->plugged = 0; /* the markers go with the rest */
     list_append(&c->failed, &c->sent);
     list_append(&c->failed, &c->unsent);
     loop_ev_post(c->defer);
@@ -348,7 +353,9 @@ static void run_deferred(void *arg, int what)
         cb(c, &c->dead_err, c->open_arg);
     }
     for (op *o; (o = list_pop(&c->failed));) {
-        if (o->cb) {
+        if (o->cb && o->phase == OP_SYNC && o->res) {
+            deliver(c, o); /* its result came; only the sync after it was lost */
+        } else if (o->cb) {
             pgs_result_cb cb = o->cb;
             o->cb = NULL;
             cb(c, NULL, &c->dead_err, o->arg);
@@ -457,9 +464,15 @@ static void read_results(pgs_conn *c)
         PGresult *res = PQgetResult(c->pg);
         if (o->phase == OP_SYNC) {
             if (res && PQresultStatus(res) == PGRES_PIPELINE_SYNC) {
+                /* A synced statement is complete only now: its callback sees the session's
+                 * state after ReadyForQuery (PQtransactionStatus, nothing left in flight). */
                 PQclear(res);
+                list_pop(&c->sent);
+                int alive = o->cb ? deliver(c, o) : 1;
+                op_free(o);
+                if (!alive)
+                    return;
                 c->segment_failed = 0;
-                op_free(list_pop(&c->sent));
                 continue;
             }
             PQclear(res);
@@ -492,8 +505,6 @@ static void read_results(pgs_conn *c)
             op_free(o);
         } else {
             o->phase = OP_SYNC;
-            if (!deliver(c, o))
-                return;
         }
     }
 }
@@ -554,9 +565,11 @@ flush:
     return 0;
 }
 
+/* Send what waits in `unsent`, in order, up to the first plug marker. */
 static void send_unsent(pgs_conn *c)
 {
-    for (op *o; c->state == CS_READY && (o = list_pop(&c->unsent));) {
+    for (op *o; c->state == CS_READY && c->unsent.head && !(c->unsent.head->flags & OP_MARKER);) {
+        o = list_pop(&c->unsent);
         const char *sql = o->copy ? o->copy[o->nparams] : NULL;
         if (send_op(c, o, sql, (const char *const *)o->copy) != 0) {
             list_push(&c->sent, o);
@@ -645,15 +658,38 @@ int conn_sync(pgs_conn *c, int flags)
     return enqueue(c, NULL, 0, NULL, flags, NULL, NULL);
 }
 
-void conn_plug(pgs_conn *c)
+int conn_plug(pgs_conn *c)
 {
+    if (c->state != CS_READY)
+        return 0;
+    op *m = calloc(1, sizeof *m);
+    if (!m)
+        return 0; /* no hold: statements go out at once, still in order */
+    m->flags = OP_MARKER;
+    m->nparams = ++c->next_plug;
+    m->phase = OP_UNSENT;
+    list_push(&c->unsent, m);
     c->plugged++;
+    return m->nparams;
 }
 
-void conn_unplug(pgs_conn *c)
+void conn_unplug(pgs_conn *c, int plug)
 {
-    if (c->plugged > 0 && --c->plugged == 0)
-        send_unsent(c);
+    op *prev = NULL;
+    for (op *o = c->unsent.head; o; prev = o, o = o->next) {
+        if ((o->flags & OP_MARKER) && o->nparams == plug) {
+            if (prev)
+                prev->next = o->next;
+            else
+                c->unsent.head = o->next;
+            if (c->unsent.tail == o)
+                c->unsent.tail = prev;
+            free(o);
+            c->plugged--;
+            break;
+        }
+    }
+    send_unsent(c);
 }
 
 void *conn_owner(pgs_conn *c)
@@ -669,6 +705,11 @@ void conn_set_owner(pgs_conn *c, void *owner)
 int conn_in_flight(pgs_conn *c)
 {
     return c->sent.head != NULL || c->unsent.head != NULL;
+}
+
+struct event_base *conn_base(pgs_conn *c)
+{
+    return c->base;
 }
 
 int conn_ready(pgs_conn *c)
@@ -1074,6 +1115,12 @@ int conn_kill(pgs_conn *c, pgs_code code, const char *msg, int send_cancel)
     set_error(c, &e, code, code == PGS_ECANCELED ? "57014" : NULL, msg);
     go_dead(c, &e);
     return PGS_OK;
+}
+
+void conn_cancel_request(pgs_conn *c)
+{
+    if (c->state == CS_READY && c->sent.head && !c->cancel)
+        start_cancel(c);
 }
 
 int pgs_conn_cancel(pgs_conn *c)

@@ -25,10 +25,12 @@ int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *val
  * the server's skipping of everything sent before it. */
 int conn_sync(pgs_conn *c, int flags);
 
-/* While plugged, statements queued without CONN_BYPASS wait, in order, and go out at the last
- * unplug: a layer above can slip statements in ahead of those already asked for. Nests. */
-void conn_plug(pgs_conn *c);
-void conn_unplug(pgs_conn *c);
+/* Plug: statements queued after this point without CONN_BYPASS wait, in order, until the plug
+ * is pulled, so a layer above can slip statements (CONN_BYPASS) in ahead of them. Plugs nest
+ * by position: unplugging sends what waits up to the next plug still in place. Returns the
+ * plug's id (0: nothing held, e.g. the connection is gone). */
+int conn_plug(pgs_conn *c);
+void conn_unplug(pgs_conn *c, int plug);
 
 /* The layer above that owns the session; while set, pgs_query refuses with PGS_EMISUSE. */
 void *conn_owner(pgs_conn *c);
@@ -36,8 +38,14 @@ void conn_set_owner(pgs_conn *c, void *owner);
 
 /* Anything queued or awaiting results? */
 int conn_in_flight(pgs_conn *c);
+/* The loop the connection runs on. */
+struct event_base *conn_base(pgs_conn *c);
 /* Connected and usable? */
 int conn_ready(pgs_conn *c);
+
+/* Send a cancel request for what the backend runs, without closing: its answer (57014, and
+ * skipped statements after it) arrives as usual. Callbacks still wait for it as for a close. */
+void conn_cancel_request(pgs_conn *c);
 
 /* End the connection now: optionally send a cancel request for what runs, close, and fail
  * every pending callback with `code` (from the loop). PGS_EMISUSE when already gone. */

@@ -4,6 +4,11 @@
 
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +18,38 @@
 #include <unistd.h>
 
 static int fds_at_begin;
+int th_fire_seq;
+
+void th_record(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c;
+    th_call *k = arg;
+    k->fired++;
+    k->seq = th_fire_seq++;
+    k->at = th_now();
+    k->code = err ? err->code : PGS_OK;
+    if (err) {
+        memcpy(k->sqlstate, err->sqlstate, sizeof k->sqlstate);
+        memcpy(k->message, err->message, sizeof k->message);
+    }
+    if (!err && res && PQresultStatus(res) == PGRES_TUPLES_OK) {
+        k->ntuples = PQntuples(res);
+        if (k->ntuples > 0)
+            snprintf(k->value, sizeof k->value, "%s", PQgetvalue(res, 0, 0));
+    }
+}
+
+void th_count_done(void *arg)
+{
+    (*(int *)arg)++;
+}
+
+int th_backend_pid(pgs_conn *c)
+{
+    PGconn *pg = pgs_conn_pgconn(c);
+    ck_assert_ptr_nonnull(pg);
+    return PQbackendPID(pg);
+}
 
 double th_now(void)
 {
@@ -110,33 +147,40 @@ static void on_open_wait(pgs_conn *c, const pgs_error *err, void *arg)
 
 pgs_conn *th_open(struct event_base *base, const pgs_conn_opts *opts)
 {
+    return th_open_at(base, th_conninfo(NULL), opts);
+}
+
+pgs_conn *th_open_at(struct event_base *base, const char *conninfo, const pgs_conn_opts *opts)
+{
     open_wait w = {0};
     pgs_conn *c = NULL;
-    ck_assert_int_eq(pgs_conn_open(base, th_conninfo(NULL), opts, on_open_wait, &w, &c), PGS_OK);
+    ck_assert_int_eq(pgs_conn_open(base, conninfo, opts, on_open_wait, &w, &c), PGS_OK);
     th_run_until(base, &w.fired, 15);
     ck_assert_msg(w.ok, "connect failed: %s", w.err.message);
     return c;
 }
 
-static void on_done_count(void *arg)
-{
-    (*(int *)arg)++;
-}
-
 void th_close(struct event_base *base, pgs_conn *c)
 {
     int done = 0;
-    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_OK);
     ck_assert_int_eq(done, 0); /* never from inside the call */
     th_run_until(base, &done, 10);
     ck_assert_int_eq(done, 1);
 }
 
 /* A fresh connection per call, closed before returning, so no test leaves a descriptor. */
+static void quiet(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message; /* "table does not exist, skipping" and the like */
+}
+
 static PGconn *observer(void)
 {
     PGconn *pg = PQconnectdb(th_conninfo(NULL));
     ck_assert_msg(PQstatus(pg) == CONNECTION_OK, "observer: %s", PQerrorMessage(pg));
+    PQsetNoticeProcessor(pg, quiet, NULL);
     return pg;
 }
 
@@ -211,4 +255,202 @@ int th_run_suite(Suite *s)
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
     return failed == 0 ? 0 : 1;
+}
+
+/* ---- the fault proxy ---- */
+
+
+enum { PROXY_MAX = 16 };
+
+typedef struct proxy_pair {
+    int client, server;
+    int last; /* 1: the last data went client->server, 2: server->client */
+} proxy_pair;
+
+struct th_proxy {
+    pthread_t tid;
+    pthread_mutex_t mu;
+    int listen_fd, target_port, port;
+    int ctl[2]; /* wakes the thread for cut/stall/stop */
+    proxy_pair pairs[PROXY_MAX];
+    int npairs;
+    int turns, stalled, cut, stop;
+};
+
+static void pair_close(th_proxy *p, int i)
+{
+    close(p->pairs[i].client);
+    close(p->pairs[i].server);
+    p->pairs[i] = p->pairs[--p->npairs];
+}
+
+static int connect_target(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+/* Move what is readable from one side to the other; -1 when either side is done. */
+static int pump(int from, int to)
+{
+    char buf[65536];
+    ssize_t n = read(from, buf, sizeof buf);
+    if (n <= 0)
+        return -1;
+    for (ssize_t off = 0; off < n;) {
+        ssize_t w = write(to, buf + off, (size_t)(n - off));
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -1;
+        off += w;
+    }
+    return 0;
+}
+
+static void *proxy_thread(void *arg)
+{
+    th_proxy *p = arg;
+    for (;;) {
+        struct pollfd fds[2 + 2 * PROXY_MAX];
+        pthread_mutex_lock(&p->mu);
+        int stop = p->stop, stalled = p->stalled;
+        if (p->cut) {
+            while (p->npairs)
+                pair_close(p, 0);
+            p->cut = 0;
+        }
+        pthread_mutex_unlock(&p->mu);
+        if (stop)
+            break;
+        int n = 0;
+        fds[n++] = (struct pollfd){p->ctl[0], POLLIN, 0};
+        fds[n++] = (struct pollfd){p->listen_fd, POLLIN, 0};
+        for (int i = 0; i < p->npairs && !stalled; i++) {
+            fds[n++] = (struct pollfd){p->pairs[i].client, POLLIN, 0};
+            fds[n++] = (struct pollfd){p->pairs[i].server, POLLIN, 0};
+        }
+        if (poll(fds, (nfds_t)n, -1) < 0)
+            continue;
+        if (fds[0].revents) {
+            char b[64];
+            if (read(p->ctl[0], b, sizeof b) < 0)
+                continue;
+        }
+        if (fds[1].revents && p->npairs < PROXY_MAX) {
+            int c = accept4(p->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+            int s = c >= 0 ? connect_target(p->target_port) : -1;
+            if (s >= 0) {
+                p->pairs[p->npairs++] = (proxy_pair){c, s, 0};
+            } else if (c >= 0) {
+                close(c);
+            }
+            continue; /* the pollfd array no longer matches the pairs */
+        }
+        for (int i = p->npairs - 1, k = n - 2; i >= 0 && !stalled; i--, k -= 2) {
+            proxy_pair *pp = &p->pairs[i];
+            int bad = 0;
+            if (fds[k].revents) {
+                pthread_mutex_lock(&p->mu);
+                p->turns += pp->last != 1;
+                pp->last = 1;
+                pthread_mutex_unlock(&p->mu);
+                bad |= pump(pp->client, pp->server);
+            }
+            if (!bad && fds[k + 1].revents) {
+                pthread_mutex_lock(&p->mu);
+                pp->last = 2;
+                pthread_mutex_unlock(&p->mu);
+                bad |= pump(pp->server, pp->client);
+            }
+            if (bad)
+                pair_close(p, i);
+        }
+    }
+    while (p->npairs)
+        pair_close(p, 0);
+    return NULL;
+}
+
+th_proxy *th_proxy_start(int target_port)
+{
+    th_proxy *p = calloc(1, sizeof *p);
+    ck_assert_ptr_nonnull(p);
+    p->target_port = target_port;
+    p->listen_fd = th_silent_listener(&p->port);
+    ck_assert_int_eq(pipe2(p->ctl, O_CLOEXEC), 0);
+    pthread_mutex_init(&p->mu, NULL);
+    ck_assert_int_eq(pthread_create(&p->tid, NULL, proxy_thread, p), 0);
+    return p;
+}
+
+int th_proxy_port(th_proxy *p)
+{
+    return p->port;
+}
+
+const char *th_proxy_conninfo(th_proxy *p)
+{
+    char extra[64];
+    snprintf(extra, sizeof extra, "host=127.0.0.1 hostaddr=127.0.0.1 port=%d", p->port);
+    return th_conninfo(extra);
+}
+
+static void proxy_poke(th_proxy *p)
+{
+    if (write(p->ctl[1], "x", 1) < 0)
+        ck_abort_msg("proxy: cannot wake the thread");
+}
+
+void th_proxy_cut(th_proxy *p)
+{
+    pthread_mutex_lock(&p->mu);
+    p->cut = 1;
+    pthread_mutex_unlock(&p->mu);
+    proxy_poke(p);
+}
+
+void th_proxy_stall(th_proxy *p, int on)
+{
+    pthread_mutex_lock(&p->mu);
+    p->stalled = on;
+    pthread_mutex_unlock(&p->mu);
+    proxy_poke(p);
+}
+
+int th_proxy_turns(th_proxy *p)
+{
+    pthread_mutex_lock(&p->mu);
+    int t = p->turns;
+    pthread_mutex_unlock(&p->mu);
+    return t;
+}
+
+void th_proxy_reset_turns(th_proxy *p)
+{
+    pthread_mutex_lock(&p->mu);
+    p->turns = 0;
+    for (int i = 0; i < p->npairs; i++)
+        p->pairs[i].last = 0;
+    pthread_mutex_unlock(&p->mu);
+}
+
+void th_proxy_stop(th_proxy *p)
+{
+    pthread_mutex_lock(&p->mu);
+    p->stop = 1;
+    pthread_mutex_unlock(&p->mu);
+    proxy_poke(p);
+    pthread_join(p->tid, NULL);
+    close(p->listen_fd);
+    close(p->ctl[0]);
+    close(p->ctl[1]);
+    pthread_mutex_destroy(&p->mu);
+    free(p);
 }

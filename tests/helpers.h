@@ -25,6 +25,7 @@ void th_run_until(struct event_base *base, const int *flag, double seconds);
 
 /* Open a guard and run the loop until it is up (fails the test otherwise). */
 pgs_conn *th_open(struct event_base *base, const pgs_conn_opts *opts);
+pgs_conn *th_open_at(struct event_base *base, const char *conninfo, const pgs_conn_opts *opts);
 /* Close a guard and run the loop until done fired (exactly once). */
 void th_close(struct event_base *base, pgs_conn *c);
 
@@ -36,6 +37,25 @@ char *th_scalar(const char *sql, int nparams, const char *const *values);
 long th_scalar_long(const char *sql, int nparams, const char *const *values);
 /* Poll until the backend with this pid is gone from pg_stat_activity (or fail after seconds). */
 void th_wait_backend_gone(int pid, double seconds);
+
+/* A record of one statement's callback: how often it fired, in which order, what it got. */
+typedef struct th_call {
+    int fired;
+    int seq; /* th_fire_seq when it fired */
+    pgs_code code;
+    char sqlstate[6];
+    char message[512];
+    char value[256]; /* first column of the first row */
+    int ntuples;
+    double at;
+} th_call;
+extern int th_fire_seq;
+/* A pgs_result_cb that fills the th_call given as arg. */
+void th_record(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg);
+/* A pgs_done_cb that counts into the int given as arg. */
+void th_count_done(void *arg);
+/* The backend pid of a connected guard. */
+int th_backend_pid(pgs_conn *c);
 
 /* Monotonic seconds. */
 double th_now(void);
@@ -51,3 +71,21 @@ int th_closed_port(void);
 int th_run_suite(Suite *s);
 
 #endif
+
+/* A loopback TCP proxy in front of the server (a thread of the test process), for real
+ * network faults and for counting round trips on the wire. */
+typedef struct th_proxy th_proxy;
+/* Proxy to 127.0.0.1:target_port; listens on a free loopback port. */
+th_proxy *th_proxy_start(int target_port);
+int th_proxy_port(th_proxy *p);
+/* A conninfo through the proxy: the server's conninfo with host/port replaced. Static buffer. */
+const char *th_proxy_conninfo(th_proxy *p);
+/* Cut every connection now (both sides closed), as a network failure would. */
+void th_proxy_cut(th_proxy *p);
+/* Stop forwarding (both directions) without closing: a network that stalls. */
+void th_proxy_stall(th_proxy *p, int on);
+/* Round trips: bursts of client-to-server data, each one started after the server last sent
+ * something (or first). */
+int th_proxy_turns(th_proxy *p);
+void th_proxy_reset_turns(th_proxy *p);
+void th_proxy_stop(th_proxy *p);

@@ -7,50 +7,6 @@
 
 #include "helpers.h"
 
-/* A record of one statement's callback. */
-typedef struct call {
-    int fired;
-    int seq; /* global order in which callbacks fired */
-    pgs_code code;
-    char sqlstate[6];
-    char message[512];
-    char value[256];
-    int ntuples;
-    double at;
-} call;
-
-static int fire_seq;
-
-static void record(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
-{
-    (void)c;
-    call *k = arg;
-    k->fired++;
-    k->seq = fire_seq++;
-    k->at = th_now();
-    k->code = err ? err->code : PGS_OK;
-    if (err) {
-        memcpy(k->sqlstate, err->sqlstate, sizeof k->sqlstate);
-        memcpy(k->message, err->message, sizeof k->message);
-    }
-    if (!err && res && PQresultStatus(res) == PGRES_TUPLES_OK) {
-        k->ntuples = PQntuples(res);
-        if (k->ntuples > 0)
-            snprintf(k->value, sizeof k->value, "%s", PQgetvalue(res, 0, 0));
-    }
-}
-
-static void on_done_count(void *arg)
-{
-    (*(int *)arg)++;
-}
-
-static int backend_pid(pgs_conn *c)
-{
-    PGconn *pg = pgs_conn_pgconn(c);
-    ck_assert_ptr_nonnull(pg);
-    return PQbackendPID(pg);
-}
 
 /* ---- queries ---- */
 
@@ -61,15 +17,15 @@ START_TEST(test_params_come_back_verbatim_no_injection)
     const char *tricky[] = {
         "it's", "a;b", "'; DROP TABLE pgs_victim; --", "\"quoted\" \\ back\\slash", "$1", "",
     };
-    call k[6] = {0};
-    call made = {0}, after = {0};
-    ck_assert_int_eq(pgs_query(c, "CREATE TEMP TABLE pgs_victim(x int)", 0, NULL, record, &made),
+    th_call k[6] = {0};
+    th_call made = {0}, after = {0};
+    ck_assert_int_eq(pgs_query(c, "CREATE TEMP TABLE pgs_victim(x int)", 0, NULL, th_record, &made),
                      PGS_OK);
     for (int i = 0; i < 6; i++) {
         const char *v[] = {tricky[i]};
-        ck_assert_int_eq(pgs_query(c, "SELECT $1::text", 1, v, record, &k[i]), PGS_OK);
+        ck_assert_int_eq(pgs_query(c, "SELECT $1::text", 1, v, th_record, &k[i]), PGS_OK);
     }
-    ck_assert_int_eq(pgs_query(c, "SELECT count(*) FROM pgs_victim", 0, NULL, record, &after),
+    ck_assert_int_eq(pgs_query(c, "SELECT count(*) FROM pgs_victim", 0, NULL, th_record, &after),
                      PGS_OK);
     th_run_until(b, &after.fired, 10);
     ck_assert_int_eq(made.code, PGS_OK);
@@ -90,9 +46,9 @@ START_TEST(test_typed_params_and_null)
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     const char *v[] = {"41", NULL};
-    call k = {0}, n = {0};
-    ck_assert_int_eq(pgs_query(c, "SELECT $1::int + 1", 1, v, record, &k), PGS_OK);
-    ck_assert_int_eq(pgs_query(c, "SELECT ($2::text IS NULL)::text || $1", 2, v, record, &n),
+    th_call k = {0}, n = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT $1::int + 1", 1, v, th_record, &k), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT ($2::text IS NULL)::text || $1", 2, v, th_record, &n),
                      PGS_OK);
     th_run_until(b, &n.fired, 10);
     ck_assert_str_eq(k.value, "42");
@@ -106,16 +62,16 @@ START_TEST(test_hundred_queued_run_in_order_failure_isolated)
 {
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
-    call k[100] = {0};
+    th_call k[100] = {0};
     char num[100][8];
-    fire_seq = 0;
+    th_fire_seq = 0;
     for (int i = 0; i < 100; i++) {
         snprintf(num[i], sizeof num[i], "%d", i);
         const char *v[] = {num[i]};
         const char *sql = i == 50 ? "SELECT 1 / ($1::int - 50)" : "SELECT $1::int";
-        ck_assert_int_eq(pgs_query(c, sql, 1, v, record, &k[i]), PGS_OK);
+        ck_assert_int_eq(pgs_query(c, sql, 1, v, th_record, &k[i]), PGS_OK);
     }
-    ck_assert_int_eq(fire_seq, 0); /* nothing fires inside pgs_query */
+    ck_assert_int_eq(th_fire_seq, 0); /* nothing fires inside pgs_query */
     th_run_until(b, &k[99].fired, 15);
     for (int i = 0; i < 100; i++) {
         ck_assert_int_eq(k[i].fired, 1);
@@ -137,8 +93,8 @@ START_TEST(test_multiple_statements_in_one_string_rejected)
 {
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
-    call k = {0};
-    ck_assert_int_eq(pgs_query(c, "SELECT 1; SELECT 2", 0, NULL, record, &k), PGS_OK);
+    th_call k = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT 1; SELECT 2", 0, NULL, th_record, &k), PGS_OK);
     th_run_until(b, &k.fired, 10);
     ck_assert_int_eq(k.code, PGS_ESQL);
     ck_assert_str_eq(k.sqlstate, "42601");
@@ -150,9 +106,9 @@ END_TEST
 static void on_open_seq(pgs_conn *c, const pgs_error *err, void *arg)
 {
     (void)c;
-    call *k = arg;
+    th_call *k = arg;
     k->fired++;
-    k->seq = fire_seq++;
+    k->seq = th_fire_seq++;
     k->code = err ? err->code : PGS_OK;
 }
 
@@ -160,13 +116,13 @@ START_TEST(test_queries_queued_while_connecting_run_after_connect)
 {
     struct event_base *b = th_loop_begin();
     pgs_conn *c = NULL;
-    call opened = {0};
-    call k[3] = {0};
-    fire_seq = 0;
+    th_call opened = {0};
+    th_call k[3] = {0};
+    th_fire_seq = 0;
     ck_assert_int_eq(pgs_conn_open(b, th_conninfo(NULL), NULL, on_open_seq, &opened, &c), PGS_OK);
     const char *v[] = {"7"};
     for (int i = 0; i < 3; i++)
-        ck_assert_int_eq(pgs_query(c, "SELECT $1::int * 6", 1, v, record, &k[i]), PGS_OK);
+        ck_assert_int_eq(pgs_query(c, "SELECT $1::int * 6", 1, v, th_record, &k[i]), PGS_OK);
     th_run_until(b, &k[2].fired, 10);
     ck_assert_int_eq(opened.fired, 1);
     ck_assert_int_eq(opened.code, PGS_OK);
@@ -214,9 +170,9 @@ static pgs_error open_fails(const char *conninfo, const pgs_conn_opts *opts, pgs
     ck_assert_msg(r.err.code == code, "expected %s, got %s: %s", pgs_strerror(code),
                   pgs_strerror(r.err.code), r.err.message);
     /* A dead guard refuses statements with its cause, and still needs (and takes) its exit. */
-    call k = {0};
-    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &k), code);
-    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    th_call k = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, th_record, &k), code);
+    ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_OK);
     th_loop_end(b);
     ck_assert_int_eq(done, 1);
     ck_assert_int_eq(r.fired, 1);
@@ -284,7 +240,7 @@ START_TEST(test_connect_timeout_against_silent_listener)
     ck_assert_int_eq(r.err.code, PGS_ETIMEDOUT);
     double took = r.at - t0;
     ck_assert_msg(took >= 0.45 && took < 2.0, "timed out after %.3f s, want ~0.5 s", took);
-    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_OK);
     th_loop_end(b); /* also proves the guard's socket is closed */
     ck_assert_int_eq(done, 1);
     close(lfd);
@@ -340,11 +296,11 @@ START_TEST(test_close_while_connecting)
     open_rec r = {0};
     int done = 0;
     pgs_conn *c = NULL;
-    call k = {0};
+    th_call k = {0};
     ck_assert_int_eq(pgs_conn_open(b, ci, NULL, on_open_rec, &r, &c), PGS_OK);
-    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &k), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, th_record, &k), PGS_OK);
     event_base_loop(b, EVLOOP_NONBLOCK); /* let the handshake start */
-    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_OK);
     ck_assert_int_eq(r.fired + k.fired + done, 0); /* nothing fires inside close */
     th_loop_end(b);
     ck_assert_int_eq(r.fired, 1);
@@ -364,7 +320,7 @@ START_TEST(test_close_while_host_name_is_looked_up)
     pgs_conn *c = NULL;
     ck_assert_int_eq(pgs_conn_open(b, th_conninfo("host=localhost"), NULL, on_open_rec, &r, &c),
                      PGS_OK);
-    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_OK);
     th_loop_end(b); /* the abandoned lookup frees itself and leaves nothing behind */
     ck_assert_int_eq(r.fired, 1);
     ck_assert_int_eq(r.err.code, PGS_ECLOSED);
@@ -384,17 +340,17 @@ static void close_from_timer(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     closer *k = arg;
-    k->close_rc = pgs_conn_close(k->c, on_done_count, &k->done);
-    k->second_rc = pgs_conn_close(k->c, on_done_count, &k->done); /* idempotent */
+    k->close_rc = pgs_conn_close(k->c, th_count_done, &k->done);
+    k->second_rc = pgs_conn_close(k->c, th_count_done, &k->done); /* idempotent */
 }
 
 START_TEST(test_close_while_statement_runs)
 {
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
-    int pid = backend_pid(c);
-    call k = {0};
-    ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(30)", 0, NULL, record, &k), PGS_OK);
+    int pid = th_backend_pid(c);
+    th_call k = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(30)", 0, NULL, th_record, &k), PGS_OK);
     closer cl = {.c = c};
     struct event *t = evtimer_new(b, close_from_timer, &cl);
     struct timeval tv = {0, 200000};
@@ -418,11 +374,11 @@ START_TEST(test_close_with_ten_queued)
 {
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
-    call k[10] = {0};
+    th_call k[10] = {0};
     for (int i = 0; i < 10; i++)
-        ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(0.05)", 0, NULL, record, &k[i]), PGS_OK);
+        ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(0.05)", 0, NULL, th_record, &k[i]), PGS_OK);
     int done = 0;
-    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_OK);
     for (int i = 0; i < 10; i++)
         ck_assert_int_eq(k[i].fired, 0);
     ck_assert_int_eq(done, 0);
@@ -439,8 +395,8 @@ static int inner_done;
 
 static void close_inside_result(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
 {
-    record(c, res, err, arg);
-    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &inner_done), PGS_OK);
+    th_record(c, res, err, arg);
+    ck_assert_int_eq(pgs_conn_close(c, th_count_done, &inner_done), PGS_OK);
     ck_assert_int_eq(inner_done, 0);
 }
 
@@ -448,9 +404,9 @@ START_TEST(test_close_from_inside_a_result_callback)
 {
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
-    call first = {0}, second = {0};
+    th_call first = {0}, second = {0};
     ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, close_inside_result, &first), PGS_OK);
-    ck_assert_int_eq(pgs_query(c, "SELECT 2", 0, NULL, record, &second), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT 2", 0, NULL, th_record, &second), PGS_OK);
     th_loop_end(b);
     ck_assert_int_eq(first.fired, 1);
     ck_assert_int_eq(second.fired, 1);
@@ -467,20 +423,20 @@ START_TEST(test_misuse_gets_codes_not_crashes)
     ck_assert_ptr_null(c);
     ck_assert_int_eq(pgs_conn_open(b, NULL, NULL, on_open_rec, NULL, &c), PGS_EINVAL);
     ck_assert_int_eq(pgs_conn_open(b, "", NULL, NULL, NULL, &c), PGS_EINVAL);
-    ck_assert_int_eq(pgs_query(NULL, "SELECT 1", 0, NULL, record, NULL), PGS_EINVAL);
+    ck_assert_int_eq(pgs_query(NULL, "SELECT 1", 0, NULL, th_record, NULL), PGS_EINVAL);
     ck_assert_int_eq(pgs_conn_close(NULL, NULL, NULL), PGS_EINVAL);
     ck_assert_int_eq(pgs_conn_cancel(NULL), PGS_EINVAL);
     c = th_open(b, NULL);
-    call k = {0};
-    ck_assert_int_eq(pgs_query(c, NULL, 0, NULL, record, &k), PGS_EINVAL);
+    th_call k = {0};
+    ck_assert_int_eq(pgs_query(c, NULL, 0, NULL, th_record, &k), PGS_EINVAL);
     ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, NULL, &k), PGS_EINVAL);
-    ck_assert_int_eq(pgs_query(c, "SELECT $1", 1, NULL, record, &k), PGS_EINVAL);
-    ck_assert_int_eq(pgs_query(c, "SELECT 1", -1, NULL, record, &k), PGS_EINVAL);
+    ck_assert_int_eq(pgs_query(c, "SELECT $1", 1, NULL, th_record, &k), PGS_EINVAL);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", -1, NULL, th_record, &k), PGS_EINVAL);
     int done = 0;
-    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
-    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &k), PGS_EMISUSE);
+    ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, th_record, &k), PGS_EMISUSE);
     ck_assert_int_eq(pgs_conn_cancel(c), PGS_EMISUSE);
-    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_EMISUSE);
+    ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_EMISUSE);
     th_loop_end(b);
     ck_assert_int_eq(done, 1);
     ck_assert_int_eq(k.fired, 0);
@@ -491,8 +447,8 @@ START_TEST(test_copy_is_refused_clearly)
 {
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
-    call k = {0};
-    ck_assert_int_eq(pgs_query(c, "COPY (SELECT 1) TO STDOUT", 0, NULL, record, &k), PGS_OK);
+    th_call k = {0};
+    ck_assert_int_eq(pgs_query(c, "COPY (SELECT 1) TO STDOUT", 0, NULL, th_record, &k), PGS_OK);
     th_run_until(b, &k.fired, 10);
     ck_assert_int_eq(k.code, PGS_EUNSUPPORTED);
     th_close(b, c);
@@ -542,10 +498,10 @@ START_TEST(test_cancel_long_statement)
 {
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
-    int pid = backend_pid(c);
-    call k = {0}, queued = {0};
-    ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(30)", 0, NULL, record, &k), PGS_OK);
-    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &queued), PGS_OK);
+    int pid = th_backend_pid(c);
+    th_call k = {0}, queued = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(30)", 0, NULL, th_record, &k), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, th_record, &queued), PGS_OK);
     ticker tk = {0};
     tk.ev = event_new(b, -1, EV_PERSIST, on_tick, &tk);
     struct timeval every = {0, 10000};
@@ -566,8 +522,8 @@ START_TEST(test_cancel_long_statement)
     event_free(t);
     th_run_until(b, &queued.fired, 5);
     ck_assert_int_eq(queued.code, PGS_ECANCELED);
-    call after = {0};
-    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &after), PGS_ECANCELED);
+    th_call after = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, th_record, &after), PGS_ECANCELED);
     th_wait_backend_gone(pid, 5);
     th_close(b, c);
     th_loop_end(b);
@@ -592,7 +548,7 @@ START_TEST(test_cancel_while_connecting)
     th_run_until(b, &r.fired, 5);
     ck_assert_int_eq(r.err.code, PGS_ECANCELED);
     int done = 0;
-    ck_assert_int_eq(pgs_conn_close(c, on_done_count, &done), PGS_OK);
+    ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_OK);
     th_loop_end(b);
     ck_assert_int_eq(done, 1);
     ck_assert_int_eq(r.fired, 1);
@@ -633,10 +589,10 @@ START_TEST(test_terminated_backend_mid_statement_is_econn)
     lost_rec l = {0};
     pgs_conn_opts o = {.on_lost = on_lost_rec, .lost_arg = &l};
     pgs_conn *c = th_open(b, &o);
-    int pid = backend_pid(c);
-    call k = {0}, queued = {0};
-    ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(30)", 0, NULL, record, &k), PGS_OK);
-    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &queued), PGS_OK);
+    int pid = th_backend_pid(c);
+    th_call k = {0}, queued = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(30)", 0, NULL, th_record, &k), PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, th_record, &queued), PGS_OK);
     struct event *t = evtimer_new(b, terminate_from_timer, &pid);
     struct timeval tv = {0, 200000};
     evtimer_add(t, &tv);
@@ -648,8 +604,8 @@ START_TEST(test_terminated_backend_mid_statement_is_econn)
     ck_assert_int_eq(queued.code, PGS_ECONN);
     th_run_until(b, &l.fired, 5);
     ck_assert_int_eq(l.err.code, PGS_ECONN);
-    call after = {0};
-    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, record, &after), PGS_ECONN);
+    th_call after = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, th_record, &after), PGS_ECONN);
     ck_assert_ptr_null(pgs_conn_pgconn(c));
     th_close(b, c);
     th_loop_end(b);
@@ -664,7 +620,7 @@ START_TEST(test_terminated_idle_backend_reported_by_on_lost)
     lost_rec l = {0};
     pgs_conn_opts o = {.on_lost = on_lost_rec, .lost_arg = &l};
     pgs_conn *c = th_open(b, &o);
-    int pid = backend_pid(c);
+    int pid = th_backend_pid(c);
     terminate_from_timer(-1, 0, &pid);
     th_run_until(b, &l.fired, 5);
     ck_assert_int_eq(l.err.code, PGS_ECONN);
@@ -699,8 +655,8 @@ START_TEST(test_notify_from_another_connection_reaches_listener)
     notify_rec r = {0};
     pgs_conn_opts o = {.on_notify = on_notify_rec, .notify_arg = &r};
     pgs_conn *c = th_open(b, &o);
-    call listened = {0};
-    ck_assert_int_eq(pgs_query(c, "LISTEN pgs_chan", 0, NULL, record, &listened), PGS_OK);
+    th_call listened = {0};
+    ck_assert_int_eq(pgs_query(c, "LISTEN pgs_chan", 0, NULL, th_record, &listened), PGS_OK);
     th_run_until(b, &listened.fired, 5);
     ck_assert_int_eq(listened.code, PGS_OK);
     const char *v[] = {"it's; a payload"};
@@ -708,7 +664,7 @@ START_TEST(test_notify_from_another_connection_reaches_listener)
     th_run_until(b, &r.fired, 5);
     ck_assert_str_eq(r.channel, "pgs_chan");
     ck_assert_str_eq(r.payload, "it's; a payload");
-    ck_assert_int_ne(r.pid, backend_pid(c));
+    ck_assert_int_ne(r.pid, th_backend_pid(c));
     th_close(b, c);
     th_loop_end(b);
     ck_assert_int_eq(r.fired, 1);
@@ -738,9 +694,9 @@ START_TEST(test_notice_reaches_callback)
     notice_rec r = {0};
     pgs_conn_opts o = {.on_notice = on_notice_rec, .notice_arg = &r};
     pgs_conn *c = th_open(b, &o);
-    call k = {0};
+    th_call k = {0};
     ck_assert_int_eq(pgs_query(c, "DO $$ BEGIN RAISE NOTICE 'hello %', 42; END $$", 0, NULL,
-                               record, &k),
+                               th_record, &k),
                      PGS_OK);
     th_run_until(b, &k.fired, 5);
     ck_assert_int_eq(k.code, PGS_OK);

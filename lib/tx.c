@@ -1,0 +1,754 @@
+/* Transaction guards: BEGIN with options, statements, savepoints, commit/rollback, cancel,
+ * timeouts, unknown commits and retries. Sits on the connection layer (conn.h) and the loop
+ * adapter (loop.h); knows nothing of pools. Every statement goes through the connection's
+ * pipeline, and each result is mapped back through the FIFO of what was sent. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "conn.h"
+#include "error.h"
+#include "loop.h"
+
+enum {
+    DEFAULT_COMMIT_GRACE_MS = 5000,
+    DEFAULT_RETRY_BASE_MS = 5,
+    DEFAULT_RETRY_MAX_MS = 500,
+    STMT = CONN_NO_SYNC | CONN_FLUSH, /* inside a transaction: no sync, results sent at once */
+};
+
+typedef enum tx_state {
+    TX_OPEN,     /* statements welcome */
+    TX_SETTLING, /* a child's end: waiting for its own results before it decides */
+    TX_ENDING,   /* end statements sent: waiting for their replies and any stragglers */
+    TX_DONE,     /* done is scheduled */
+} tx_state;
+
+typedef enum op_kind {
+    K_BEGIN, /* BEGIN or SAVEPOINT */
+    K_SETUP, /* SET LOCAL-style settings sent with BEGIN */
+    K_USER,
+    K_TXID,
+    K_COMMIT,
+    K_ROLLBACK,
+    K_RELEASE,
+    K_ROLLBACK_TO,
+} op_kind;
+
+typedef struct run run;
+
+struct pgs_tx {
+    pgs_conn *conn;
+    pgs_tx *parent;
+    pgs_tx *child; /* the open child (LIFO: at most one) */
+    int children_ending; /* ended children whose end statements are still out */
+    int plug;            /* a settling child's hold on later statements */
+    run *run; /* the pgs_run_tx driving this guard, or NULL */
+    tx_state state;
+    pgs_tx_opts opts; /* the root's, for children too */
+    char savepoint[40];
+    unsigned next_savepoint; /* root: names for children */
+    pgs_tx_cb on_begun;
+    void *begun_arg;
+    pgs_tx_done_cb done;
+    void *done_arg;
+    int inflight; /* statements of this guard whose callbacks have not fired */
+    int ok;       /* what the end asked */
+    int failed;   /* first failure in err */
+    pgs_error err;
+    int orphan; /* ended by its parent: freed without a done */
+    int commit_sent, commit_answered;
+    pgs_code cancel_code; /* root: PGS_ECANCELED / PGS_ETIMEDOUT once cancelled */
+    int in_grace;         /* root: cancelled with COMMIT out; waiting for its reply */
+    int ahead;            /* root: statements of the tree queued before COMMIT, unanswered */
+    pgs_tx_outcome outcome;
+    char xid[24];
+    loop_ev *defer; /* done, from the loop */
+    loop_ev *timer; /* root: the whole-transaction timeout, then the commit grace */
+};
+
+typedef struct tx_op {
+    pgs_tx *tx;
+    op_kind kind;
+    pgs_result_cb cb;
+    void *arg;
+} tx_op;
+
+static void progress(pgs_tx *tx);
+static void run_after(run *r, pgs_tx_result *res);
+
+static pgs_tx *root_of(pgs_tx *tx)
+{
+    while (tx->parent)
+        tx = tx->parent;
+    return tx;
+}
+
+static void note_failure(pgs_tx *tx, const pgs_error *e)
+{
+    if (!tx->failed) {
+        tx->failed = 1;
+        tx->err = *e;
+    }
+}
+
+static void note_failure_code(pgs_tx *tx, pgs_code code, const char *msg)
+{
+    pgs_error e;
+    err_set(&e, code, NULL, msg, NULL);
+    note_failure(tx, &e);
+}
+
+/* ---- sending ---- */
+
+static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg);
+
+/* Queue one statement of this guard. A connection that is gone answers with its cause, which
+ * becomes the guard's failure. */
+static int send_stmt(pgs_tx *tx, op_kind kind, const char *sql, int nparams,
+                const char *const *values, int flags, pgs_result_cb cb, void *arg)
+{
+    tx_op *op = malloc(sizeof *op);
+    if (!op)
+        return PGS_ENOMEM;
+    *op = (tx_op){tx, kind, cb, arg};
+    int rc = conn_query(tx->conn, sql, nparams, values, flags, tx_op_done, op);
+    if (rc != PGS_OK) {
+        free(op);
+        return rc;
+    }
+    tx->inflight++;
+    if (kind != K_TXID && kind != K_COMMIT)
+        root_of(tx)->ahead++;
+    return PGS_OK;
+}
+
+/* An end statement: if it cannot be sent, the connection is gone and that is the failure. */
+static void send_end(pgs_tx *tx, op_kind kind, const char *sql, int flags)
+{
+    int rc = send_stmt(tx, kind, sql, 0, NULL, flags, NULL, NULL);
+    if (rc != PGS_OK) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "could not send %s: %s", sql, pgs_strerror(rc));
+        note_failure_code(tx, rc == PGS_EMISUSE ? PGS_ECLOSED : (pgs_code)rc, msg);
+    }
+}
+
+/* ---- ending ---- */
+
+static void finish(pgs_tx *tx)
+{
+    tx->state = TX_DONE;
+    loop_ev_post(tx->defer);
+    if (tx->parent) {
+        tx->parent->children_ending--;
+        progress(tx->parent);
+        return;
+    }
+    loop_ev_stop(tx->timer);
+    if (conn_owner(tx->conn) == tx)
+        conn_set_owner(tx->conn, NULL);
+    /* After a cancel request the session's state is unknown: never reuse it. */
+    if (tx->cancel_code != PGS_OK && conn_ready(tx->conn))
+        conn_kill(tx->conn, tx->cancel_code, "the transaction was canceled", 0);
+}
+
+static void progress(pgs_tx *tx)
+{
+    switch (tx->state) {
+    case TX_SETTLING:
+        if (tx->inflight == 0 && tx->children_ending == 0) {
+            /* All of the child's results are in: release, or roll back to the savepoint. The
+             * sync first ends the server's skipping after an error. */
+            char sql[80];
+            tx->state = TX_ENDING;
+            if (tx->ok && !tx->failed) {
+                tx->outcome = PGS_TX_COMMITTED;
+                snprintf(sql, sizeof sql, "RELEASE SAVEPOINT %s", tx->savepoint);
+                send_end(tx, K_RELEASE, sql, STMT | CONN_BYPASS);
+            } else {
+                tx->outcome = PGS_TX_ROLLED_BACK;
+                conn_sync(tx->conn, CONN_BYPASS);
+                snprintf(sql, sizeof sql, "ROLLBACK TO SAVEPOINT %s", tx->savepoint);
+                send_end(tx, K_ROLLBACK_TO, sql, STMT | CONN_BYPASS);
+                snprintf(sql, sizeof sql, "RELEASE SAVEPOINT %s", tx->savepoint);
+                send_end(tx, K_RELEASE, sql, STMT | CONN_BYPASS);
+            }
+            conn_unplug(tx->conn, tx->plug);
+            progress(tx);
+        }
+        break;
+    case TX_ENDING:
+        if (tx->inflight == 0 && tx->children_ending == 0)
+            finish(tx);
+        break;
+    case TX_OPEN:
+    case TX_DONE:
+        break;
+    }
+}
+
+static void send_rollback(pgs_tx *tx)
+{
+    tx->outcome = PGS_TX_ROLLED_BACK;
+    send_end(tx, K_ROLLBACK, "ROLLBACK", 0);
+}
+
+static void end_root(pgs_tx *tx)
+{
+    tx->state = TX_ENDING;
+    if (tx->ok && !tx->failed) {
+        /* The id rides in the same round trip, before COMMIT, and comes back first (flush
+         * request), so a COMMIT whose reply is lost can still be resolved. */
+        int rc = send_stmt(tx, K_TXID, "SELECT txid_current_if_assigned()::text", 0, NULL, STMT,
+                           NULL, NULL);
+        if (rc == PGS_OK)
+            rc = send_stmt(tx, K_COMMIT, "COMMIT", 0, NULL, 0, NULL, NULL);
+        if (rc == PGS_OK) {
+            tx->commit_sent = 1;
+            tx->outcome = PGS_TX_UNKNOWN; /* until the reply says otherwise */
+            return;
+        }
+        /* Not sent: the connection is gone, and the server dropped the transaction with it. */
+        note_failure_code(tx, rc == PGS_EMISUSE ? PGS_ECLOSED : (pgs_code)rc,
+                          "could not send COMMIT: the connection is gone");
+        tx->outcome = PGS_TX_ROLLED_BACK;
+        return;
+    }
+    /* The lone sync ends any abort the server is in, so ROLLBACK itself runs. */
+    conn_sync(tx->conn, 0);
+    send_rollback(tx);
+}
+
+/* ---- results ---- */
+
+static int is_aborted(const PGresult *res)
+{
+    return res && PQresultStatus(res) == PGRES_PIPELINE_ABORTED;
+}
+
+static void commit_replied(pgs_tx *tx, const PGresult *res, const pgs_error *err)
+{
+    tx->commit_answered = 1;
+    if (!err) {
+        if (strcmp(PQcmdStatus((PGresult *)res), "COMMIT") == 0) {
+            tx->outcome = PGS_TX_COMMITTED;
+            return;
+        }
+        /* COMMIT of a failed transaction "succeeds" with the tag ROLLBACK. */
+        tx->outcome = PGS_TX_ROLLED_BACK;
+        pgs_error e;
+        err_set(&e, PGS_ESQL, "40000", "COMMIT was answered with ROLLBACK: the transaction had failed",
+                NULL);
+        note_failure(tx, &e);
+        return;
+    }
+    if (err->code == PGS_ESQL) {
+        if (is_aborted(res) && tx->cancel_code != PGS_OK) {
+            /* Cancelled before COMMIT ran: it was skipped, certain. The connection closes at
+             * finish, which ends the failed transaction on the server. */
+            tx->outcome = PGS_TX_ROLLED_BACK;
+            note_failure_code(tx, tx->cancel_code, "the transaction was canceled before COMMIT ran");
+        } else if (is_aborted(res)) {
+            /* An earlier statement failed: after the sync the session sits in the failed
+             * transaction; roll it back (its error is already noted). */
+            note_failure(tx, err);
+            send_rollback(tx);
+        } else {
+            tx->outcome = PGS_TX_ROLLED_BACK; /* COMMIT itself failed (40001, a deferred check) */
+            note_failure(tx, err);
+        }
+        return;
+    }
+    tx->outcome = PGS_TX_UNKNOWN;
+    char msg[sizeof err->message + 160];
+    snprintf(msg, sizeof msg,
+             "connection lost while COMMIT was in flight; outcome unknown (transaction id %s): %s",
+             tx->xid[0] ? tx->xid : "not known", err->message);
+    pgs_error e;
+    err_set(&e, PGS_ECOMMIT_UNKNOWN, "08007", msg, NULL);
+    tx->failed = 1; /* replaces any earlier note: unknown is what the caller must hear */
+    tx->err = e;
+}
+
+static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    tx_op *op = arg;
+    pgs_tx *tx = op->tx;
+    pgs_tx *root = root_of(tx);
+    tx->inflight--;
+    if (op->kind != K_TXID && op->kind != K_COMMIT)
+        root->ahead--;
+    pgs_error renamed;
+    if (err && err->code == PGS_ESQL && op->kind != K_COMMIT && op->kind != K_TXID) {
+        int cancel_hit = strcmp(err->sqlstate, "57014") == 0 || is_aborted(res);
+        if (root->cancel_code != PGS_OK && cancel_hit) {
+            /* The server's answer to our cancel request, or a statement skipped after it. */
+            renamed = *err;
+            renamed.code = root->cancel_code;
+            err = &renamed;
+        } else if (strcmp(err->sqlstate, "57014") == 0 && !is_aborted(res) &&
+                   tx->opts.statement_timeout_ms > 0) {
+            renamed = *err;
+            renamed.code = PGS_ETIMEDOUT; /* the server's statement_timeout we set */
+            err = &renamed;
+        }
+    }
+    switch (op->kind) {
+    case K_BEGIN:
+        if (err)
+            note_failure(tx, err);
+        if (tx->on_begun) {
+            pgs_tx_cb cb = tx->on_begun;
+            tx->on_begun = NULL;
+            cb(tx, err, tx->begun_arg);
+        }
+        break;
+    case K_SETUP:
+    case K_USER:
+        if (err)
+            note_failure(tx, err);
+        if (op->cb)
+            op->cb(c, res, err, op->arg);
+        break;
+    case K_TXID:
+        if (!err && res && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
+            snprintf(tx->xid, sizeof tx->xid, "%s", PQgetvalue(res, 0, 0));
+        break;
+    case K_COMMIT:
+        commit_replied(tx, res, err);
+        break;
+    case K_ROLLBACK:
+        /* Rolled back either way (a lost session's transaction dies with it); a body error
+         * noted earlier stays the one reported. */
+        if (err)
+            note_failure(tx, err);
+        break;
+    case K_RELEASE:
+    case K_ROLLBACK_TO:
+        if (err) {
+            /* The savepoint could not be resolved: the parent cannot commit either. */
+            note_failure(tx, err);
+            if (tx->outcome == PGS_TX_COMMITTED)
+                tx->outcome = PGS_TX_ROLLED_BACK;
+            note_failure(tx->parent, err);
+        }
+        break;
+    }
+    free(op);
+    progress(tx);
+}
+
+/* ---- done, from the loop ---- */
+
+static void tx_free(pgs_tx *tx)
+{
+    loop_ev_free(tx->defer);
+    loop_ev_free(tx->timer);
+    free(tx);
+}
+
+static void fire_done(void *arg, int what)
+{
+    (void)what;
+    pgs_tx *tx = arg;
+    pgs_tx_result r = {.outcome = tx->outcome, .err = NULL, .attempts = 1};
+    if (tx->failed)
+        r.err = &tx->err;
+    memcpy(r.xid, tx->xid, sizeof r.xid);
+    if (!tx->orphan && tx->done)
+        tx->done(&r, tx->done_arg);
+    run *rn = tx->run;
+    pgs_tx_result copy = r;
+    pgs_error e = tx->err;
+    copy.err = r.err ? &e : NULL;
+    tx_free(tx);
+    if (rn)
+        run_after(rn, &copy);
+}
+
+/* ---- cancel and timeouts ---- */
+
+static void kill_tx(pgs_tx *root, pgs_code code)
+{
+    root->cancel_code = code;
+    if (root->commit_sent && !root->commit_answered) {
+        /* COMMIT is never cancelled. Statements still ahead of it are: the server's replies
+         * then show whether COMMIT ran or was skipped. Either way wait a bounded grace for
+         * its reply, which tells the truth; without one the outcome is unknown. */
+        root->in_grace = 1;
+        if (root->ahead > 0)
+            conn_cancel_request(root->conn);
+        loop_ev_timer(root->timer, root->opts.commit_grace_ms);
+        return;
+    }
+    const char *msg = code == PGS_ETIMEDOUT
+                          ? "the transaction's time limit passed; the connection is closed"
+                          : "the transaction was canceled; the connection is closed";
+    conn_kill(root->conn, code, msg, 1);
+}
+
+static void on_tx_timer(void *arg, int what)
+{
+    (void)what;
+    pgs_tx *root = arg;
+    if (root->in_grace) {
+        /* No reply to COMMIT within the grace: close without a cancel request (it could hit
+         * the commit itself); the COMMIT then reports PGS_ECOMMIT_UNKNOWN. */
+        conn_kill(root->conn, PGS_ECONN, "no reply to COMMIT within the grace period", 0);
+        return;
+    }
+    kill_tx(root, PGS_ETIMEDOUT);
+}
+
+int pgs_tx_cancel(pgs_tx *tx)
+{
+    if (!tx)
+        return PGS_EINVAL;
+    pgs_tx *root = root_of(tx);
+    if (root->cancel_code != PGS_OK || root->state == TX_DONE || !conn_ready(root->conn))
+        return PGS_EMISUSE;
+    kill_tx(root, PGS_ECANCELED);
+    return PGS_OK;
+}
+
+/* ---- begin ---- */
+
+static pgs_tx *tx_new(pgs_conn *conn, pgs_tx *parent)
+{
+    pgs_tx *tx = calloc(1, sizeof *tx);
+    if (!tx)
+        return NULL;
+    tx->conn = conn;
+    tx->parent = parent;
+    tx->state = TX_OPEN;
+    tx->defer = loop_ev_new(conn_base(conn), fire_done, tx);
+    if (!parent)
+        tx->timer = loop_ev_new(conn_base(conn), on_tx_timer, tx);
+    if (!tx->defer || (!parent && !tx->timer)) {
+        tx_free(tx);
+        return NULL;
+    }
+    return tx;
+}
+
+/* Can a transaction guard take this connection now? */
+static int check_conn_idle(pgs_conn *conn)
+{
+    if (!conn_ready(conn) || conn_owner(conn) || conn_in_flight(conn))
+        return PGS_EMISUSE;
+    /* A transaction the caller began with a raw BEGIN is not ours to commit. */
+    if (PQtransactionStatus(pgs_conn_pgconn(conn)) != PQTRANS_IDLE)
+        return PGS_EMISUSE;
+    return PGS_OK;
+}
+
+static int check_opts(const pgs_tx_opts *o)
+{
+    if (o && (o->isolation < PGS_ISO_DEFAULT || o->isolation > PGS_ISO_SERIALIZABLE ||
+              o->statement_timeout_ms < 0 || o->timeout_ms < 0 || o->commit_grace_ms < 0 ||
+              o->retries < 0 || o->retry_base_ms < 0 || o->retry_max_ms < 0))
+        return PGS_EINVAL;
+    return PGS_OK;
+}
+
+static void begin_sql(const pgs_tx_opts *o, char *sql, size_t cap)
+{
+    static const char *const iso[] = {"", " ISOLATION LEVEL READ COMMITTED",
+                                       " ISOLATION LEVEL REPEATABLE READ",
+                                       " ISOLATION LEVEL SERIALIZABLE"};
+    snprintf(sql, cap, "BEGIN%s%s%s", iso[o->isolation], o->read_only ? " READ ONLY" : "",
+             o->deferrable ? " DEFERRABLE" : "");
+}
+
+int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, void *arg,
+                 pgs_tx **out)
+{
+    if (out)
+        *out = NULL;
+    if (!conn || !out || check_opts(opts) != PGS_OK)
+        return PGS_EINVAL;
+    int rc = check_conn_idle(conn);
+    if (rc != PGS_OK)
+        return rc;
+    pgs_tx *tx = tx_new(conn, NULL);
+    if (!tx)
+        return PGS_ENOMEM;
+    if (opts)
+        tx->opts = *opts;
+    if (tx->opts.commit_grace_ms == 0)
+        tx->opts.commit_grace_ms = DEFAULT_COMMIT_GRACE_MS;
+    tx->on_begun = on_begun;
+    tx->begun_arg = arg;
+    char sql[96];
+    begin_sql(&tx->opts, sql, sizeof sql);
+    rc = send_stmt(tx, K_BEGIN, sql, 0, NULL, STMT, NULL, NULL);
+    if (rc != PGS_OK) {
+        tx_free(tx);
+        return rc;
+    }
+    /* From here the transaction counts as open: BEGIN is queued. */
+    conn_set_owner(conn, tx);
+    if (tx->opts.statement_timeout_ms > 0) {
+        char ms[16];
+        snprintf(ms, sizeof ms, "%d", tx->opts.statement_timeout_ms);
+        const char *v[] = {ms};
+        send_stmt(tx, K_SETUP, "SELECT set_config('statement_timeout', $1, true)", 1, v, STMT, NULL,
+             NULL);
+    }
+    if (tx->opts.timeout_ms > 0)
+        loop_ev_timer(tx->timer, tx->opts.timeout_ms);
+    *out = tx;
+    return PGS_OK;
+}
+
+int pgs_tx_savepoint(pgs_tx *parent, pgs_tx_cb on_begun, void *arg, pgs_tx **out)
+{
+    if (out)
+        *out = NULL;
+    if (!parent || !out)
+        return PGS_EINVAL;
+    if (parent->state != TX_OPEN || parent->child)
+        return PGS_EMISUSE;
+    pgs_tx *tx = tx_new(parent->conn, parent);
+    if (!tx)
+        return PGS_ENOMEM;
+    pgs_tx *root = root_of(parent);
+    tx->opts = root->opts;
+    tx->on_begun = on_begun;
+    tx->begun_arg = arg;
+    /* Generated, so no user text ever reaches the identifier. */
+    snprintf(tx->savepoint, sizeof tx->savepoint, "pgs_sp_%u", ++root->next_savepoint);
+    char sql[64];
+    snprintf(sql, sizeof sql, "SAVEPOINT %s", tx->savepoint);
+    int rc = send_stmt(tx, K_BEGIN, sql, 0, NULL, STMT, NULL, NULL);
+    if (rc != PGS_OK) {
+        tx_free(tx);
+        return rc;
+    }
+    parent->child = tx;
+    *out = tx;
+    return PGS_OK;
+}
+
+int pgs_tx_query(pgs_tx *tx, const char *sql, int nparams, const char *const *values,
+                 pgs_result_cb cb, void *arg)
+{
+    if (!tx || !sql || !cb || nparams < 0 || (nparams > 0 && !values))
+        return PGS_EINVAL;
+    if (tx->state != TX_OPEN || tx->child)
+        return PGS_EMISUSE;
+    return send_stmt(tx, K_USER, sql, nparams, values, STMT, cb, arg);
+}
+
+/* The end of a child. It waits for its own results (plugging the connection so statements
+ * its parent queues meanwhile go after its savepoint is resolved), then decides. */
+static void end_child(pgs_tx *tx)
+{
+    tx->parent->child = NULL;
+    tx->parent->children_ending++;
+    tx->state = TX_SETTLING;
+    tx->plug = conn_plug(tx->conn);
+    progress(tx);
+}
+
+static void end_tx(pgs_tx *tx, int ok)
+{
+    tx->ok = ok;
+    if (tx->child) {
+        /* Out of order: roll the child back, then this scope too; nothing commits. */
+        pgs_tx *child = tx->child;
+        child->orphan = 1;
+        note_failure_code(child, PGS_EMISUSE, "its parent ended while it was still open");
+        end_tx(child, 0);
+        note_failure_code(tx, PGS_EMISUSE,
+                          "ended while a savepoint child was still open: both rolled back");
+    }
+    if (tx->parent)
+        end_child(tx);
+    else
+        end_root(tx);
+}
+
+int pgs_tx_end(pgs_tx *tx, int ok, pgs_tx_done_cb done, void *arg)
+{
+    if (!tx)
+        return PGS_EINVAL;
+    if (tx->state != TX_OPEN || tx->orphan)
+        return PGS_EMISUSE;
+    tx->done = done;
+    tx->done_arg = arg;
+    end_tx(tx, ok);
+    progress(tx);
+    return PGS_OK;
+}
+
+/* ---- pgs_run_tx ---- */
+
+struct run {
+    pgs_conn *conn;
+    pgs_tx_opts opts;
+    pgs_tx_body body;
+    pgs_tx_done_cb done;
+    void *arg;
+    int attempts;
+    uint64_t rng;
+    loop_ev *ev;
+};
+
+static void run_finish(run *r, pgs_tx_result *res)
+{
+    res->attempts = r->attempts;
+    pgs_tx_done_cb done = r->done;
+    void *arg = r->arg;
+    loop_ev_free(r->ev);
+    free(r);
+    done(res, arg);
+}
+
+static void run_attempt(void *arg, int what)
+{
+    (void)what;
+    run *r = arg;
+    r->attempts++;
+    pgs_tx *tx;
+    int rc = pgs_tx_begin(r->conn, &r->opts, NULL, NULL, &tx);
+    if (rc != PGS_OK) {
+        pgs_error e;
+        err_set(&e, rc, NULL, "could not begin the transaction", NULL);
+        pgs_tx_result res = {.outcome = PGS_TX_ROLLED_BACK, .err = &e};
+        run_finish(r, &res);
+        return;
+    }
+    tx->run = r;
+    r->body(tx, r->arg);
+}
+
+static int retryable(const pgs_tx_result *res)
+{
+    return res->outcome == PGS_TX_ROLLED_BACK && res->err && res->err->code == PGS_ESQL &&
+           (strcmp(res->err->sqlstate, "40001") == 0 || strcmp(res->err->sqlstate, "40P01") == 0);
+}
+
+/* Exponential backoff with full jitter: a random wait up to base * 2^(attempt-1). */
+static int backoff_ms(run *r)
+{
+    int base = r->opts.retry_base_ms ? r->opts.retry_base_ms : DEFAULT_RETRY_BASE_MS;
+    int cap = r->opts.retry_max_ms ? r->opts.retry_max_ms : DEFAULT_RETRY_MAX_MS;
+    long long limit = (long long)base << (r->attempts - 1 < 20 ? r->attempts - 1 : 20);
+    if (limit > cap)
+        limit = cap;
+    r->rng ^= r->rng << 13;
+    r->rng ^= r->rng >> 7;
+    r->rng ^= r->rng << 17;
+    return (int)(r->rng % (uint64_t)(limit + 1));
+}
+
+static void run_after(run *r, pgs_tx_result *res)
+{
+    if (retryable(res) && r->attempts <= r->opts.retries && conn_ready(r->conn)) {
+        loop_ev_timer(r->ev, backoff_ms(r));
+        return;
+    }
+    run_finish(r, res);
+}
+
+int pgs_run_tx(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body, pgs_tx_done_cb done,
+               void *arg)
+{
+    if (!conn || !body || !done || check_opts(opts) != PGS_OK)
+        return PGS_EINVAL;
+    int rc = check_conn_idle(conn);
+    if (rc != PGS_OK)
+        return rc;
+    run *r = calloc(1, sizeof *r);
+    if (!r)
+        return PGS_ENOMEM;
+    r->conn = conn;
+    if (opts)
+        r->opts = *opts;
+    r->body = body;
+    r->done = done;
+    r->arg = arg;
+    r->rng = (uint64_t)(uintptr_t)r ^ ((uint64_t)time(NULL) << 32) ^ 0x9e3779b97f4a7c15ull;
+    r->ev = loop_ev_new(conn_base(conn), run_attempt, r);
+    if (!r->ev) {
+        free(r);
+        return PGS_ENOMEM;
+    }
+    loop_ev_post(r->ev); /* the body runs from the loop, never inside this call */
+    return PGS_OK;
+}
+
+/* ---- resolving an unknown commit ---- */
+
+typedef struct resolve {
+    pgs_resolve_cb cb;
+    void *arg;
+    char xid[24];
+    pgs_txid_status status;
+    int failed;
+    pgs_error err;
+} resolve;
+
+static void resolve_closed(void *arg)
+{
+    resolve *rs = arg;
+    rs->cb(rs->failed ? PGS_TXID_UNKNOWN : rs->status, rs->failed ? &rs->err : NULL, rs->arg);
+    free(rs);
+}
+
+static void resolve_answer(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    resolve *rs = arg;
+    if (err) {
+        rs->failed = 1;
+        rs->err = *err;
+    } else if (PQgetisnull(res, 0, 0)) {
+        rs->status = PGS_TXID_UNKNOWN; /* too old: the server no longer knows */
+    } else {
+        const char *v = PQgetvalue(res, 0, 0);
+        rs->status = strcmp(v, "committed") == 0   ? PGS_TXID_COMMITTED
+                     : strcmp(v, "aborted") == 0   ? PGS_TXID_ABORTED
+                     : strcmp(v, "in progress") == 0 ? PGS_TXID_IN_PROGRESS
+                                                   : PGS_TXID_UNKNOWN;
+    }
+    pgs_conn_close(c, resolve_closed, rs);
+}
+
+static void resolve_open(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    resolve *rs = arg;
+    const char *v[] = {rs->xid};
+    int rc = err ? (int)err->code
+                 : pgs_query(c, "SELECT txid_status($1::bigint)", 1, v, resolve_answer, rs);
+    if (rc != PGS_OK) {
+        rs->failed = 1;
+        if (err)
+            rs->err = *err;
+        else
+            err_set(&rs->err, rc, NULL, "could not ask the server", NULL);
+        pgs_conn_close(c, resolve_closed, rs);
+    }
+}
+
+int pgs_tx_resolve(struct event_base *base, const char *conninfo, const char *xid,
+                   pgs_resolve_cb cb, void *arg)
+{
+    if (!base || !conninfo || !xid || !cb || !*xid || strlen(xid) >= 24 ||
+        strspn(xid, "0123456789") != strlen(xid))
+        return PGS_EINVAL;
+    resolve *rs = calloc(1, sizeof *rs);
+    if (!rs)
+        return PGS_ENOMEM;
+    rs->cb = cb;
+    rs->arg = arg;
+    memcpy(rs->xid, xid, strlen(xid) + 1);
+    pgs_conn *c;
+    int rc = pgs_conn_open(base, conninfo, NULL, resolve_open, rs, &c);
+    if (rc != PGS_OK)
+        free(rs);
+    return rc;
+}
