@@ -533,6 +533,35 @@ START_TEST(test_cancel_long_statement)
 }
 END_TEST
 
+START_TEST(test_cancel_request_that_stalls_is_bounded)
+{
+    /* The network to the server stalls: the cancel request cannot get through. The guard
+     * stops waiting after cancel_timeout_ms and still reports and closes. */
+    struct event_base *b = th_loop_begin();
+    th_proxy *p = th_proxy_start(atoi(th_conninfo_value("port")));
+    int fds_before = th_count_fds();
+    pgs_conn_opts o = {.cancel_timeout_ms = 300};
+    pgs_conn *c = th_open_at(b, th_proxy_conninfo(p), &o);
+    th_call k = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT pg_sleep(3)", 0, NULL, th_record, &k), PGS_OK);
+    event_base_loop(b, EVLOOP_NONBLOCK);
+    th_proxy_stall(p, 1);
+    double t0 = th_now();
+    ck_assert_int_eq(pgs_conn_cancel(c), PGS_OK);
+    th_run_until(b, &k.fired, 10);
+    double took = k.at - t0;
+    ck_assert_int_eq(k.code, PGS_ECANCELED);
+    ck_assert_msg(took >= 0.25 && took < 2.0, "cancel took %.3f s, want ~0.3 s", took);
+    th_close(b, c);
+    th_proxy_stall(p, 0); /* the abandoned request gets through; its thread cleans up */
+    for (double end = th_now() + 5; th_count_fds() > fds_before && th_now() < end;)
+        usleep(20000);
+    th_proxy_stop(p);
+    th_loop_end(b);
+    ck_assert_int_eq(k.fired, 1);
+}
+END_TEST
+
 START_TEST(test_cancel_while_connecting)
 {
     int port;
@@ -733,6 +762,7 @@ static Suite *conn_suite(void)
     tcase_add_test(t, test_misuse_gets_codes_not_crashes);
     tcase_add_test(t, test_copy_is_refused_clearly);
     tcase_add_test(t, test_cancel_long_statement);
+    tcase_add_test(t, test_cancel_request_that_stalls_is_bounded);
     tcase_add_test(t, test_cancel_while_connecting);
     tcase_add_test(t, test_terminated_backend_mid_statement_is_econn);
     tcase_add_test(t, test_terminated_idle_backend_reported_by_on_lost);
