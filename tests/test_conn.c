@@ -286,12 +286,20 @@ END_TEST
 
 /* ---- close ---- */
 
+/* A conninfo for a server that accepts and never answers; *lfd gets its listening socket. */
+static const char *silent_conninfo(int *lfd)
+{
+    static char ci[128];
+    int port;
+    *lfd = th_silent_listener(&port);
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=x dbname=x", port);
+    return ci;
+}
+
 START_TEST(test_close_while_connecting)
 {
-    int port;
-    int lfd = th_silent_listener(&port);
-    char ci[256];
-    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=x dbname=x", port);
+    int lfd;
+    const char *ci = silent_conninfo(&lfd);
     struct event_base *b = th_loop_begin();
     open_rec r = {0};
     int done = 0;
@@ -564,10 +572,8 @@ END_TEST
 
 START_TEST(test_cancel_while_connecting)
 {
-    int port;
-    int lfd = th_silent_listener(&port);
-    char ci[256];
-    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=x dbname=x", port);
+    int lfd;
+    const char *ci = silent_conninfo(&lfd);
     struct event_base *b = th_loop_begin();
     open_rec r = {0};
     pgs_conn *c = NULL;
