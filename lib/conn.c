@@ -69,6 +69,8 @@ struct pgs_conn {
     op_list sent;   /* in flight, in the order sent: results map to it one by one */
     op_list unsent; /* queued while connecting */
     op_list failed; /* to be told dead_err from the loop */
+    int in_notice;      /* inside the user's notice callback (inside libpq) */
+    int finish_pending; /* PQfinish waits for libpq to return */
     int plugged;    /* plug markers in `unsent`: new statements wait unless CONN_BYPASS */
     int next_plug;
     void *owner;    /* the layer above that owns the session (a transaction guard) */
@@ -140,6 +142,12 @@ static void drop_pgconn(pgs_conn *c)
     if (!c->pg)
         return;
     loop_ev_stop(c->io);
+    if (c->in_notice) {
+        /* Called from the notice callback, inside libpq's own parsing: PQfinish must wait
+         * until that libpq call has returned (on_socket_ready does it). */
+        c->finish_pending = 1;
+        return;
+    }
     PQfinish(c->pg);
     c->pg = NULL;
     c->want_write = c->flush_due = 0;
@@ -169,7 +177,8 @@ static void go_dead(pgs_conn *c, const pgs_error *why)
 
 static void conn_lost(pgs_conn *c, const pgs_error *why)
 {
-    if (c->state == CS_READY && c->opts.on_lost)
+    /* Before on_open has fired, it is on_open that reports the failure. */
+    if (c->state == CS_READY && c->opts.on_lost && !c->on_open)
         c->lost_due = 1;
     go_dead(c, why);
 }
@@ -321,6 +330,8 @@ static int flush_output(pgs_conn *c)
 
 static void free_conn(pgs_conn *c)
 {
+    if (c->pg)
+        PQfinish(c->pg);
     PQconninfoFree(c->parsed);
     loop_ev_free(c->io);
     loop_ev_free(c->timer);
@@ -550,13 +561,16 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
     }
     if (!PQsendQueryParams(c->pg, sql, o->nparams, NULL, values, NULL, NULL, 0))
         return -1;
-    /* Without a sync the server holds its replies; a flush request makes it send them. */
-    if ((o->flags & CONN_FLUSH) && !PQsendFlushRequest(c->pg))
-        return -1;
-    if (!(o->flags & CONN_NO_SYNC) && !PQpipelineSync(c->pg))
-        return -1;
+    /* From here the statement may reach the server (libpq writes once its buffer fills), so
+     * it is in flight: if what follows fails, its callback hears of the loss, never "not sent". */
     o->phase = OP_RESULTS;
     list_push(&c->sent, o);
+    /* Without a sync the server holds its replies; a flush request makes it send them. */
+    if (((o->flags & CONN_FLUSH) && !PQsendFlushRequest(c->pg)) ||
+        (!(o->flags & CONN_NO_SYNC) && !PQpipelineSync(c->pg))) {
+        lost_from_libpq(c);
+        return 0;
+    }
 flush:
     if (!c->flush_due) {
         c->flush_due = 1;
@@ -805,13 +819,21 @@ static void on_io(void *arg, int what)
         connect_step(c, PQconnectPoll(c->pg));
     else if (c->state == CS_READY)
         on_socket_ready(c, what);
+    if (c->finish_pending) { /* closed from a notice callback: libpq has returned now */
+        c->finish_pending = 0;
+        PQfinish(c->pg);
+        c->pg = NULL;
+    }
 }
 
 static void on_notice(void *arg, const PGresult *res)
 {
     pgs_conn *c = arg;
-    if (c->opts.on_notice && c->state == CS_READY)
+    if (c->opts.on_notice && c->state == CS_READY && !c->finish_pending) {
+        c->in_notice++;
         c->opts.on_notice(c, res, c->opts.notice_arg);
+        c->in_notice--;
+    }
 }
 
 /* One entry of the conninfo's comma-separated host list. */
@@ -1109,7 +1131,7 @@ int conn_kill(pgs_conn *c, pgs_code code, const char *msg, int send_cancel)
 {
     if (c->state != CS_READY && c->state != CS_CONNECTING)
         return PGS_EMISUSE;
-    if (send_cancel && c->state == CS_READY && c->sent.head)
+    if (send_cancel && c->state == CS_READY && c->sent.head && !c->cancel)
         start_cancel(c);
     pgs_error e;
     set_error(c, &e, code, code == PGS_ECANCELED ? "57014" : NULL, msg);

@@ -133,6 +133,11 @@ static void send_end(pgs_tx *tx, op_kind kind, const char *sql, int flags)
         char msg[160];
         snprintf(msg, sizeof msg, "could not send %s: %s", sql, pgs_strerror(rc));
         note_failure_code(tx, rc == PGS_EMISUSE ? PGS_ECLOSED : (pgs_code)rc, msg);
+        /* Not released: the savepoint's work dies with the transaction around it. */
+        if (tx->outcome == PGS_TX_COMMITTED)
+            tx->outcome = PGS_TX_ROLLED_BACK;
+        if (tx->parent)
+            note_failure(tx->parent, &tx->err);
     }
 }
 
