@@ -74,6 +74,7 @@ struct pgs_conn {
     int plugged;    /* plug markers in `unsent`: new statements wait unless CONN_BYPASS */
     int next_plug;
     void *owner;    /* the layer above that owns the session (a transaction guard) */
+    void (*owner_freed)(void *owner);
     int want_write; /* PQflush left data: wait for write-ready too */
     int flush_due;  /* statements were sent since the last flush */
     int lost_due;   /* on_lost is to fire */
@@ -330,6 +331,9 @@ static int flush_output(pgs_conn *c)
 
 static void free_conn(pgs_conn *c)
 {
+    /* The guard was closed under a transaction: it must stop using this handle. */
+    if (c->owner && c->owner_freed)
+        c->owner_freed(c->owner);
     if (c->pg)
         PQfinish(c->pg);
     PQconninfoFree(c->parsed);
@@ -711,9 +715,10 @@ void *conn_owner(pgs_conn *c)
     return c->owner;
 }
 
-void conn_set_owner(pgs_conn *c, void *owner)
+void conn_set_owner(pgs_conn *c, void *owner, void (*freed)(void *owner))
 {
     c->owner = owner;
+    c->owner_freed = freed;
 }
 
 int conn_in_flight(pgs_conn *c)

@@ -32,9 +32,11 @@ int conn_sync(pgs_conn *c, int flags);
 int conn_plug(pgs_conn *c);
 void conn_unplug(pgs_conn *c, int plug);
 
-/* The layer above that owns the session; while set, pgs_query refuses with PGS_EMISUSE. */
+/* The layer above that owns the session; while set, pgs_query refuses with PGS_EMISUSE.
+ * freed(owner) runs if the connection guard is freed (closed by its user) while still owned,
+ * so the owner drops its pointer. */
 void *conn_owner(pgs_conn *c);
-void conn_set_owner(pgs_conn *c, void *owner);
+void conn_set_owner(pgs_conn *c, void *owner, void (*freed)(void *owner));
 
 /* Anything queued or awaiting results? */
 int conn_in_flight(pgs_conn *c);

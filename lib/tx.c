@@ -40,7 +40,7 @@ typedef enum op_kind {
 typedef struct run run;
 
 struct pgs_tx {
-    pgs_conn *conn;
+    pgs_conn *conn; /* root only (children use the root's); NULL once the guard was freed */
     pgs_tx *parent;
     pgs_tx *child; /* the open child (LIFO: at most one) */
     int children_ending; /* ended children whose end statements are still out */
@@ -78,12 +78,19 @@ typedef struct tx_op {
 
 static void progress(pgs_tx *tx);
 static void run_after(run *r, pgs_tx_result *res);
+static void run_conn_freed(void *owner);
 
 static pgs_tx *root_of(pgs_tx *tx)
 {
     while (tx->parent)
         tx = tx->parent;
     return tx;
+}
+
+/* The connection, or NULL when its guard was closed and freed under the transaction. */
+static pgs_conn *conn_of(pgs_tx *tx)
+{
+    return root_of(tx)->conn;
 }
 
 static void note_failure(pgs_tx *tx, const pgs_error *e)
@@ -110,11 +117,13 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
 static int send_stmt(pgs_tx *tx, op_kind kind, const char *sql, int nparams,
                 const char *const *values, int flags, pgs_result_cb cb, void *arg)
 {
+    if (!conn_of(tx))
+        return PGS_ECLOSED;
     tx_op *op = malloc(sizeof *op);
     if (!op)
         return PGS_ENOMEM;
     *op = (tx_op){tx, kind, cb, arg};
-    int rc = conn_query(tx->conn, sql, nparams, values, flags, tx_op_done, op);
+    int rc = conn_query(conn_of(tx), sql, nparams, values, flags, tx_op_done, op);
     if (rc != PGS_OK) {
         free(op);
         return rc;
@@ -153,8 +162,10 @@ static void finish(pgs_tx *tx)
         return;
     }
     loop_ev_stop(tx->timer);
+    if (!tx->conn)
+        return;
     if (conn_owner(tx->conn) == tx)
-        conn_set_owner(tx->conn, NULL);
+        conn_set_owner(tx->conn, NULL, NULL);
     /* After a cancel request the session's state is unknown: never reuse it. */
     if (tx->cancel_code != PGS_OK && conn_ready(tx->conn))
         conn_kill(tx->conn, tx->cancel_code, "the transaction was canceled", 0);
@@ -175,13 +186,15 @@ static void progress(pgs_tx *tx)
                 send_end(tx, K_RELEASE, sql, STMT | CONN_BYPASS);
             } else {
                 tx->outcome = PGS_TX_ROLLED_BACK;
-                conn_sync(tx->conn, CONN_BYPASS);
+                if (conn_of(tx))
+                    conn_sync(conn_of(tx), CONN_BYPASS);
                 snprintf(sql, sizeof sql, "ROLLBACK TO SAVEPOINT %s", tx->savepoint);
                 send_end(tx, K_ROLLBACK_TO, sql, STMT | CONN_BYPASS);
                 snprintf(sql, sizeof sql, "RELEASE SAVEPOINT %s", tx->savepoint);
                 send_end(tx, K_RELEASE, sql, STMT | CONN_BYPASS);
             }
-            conn_unplug(tx->conn, tx->plug);
+            if (conn_of(tx))
+                conn_unplug(conn_of(tx), tx->plug);
             progress(tx);
         }
         break;
@@ -223,7 +236,8 @@ static void end_root(pgs_tx *tx)
         return;
     }
     /* The lone sync ends any abort the server is in, so ROLLBACK itself runs. */
-    conn_sync(tx->conn, 0);
+    if (tx->conn)
+        conn_sync(tx->conn, 0);
     send_rollback(tx);
 }
 
@@ -384,7 +398,7 @@ static void kill_tx(pgs_tx *root, pgs_code code)
          * then show whether COMMIT ran or was skipped. Either way wait a bounded grace for
          * its reply, which tells the truth; without one the outcome is unknown. */
         root->in_grace = 1;
-        if (root->ahead > 0)
+        if (root->ahead > 0 && root->conn)
             conn_cancel_request(root->conn);
         loop_ev_timer(root->timer, root->opts.commit_grace_ms);
         return;
@@ -392,7 +406,8 @@ static void kill_tx(pgs_tx *root, pgs_code code)
     const char *msg = code == PGS_ETIMEDOUT
                           ? "the transaction's time limit passed; the connection is closed"
                           : "the transaction was canceled; the connection is closed";
-    conn_kill(root->conn, code, msg, 1);
+    if (root->conn)
+        conn_kill(root->conn, code, msg, 1);
 }
 
 static void on_tx_timer(void *arg, int what)
@@ -402,7 +417,8 @@ static void on_tx_timer(void *arg, int what)
     if (root->in_grace) {
         /* No reply to COMMIT within the grace: close without a cancel request (it could hit
          * the commit itself); the COMMIT then reports PGS_ECOMMIT_UNKNOWN. */
-        conn_kill(root->conn, PGS_ECONN, "no reply to COMMIT within the grace period", 0);
+        if (root->conn)
+            conn_kill(root->conn, PGS_ECONN, "no reply to COMMIT within the grace period", 0);
         return;
     }
     kill_tx(root, PGS_ETIMEDOUT);
@@ -413,7 +429,8 @@ int pgs_tx_cancel(pgs_tx *tx)
     if (!tx)
         return PGS_EINVAL;
     pgs_tx *root = root_of(tx);
-    if (root->cancel_code != PGS_OK || root->state == TX_DONE || !conn_ready(root->conn))
+    if (root->cancel_code != PGS_OK || root->state == TX_DONE || !root->conn ||
+        !conn_ready(root->conn))
         return PGS_EMISUSE;
     kill_tx(root, PGS_ECANCELED);
     return PGS_OK;
@@ -426,7 +443,7 @@ static pgs_tx *tx_new(pgs_conn *conn, pgs_tx *parent)
     pgs_tx *tx = calloc(1, sizeof *tx);
     if (!tx)
         return NULL;
-    tx->conn = conn;
+    tx->conn = parent ? NULL : conn;
     tx->parent = parent;
     tx->state = TX_OPEN;
     tx->defer = loop_ev_new(conn_base(conn), fire_done, tx);
@@ -437,6 +454,15 @@ static pgs_tx *tx_new(pgs_conn *conn, pgs_tx *parent)
         return NULL;
     }
     return tx;
+}
+
+/* The user closed the connection guard under the transaction (and its run, if any). */
+static void conn_freed_under_tx(void *owner)
+{
+    pgs_tx *tx = owner;
+    tx->conn = NULL;
+    if (tx->run)
+        run_conn_freed(tx->run);
 }
 
 /* Can a transaction guard take this connection now? */
@@ -495,7 +521,7 @@ int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, vo
         return rc;
     }
     /* From here the transaction counts as open: BEGIN is queued. */
-    conn_set_owner(conn, tx);
+    conn_set_owner(conn, tx, conn_freed_under_tx);
     if (tx->opts.statement_timeout_ms > 0) {
         char ms[16];
         snprintf(ms, sizeof ms, "%d", tx->opts.statement_timeout_ms);
@@ -517,7 +543,9 @@ int pgs_tx_savepoint(pgs_tx *parent, pgs_tx_cb on_begun, void *arg, pgs_tx **out
         return PGS_EINVAL;
     if (parent->state != TX_OPEN || parent->child)
         return PGS_EMISUSE;
-    pgs_tx *tx = tx_new(parent->conn, parent);
+    if (!conn_of(parent))
+        return PGS_ECLOSED;
+    pgs_tx *tx = tx_new(conn_of(parent), parent);
     if (!tx)
         return PGS_ENOMEM;
     pgs_tx *root = root_of(parent);
@@ -555,7 +583,7 @@ static void end_child(pgs_tx *tx)
     tx->parent->child = NULL;
     tx->parent->children_ending++;
     tx->state = TX_SETTLING;
-    tx->plug = conn_plug(tx->conn);
+    tx->plug = conn_of(tx) ? conn_plug(conn_of(tx)) : 0;
     progress(tx);
 }
 
@@ -613,13 +641,20 @@ static void run_finish(run *r, pgs_tx_result *res)
     done(res, arg);
 }
 
+static void run_conn_freed(void *owner)
+{
+    ((run *)owner)->conn = NULL;
+}
+
 static void run_attempt(void *arg, int what)
 {
     (void)what;
     run *r = arg;
     r->attempts++;
     pgs_tx *tx;
-    int rc = pgs_tx_begin(r->conn, &r->opts, NULL, NULL, &tx);
+    if (r->conn && conn_owner(r->conn) == r)
+        conn_set_owner(r->conn, NULL, NULL);
+    int rc = r->conn ? pgs_tx_begin(r->conn, &r->opts, NULL, NULL, &tx) : PGS_ECLOSED;
     if (rc != PGS_OK) {
         pgs_error e;
         err_set(&e, rc, NULL, "could not begin the transaction", NULL);
@@ -653,7 +688,10 @@ static int backoff_ms(run *r)
 
 static void run_after(run *r, pgs_tx_result *res)
 {
-    if (retryable(res) && r->attempts <= r->opts.retries && conn_ready(r->conn)) {
+    if (retryable(res) && r->attempts <= r->opts.retries && r->conn && conn_ready(r->conn) &&
+        !conn_owner(r->conn)) {
+        /* Hold the session through the backoff, so nothing else takes it meanwhile. */
+        conn_set_owner(r->conn, r, run_conn_freed);
         loop_ev_timer(r->ev, backoff_ms(r));
         return;
     }

@@ -811,6 +811,31 @@ START_TEST(test_write_only_run_tx_takes_one_round_trip)
 }
 END_TEST
 
+START_TEST(test_connection_closed_under_open_transaction)
+{
+    fresh_table("tx_closed");
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    pgs_tx *tx;
+    th_call k = {0};
+    txdone d = {0};
+    pgs_tx_opts o = {.timeout_ms = 500};
+    ck_assert_int_eq(pgs_tx_begin(c, &o, NULL, NULL, &tx), PGS_OK);
+    ck_assert_int_eq(insert(tx, "tx_closed", "1", &k), PGS_OK);
+    th_close(b, c); /* the connection guard is gone; the transaction guard still needs its end */
+    ck_assert_int_eq(k.code, PGS_ECLOSED);
+    ck_assert_int_eq(pgs_tx_query(tx, "SELECT 1", 0, NULL, th_record, &k), PGS_ECLOSED);
+    ck_assert_int_eq(pgs_tx_cancel(tx), PGS_EMISUSE);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    th_loop_end(b); /* the timeout timer went with the transaction */
+    ck_assert_int_eq(d.fired, 1);
+    ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
+    ck_assert_int_eq(d.err.code, PGS_ECLOSED);
+    ck_assert_int_eq(rows("tx_closed"), 0);
+    ck_assert_int_eq(k.fired, 1);
+}
+END_TEST
+
 static Suite *tx_suite(void)
 {
     Suite *s = suite_create("tx");
@@ -833,6 +858,7 @@ static Suite *tx_suite(void)
     tcase_add_test(t, test_backend_killed_during_commit_is_unknown_then_resolved_aborted);
     tcase_add_test(t, test_conflicting_serializable_transactions_both_commit_by_retry);
     tcase_add_test(t, test_write_only_run_tx_takes_one_round_trip);
+    tcase_add_test(t, test_connection_closed_under_open_transaction);
     suite_add_tcase(s, t);
     return s;
 }
