@@ -63,6 +63,8 @@ struct pgs_tx {
     pgs_code cancel_code; /* root: PGS_ECANCELED / PGS_ETIMEDOUT once cancelled */
     int in_grace;         /* root: cancelled with COMMIT out; waiting for its reply */
     int ahead;            /* root: statements of the tree queued before COMMIT, unanswered */
+    int settling;         /* root: children holding later statements back (a plug) */
+    int commit_held;      /* root: killed while COMMIT still waited behind a plug: never sent */
     pgs_tx_outcome outcome;
     char xid[24];
     loop_ev *defer; /* done, from the loop */
@@ -180,6 +182,7 @@ static void progress(pgs_tx *tx)
              * sync first ends the server's skipping after an error. */
             char sql[80];
             tx->state = TX_ENDING;
+            root_of(tx)->settling--;
             if (tx->ok && !tx->failed) {
                 tx->outcome = PGS_TX_COMMITTED;
                 snprintf(sql, sizeof sql, "RELEASE SAVEPOINT %s", tx->savepoint);
@@ -279,6 +282,11 @@ static void commit_replied(pgs_tx *tx, const PGresult *res, const pgs_error *err
             tx->outcome = PGS_TX_ROLLED_BACK; /* COMMIT itself failed (40001, a deferred check) */
             note_failure(tx, err);
         }
+        return;
+    }
+    if (tx->commit_held) {
+        tx->outcome = PGS_TX_ROLLED_BACK;
+        note_failure_code(tx, tx->cancel_code, "the transaction was canceled before COMMIT was sent");
         return;
     }
     tx->outcome = PGS_TX_UNKNOWN;
@@ -393,7 +401,10 @@ static void fire_done(void *arg, int what)
 static void kill_tx(pgs_tx *root, pgs_code code)
 {
     root->cancel_code = code;
-    if (root->commit_sent && !root->commit_answered) {
+    /* A COMMIT held behind a settling savepoint has not left: cancel as if not sent, and the
+     * closed connection makes its rollback certain. */
+    root->commit_held = root->commit_sent && !root->commit_answered && root->settling > 0;
+    if (root->commit_sent && !root->commit_answered && !root->commit_held) {
         /* COMMIT is never cancelled. Statements still ahead of it are: the server's replies
          * then show whether COMMIT ran or was skipped. Either way wait a bounded grace for
          * its reply, which tells the truth; without one the outcome is unknown. */
@@ -584,6 +595,7 @@ static void end_child(pgs_tx *tx)
     tx->parent->children_ending++;
     tx->state = TX_SETTLING;
     tx->plug = conn_of(tx) ? conn_plug(conn_of(tx)) : 0;
+    root_of(tx)->settling++;
     progress(tx);
 }
 

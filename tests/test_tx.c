@@ -836,6 +836,32 @@ START_TEST(test_connection_closed_under_open_transaction)
 }
 END_TEST
 
+START_TEST(test_cancel_with_commit_held_behind_a_savepoint_rolls_back)
+{
+    fresh_table("tx_held");
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    pgs_tx *tx, *sp;
+    th_call k = {0}, slow = {0};
+    txdone d = {0}, ds = {0};
+    ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
+    ck_assert_int_eq(insert(tx, "tx_held", "1", &k), PGS_OK);
+    ck_assert_int_eq(pgs_tx_savepoint(tx, NULL, NULL, &sp), PGS_OK);
+    ck_assert_int_eq(pgs_tx_query(sp, "SELECT pg_sleep(1)", 0, NULL, th_record, &slow), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(sp, 1, on_txdone, &ds), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK); /* COMMIT waits for the child */
+    ck_assert_int_eq(pgs_tx_cancel(tx), PGS_OK);
+    th_run_until(b, &d.fired, 10);
+    ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK); /* never sent, so certain */
+    ck_assert_int_eq(d.err.code, PGS_ECANCELED);
+    ck_assert_int_eq(slow.code, PGS_ECANCELED);
+    ck_assert_int_eq(rows("tx_held"), 0);
+    th_close(b, c);
+    th_loop_end(b);
+    ck_assert_int_eq(ds.fired + d.fired + k.fired + slow.fired, 4);
+}
+END_TEST
+
 static Suite *tx_suite(void)
 {
     Suite *s = suite_create("tx");
@@ -859,6 +885,7 @@ static Suite *tx_suite(void)
     tcase_add_test(t, test_conflicting_serializable_transactions_both_commit_by_retry);
     tcase_add_test(t, test_write_only_run_tx_takes_one_round_trip);
     tcase_add_test(t, test_connection_closed_under_open_transaction);
+    tcase_add_test(t, test_cancel_with_commit_held_behind_a_savepoint_rolls_back);
     suite_add_tcase(s, t);
     return s;
 }
