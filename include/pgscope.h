@@ -79,8 +79,11 @@ typedef void (*pgs_conn_cb)(pgs_conn *conn, const pgs_error *err, void *arg);
 
 /* A statement's outcome. On success err is NULL and res is the statement's result
  * (PGRES_TUPLES_OK or PGRES_COMMAND_OK). On a server error err->code is PGS_ESQL with the
- * SQLSTATE, and res is the server's error result (for PQresultErrorField). For every other
- * failure (PGS_ECONN, PGS_ECANCELED, PGS_ECLOSED, PGS_EUNSUPPORTED) res is NULL. */
+ * SQLSTATE, and res is the server's error result (for PQresultErrorField). Inside a
+ * transaction guard, a server error caused by its timeout or cancel is reported as
+ * PGS_ETIMEDOUT / PGS_ECANCELED, still with the server's result. For every other failure
+ * (PGS_ECONN, PGS_ECANCELED, PGS_ECLOSED, PGS_EUNSUPPORTED) res is NULL. The callback fires
+ * once the statement is complete, so PQtransactionStatus already reflects it. */
 typedef void (*pgs_result_cb)(pgs_conn *conn, const PGresult *res, const pgs_error *err,
                               void *arg);
 
@@ -90,6 +93,7 @@ typedef void (*pgs_done_cb)(void *arg);
 /* A notice or warning the server sent (RAISE NOTICE, ...). res is borrowed: use
  * PQresultErrorMessage / PQresultErrorField on it. */
 typedef void (*pgs_notice_cb)(pgs_conn *conn, const PGresult *res, void *arg);
+/* (It may close or cancel the guard; the libpq connection is then closed once libpq returns.) */
 
 /* A NOTIFY delivered to a LISTENing connection. n is borrowed (freed after the callback). */
 typedef void (*pgs_notify_cb)(pgs_conn *conn, const PGnotify *n, void *arg);

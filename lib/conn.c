@@ -20,9 +20,9 @@ typedef enum conn_state {
 } conn_state;
 
 typedef enum op_phase {
-    OP_UNSENT,  /* queued while connecting: sql and values are kept in op->copy */
+    OP_UNSENT,  /* queued while connecting or held behind a plug: sql and values in op->copy */
     OP_RESULTS, /* sent: collecting the statement's results up to libpq's NULL */
-    OP_SYNC,    /* results delivered: waiting for the PGRES_PIPELINE_SYNC that follows */
+    OP_SYNC,    /* results in (kept in op->res): the PGRES_PIPELINE_SYNC after it completes it */
 } op_phase;
 
 enum { OP_MARKER = 1 << 16 }; /* a plug marker in `unsent` (not a statement) */
@@ -67,7 +67,7 @@ struct pgs_conn {
     void *done_arg;
 
     op_list sent;   /* in flight, in the order sent: results map to it one by one */
-    op_list unsent; /* queued while connecting */
+    op_list unsent; /* queued while connecting, or held behind a plug marker */
     op_list failed; /* to be told dead_err from the loop */
     int in_notice;      /* inside the user's notice callback (inside libpq) */
     int finish_pending; /* PQfinish waits for libpq to return */
