@@ -53,6 +53,7 @@ typedef enum pgs_code {
     PGS_ECLOSED,         /* the guard was closed before the work could finish */
     PGS_ENOMEM,          /* out of memory */
     PGS_EUNSUPPORTED,    /* the statement needs a protocol feature pgscope does not offer (COPY) */
+    PGS_EBUSY,           /* the pool's bound on waiting requests is reached: try later */
 } pgs_code;
 
 /* A failure: its code, the server's SQLSTATE when it sent one ("" otherwise), and a message in
@@ -323,6 +324,92 @@ typedef void (*pgs_resolve_cb)(pgs_txid_status status, const pgs_error *err, voi
  * Returns PGS_OK, or PGS_EINVAL (NULL base/conninfo/xid/cb, xid not a number), PGS_ENOMEM. */
 PGS_API int pgs_tx_resolve(struct event_base *base, const char *conninfo, const char *xid,
                            pgs_resolve_cb cb, void *arg);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Pool                                                                                      */
+/* ---------------------------------------------------------------------------------------- */
+
+/* A pool of connection guards on one loop. pgs_pool_acquire hands out a connected guard;
+ * pgs_conn_close on it gives it back. Rules:
+ *  - Waiters are served in FIFO order. A request is granted, times out, is cancelled, or sees
+ *    the pool close: exactly one of these, and its callback fires once, from the loop.
+ *  - A guard comes back for reuse only when it is connected, idle (no transaction, nothing
+ *    in flight) and was not cancelled; then DISCARD ALL resets its session (SET, LISTEN,
+ *    temporary tables, prepared statements, advisory locks) before anyone else gets it.
+ *    Anything else (closed inside a transaction, with statements running, after a cancel or
+ *    a lost connection) is closed, and the pool opens a replacement.
+ *  - Connections that die while idle (backend terminated, server restarted) are noticed at
+ *    once and replaced; a waiter only ever gets a live one. While the server is down, new
+ *    connections are retried with backoff; waiters time out with PGS_ECONNECT (and the
+ *    connect error) instead of PGS_ETIMEDOUT, and the pool refills by itself when it is back.
+ *  - A guard's handle is valid for its user from the acquire callback until its close's done
+ *    returns; after that the pool may hand the same handle to someone else.
+ */
+typedef struct pgs_pool pgs_pool;
+typedef struct pgs_pool_req pgs_pool_req;
+
+/* Options for pgs_pool_new. Zero-initialise; zero means the default. */
+typedef struct pgs_pool_opts {
+    int min_size;           /* opened ahead, in the background, and kept open (0) */
+    int max_size;           /* connections open or opening at most (0: 10) */
+    int acquire_timeout_ms; /* how long a request may wait (0: 30000; < 0: forever) */
+    int max_waiting;        /* requests waiting at most; past it acquire gives PGS_EBUSY (0: no
+                               bound) */
+    int idle_timeout_ms;    /* close connections idle this long, down to min_size (0: 300000;
+                               < 0: never) */
+    int max_lifetime_ms;    /* close and replace connections older than this when they come
+                               back or wait idle (0: 3600000; < 0: never) */
+    pgs_conn_opts conn;     /* for each connection (its on_lost is chained after the pool's) */
+    /* Optional notifications: a new connection is up (before anyone gets it), a guard came
+     * back (before its reset). They must not send statements. */
+    void (*on_connect)(pgs_conn *conn, void *arg);
+    void (*on_release)(pgs_conn *conn, void *arg);
+    void *cb_arg;
+} pgs_pool_opts;
+
+/* Counters for export. */
+typedef struct pgs_pool_stats {
+    int size;    /* connections open or opening */
+    int idle;    /* ready to hand out */
+    int in_use;  /* handed out, or being reset */
+    int waiting; /* requests waiting */
+    unsigned long acquired, timed_out, canceled, replaced, reset, connect_failures;
+} pgs_pool_counts;
+
+/* Create a pool on `base` for `conninfo` (copied). opts may be NULL. min_size connections start
+ * opening at once. Returns PGS_OK and *out, or PGS_EINVAL (NULL base/conninfo/out,
+ * min_size > max_size, negative sizes), PGS_ENOMEM. */
+PGS_API int pgs_pool_new(struct event_base *base, const char *conninfo,
+                         const pgs_pool_opts *opts, pgs_pool **out);
+
+/* Ask for a connection. cb fires exactly once: with a connected guard and err NULL (close it
+ * to give it back), or with conn NULL and err PGS_ETIMEDOUT, PGS_ECONNECT (the server could
+ * not be reached within the timeout), PGS_ECANCELED (pgs_pool_acquire_cancel) or PGS_ECLOSED
+ * (the pool closed). `req` (may be NULL) gets a handle for pgs_pool_acquire_cancel, valid
+ * until cb fires. Returns PGS_OK, or at once PGS_EINVAL, PGS_ECLOSED (the pool is closing),
+ * PGS_EBUSY (max_waiting reached), PGS_ENOMEM; then cb never fires. */
+PGS_API int pgs_pool_acquire(pgs_pool *pool, pgs_conn_cb cb, void *arg, pgs_pool_req **req);
+
+/* Abandon a request that has not fired yet: its cb fires with PGS_ECANCELED, and a connection
+ * already set aside for it goes to the next waiter (hand-over and cancel are one decision).
+ * Returns PGS_OK, PGS_EINVAL, or PGS_EMISUSE when its callback is already running or done. */
+PGS_API int pgs_pool_acquire_cancel(pgs_pool_req *req);
+
+/* acquire + pgs_run_tx + release as one scope: done fires exactly once with the outcome
+ * (outcome PGS_TX_ROLLED_BACK and the acquire's error when no connection could be had),
+ * after the guard is back in the pool. Returns PGS_OK, or at once what pgs_pool_acquire
+ * returns, or PGS_EINVAL (NULL body or done). */
+PGS_API int pgs_pool_run_tx(pgs_pool *pool, const pgs_tx_opts *opts, pgs_tx_body body,
+                            pgs_tx_done_cb done, void *arg);
+
+/* Fill *stats. */
+PGS_API void pgs_pool_stats(const pgs_pool *pool, pgs_pool_counts *stats);
+
+/* Close the pool: new acquires fail with PGS_ECLOSED, waiting requests are told PGS_ECLOSED,
+ * idle connections close now, guards in use close as they come back; done fires when the last
+ * one is gone, then the pool is freed. Returns PGS_OK, PGS_EINVAL, or PGS_EMISUSE when it is
+ * already closing. */
+PGS_API int pgs_pool_close(pgs_pool *pool, pgs_done_cb done, void *arg);
 
 #ifdef __cplusplus
 }

@@ -3,8 +3,10 @@
  * Knows nothing of transactions or pools; tx.c and pool.c use it through conn.h. */
 #include "conn.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "error.h"
 #include "loop.h"
@@ -73,6 +75,9 @@ struct pgs_conn {
     int finish_pending; /* PQfinish waits for libpq to return */
     int plugged;    /* plug markers in `unsent`: new statements wait unless CONN_BYPASS */
     int next_plug;
+    const conn_keeper *keeper; /* a pool that takes the guard back on a clean close */
+    void *keeper_arg;
+    int returning;  /* closed cleanly into the keeper: done, then keeper->returned, from the loop */
     void *owner;    /* the layer above that owns the session (a transaction guard) */
     void (*owner_freed)(void *owner);
     int want_write; /* PQflush left data: wait for write-ready too */
@@ -334,6 +339,8 @@ static void free_conn(pgs_conn *c)
     /* The guard was closed under a transaction: it must stop using this handle. */
     if (c->owner && c->owner_freed)
         c->owner_freed(c->owner);
+    if (c->keeper)
+        c->keeper->freed(c->keeper_arg, c);
     if (c->pg)
         PQfinish(c->pg);
     PQconninfoFree(c->parsed);
@@ -353,11 +360,26 @@ static void run_deferred(void *arg, int what)
 {
     (void)what;
     pgs_conn *c = arg;
+    if (c->returning && c->state != CS_READY) {
+        c->returning = 0; /* lost on its way back: an ordinary close after all */
+        c->state = CS_CLOSING;
+        c->lost_due = 0;
+    }
     if (c->state == CS_READY) {
         c->flush_due = 0;
-        if (flush_output(c) == 0)
-            return;
+        if (flush_output(c) != 0)
+            goto not_ready;
+        if (c->returning) {
+            /* The user's exit first, then the keeper has it: never both at once. */
+            c->returning = 0;
+            if (c->done)
+                c->done(c->done_arg);
+            c->done = NULL;
+            c->keeper->returned(c->keeper_arg, c);
+        }
+        return;
     }
+not_ready:
     /* A cancel request goes out before anyone hears "cancelled", so the statement has
      * really been told to stop when the callback runs. */
     if (c->cancel)
@@ -626,6 +648,8 @@ static char **copy_statement(const char *sql, int nparams, const char *const *va
 static int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const *values,
                    int flags, pgs_result_cb cb, void *arg)
 {
+    if (c->returning)
+        return PGS_EMISUSE;
     switch (c->state) {
     case CS_CLOSING:
         return PGS_EMISUSE;
@@ -1114,8 +1138,16 @@ int pgs_conn_close(pgs_conn *c, pgs_done_cb done, void *arg)
 {
     if (!c)
         return PGS_EINVAL;
-    if (c->state == CS_CLOSING)
+    if (c->state == CS_CLOSING || c->returning)
         return PGS_EMISUSE;
+    if (c->keeper && conn_clean(c)) {
+        /* Pooled and reusable: back to the keeper instead of closed. */
+        c->returning = 1;
+        c->done = done;
+        c->done_arg = arg;
+        loop_ev_post(c->defer);
+        return PGS_OK;
+    }
     if (c->state == CS_READY || c->state == CS_CONNECTING) {
         /* Work the server still runs would go on for nobody: ask it to stop. */
         if (c->state == CS_READY && c->sent.head && !c->cancel)
@@ -1130,6 +1162,36 @@ int pgs_conn_close(pgs_conn *c, pgs_done_cb done, void *arg)
     c->lost_due = 0;
     fail_pending(c);
     return PGS_OK;
+}
+
+int conn_probe(pgs_conn *c)
+{
+    if (c->state != CS_READY || conn_in_flight(c))
+        return c->state == CS_READY;
+    /* An idle session is owed nothing: any byte waiting is the server's goodbye (a FATAL
+     * before it closes) or EOF. Peek without consuming, as pgconn's CheckConn does. */
+    char b;
+    ssize_t n = recv(PQsocket(c->pg), &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return 1;
+    pgs_error e;
+    set_error(c, &e, PGS_ECONN, "08006",
+              n == 0 ? "the server closed the idle connection"
+                     : "the server sent data on an idle connection (it is closing it)");
+    conn_lost(c, &e);
+    return 0;
+}
+
+int conn_clean(pgs_conn *c)
+{
+    return c->state == CS_READY && !conn_in_flight(c) && !c->owner && !c->cancel &&
+           PQtransactionStatus(c->pg) == PQTRANS_IDLE;
+}
+
+void conn_set_keeper(pgs_conn *c, const conn_keeper *keeper, void *arg)
+{
+    c->keeper = keeper;
+    c->keeper_arg = arg;
 }
 
 int conn_kill(pgs_conn *c, pgs_code code, const char *msg, int send_cancel)

@@ -45,6 +45,22 @@ struct event_base *conn_base(pgs_conn *c);
 /* Connected and usable? */
 int conn_ready(pgs_conn *c);
 
+/* A keeper (the pool) takes a guard back when its user closes it cleanly: connected, nothing
+ * in flight, no transaction open, no owner, no cancel. Then pgs_conn_close fires the user's
+ * done (from the loop) and hands the guard to returned() instead of closing it. A guard closed
+ * any other way is really closed; freed() tells the keeper when it is gone. */
+typedef struct conn_keeper {
+    void (*returned)(void *arg, pgs_conn *c);
+    void (*freed)(void *arg, pgs_conn *c);
+} conn_keeper;
+void conn_set_keeper(pgs_conn *c, const conn_keeper *keeper, void *arg);
+/* Is an idle connection still alive? A non-blocking peek at its socket: EOF or unsolicited
+ * data means the server is closing it; the guard then goes dead (on_lost, from the loop).
+ * Returns 1 when it looks alive. */
+int conn_probe(pgs_conn *c);
+/* Reusable as it is (the rule above)? */
+int conn_clean(pgs_conn *c);
+
 /* Send a cancel request for what the backend runs, without closing: its answer (57014, and
  * skipped statements after it) arrives as usual. Callbacks still wait for it as for a close. */
 void conn_cancel_request(pgs_conn *c);

@@ -22,6 +22,7 @@ static const char *const code_names[] = {
     [PGS_ECLOSED] = "PGS_ECLOSED: the guard was closed",
     [PGS_ENOMEM] = "PGS_ENOMEM: out of memory",
     [PGS_EUNSUPPORTED] = "PGS_EUNSUPPORTED: not supported by pgscope",
+    [PGS_EBUSY] = "PGS_EBUSY: too many requests waiting",
 };
 
 const char *pgs_strerror(int code)

@@ -1,0 +1,461 @@
+/* The pool against the real server: load on a small pool, limits, reset on return, health
+ * after terminated backends and a server restart, cancel and close. `test_pool restart` runs
+ * only the restart case (meson gives it a server of its own: it stops that server). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "helpers.h"
+
+typedef struct got {
+    int fired;
+    pgs_conn *conn;
+    pgs_code code;
+    char message[512];
+    int seq;
+} got;
+
+static void on_got(pgs_conn *conn, const pgs_error *err, void *arg)
+{
+    got *g = arg;
+    g->fired++;
+    g->conn = conn;
+    g->code = err ? err->code : PGS_OK;
+    g->seq = th_fire_seq++;
+    if (err)
+        snprintf(g->message, sizeof g->message, "%s", err->message);
+}
+
+static pgs_pool *new_pool(struct event_base *b, const char *app, pgs_pool_opts o)
+{
+    char extra[96];
+    snprintf(extra, sizeof extra, "application_name=%s", app);
+    pgs_pool *p = NULL;
+    ck_assert_int_eq(pgs_pool_new(b, th_conninfo(extra), &o, &p), PGS_OK);
+    return p;
+}
+
+static pgs_conn *acquire(struct event_base *b, pgs_pool *p)
+{
+    got g = {0};
+    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &g, NULL), PGS_OK);
+    ck_assert_int_eq(g.fired, 0);
+    th_run_until(b, &g.fired, 15);
+    ck_assert_msg(g.code == PGS_OK, "acquire failed: %s", g.message);
+    return g.conn;
+}
+
+static void release(struct event_base *b, pgs_conn *c)
+{
+    th_close(b, c); /* done fires once, from the loop */
+}
+
+static void close_pool(struct event_base *b, pgs_pool *p)
+{
+    int done = 0;
+    ck_assert_int_eq(pgs_pool_close(p, th_count_done, &done), PGS_OK);
+    ck_assert_int_eq(done, 0);
+    th_run_until(b, &done, 15);
+    ck_assert_int_eq(done, 1);
+}
+
+/* ---- helpers ---- */
+
+static const char *query_value(struct event_base *b, pgs_conn *c, const char *sql)
+{
+    static th_call k;
+    memset(&k, 0, sizeof k);
+    ck_assert_int_eq(pgs_query(c, sql, 0, NULL, th_record, &k), PGS_OK);
+    th_run_until(b, &k.fired, 10);
+    ck_assert_msg(k.code == PGS_OK, "%s: %s", sql, k.message);
+    return k.value;
+}
+
+static long backends(const char *app)
+{
+    const char *v[] = {app};
+    return th_scalar_long("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", 1,
+                          v);
+}
+
+/* Run the loop until the pool's counts satisfy `want` (or fail after seconds). */
+static void wait_counts(struct event_base *b, pgs_pool *p, int size, int idle, double seconds)
+{
+    double end = th_now() + seconds;
+    pgs_pool_counts st;
+    for (;;) {
+        pgs_pool_stats(p, &st);
+        if ((size < 0 || st.size == size) && (idle < 0 || st.idle == idle))
+            return;
+        ck_assert_msg(th_now() < end, "pool stuck at size %d idle %d in use %d waiting %d", st.size,
+                      st.idle, st.in_use, st.waiting);
+        struct timeval tv = {0, 20000};
+        event_base_loopexit(b, &tv);
+        event_base_dispatch(b);
+    }
+}
+
+/* ---- load ---- */
+
+enum { LOAD = 1000 };
+
+typedef struct load {
+    int id;
+    int body_seq; /* when its body started, among all */
+    int fired;
+    pgs_tx_outcome outcome;
+    int failed;
+    char id_text[8];
+} load;
+
+static int body_counter;
+static int bodies_done;
+static int max_in_use;
+static long max_backends;
+static pgs_pool *load_pool;
+
+static void load_body(pgs_tx *tx, void *arg)
+{
+    load *l = arg;
+    l->body_seq = body_counter++;
+    pgs_pool_counts st;
+    pgs_pool_stats(load_pool, &st);
+    if (st.in_use > max_in_use)
+        max_in_use = st.in_use;
+    if (l->id % 100 == 0) { /* what the server sees, now and then, mid-run */
+        long n = backends("pgs_pool_load");
+        if (n > max_backends)
+            max_backends = n;
+    }
+    const char *v[] = {l->id_text};
+    static th_call sink; /* the insert's own result is not what this test checks */
+    pgs_tx_query(tx, "INSERT INTO pool_load (id) VALUES ($1::int)", 1, v, th_record, &sink);
+    pgs_tx_end(tx, 1, NULL, NULL);
+}
+
+static void load_done(const pgs_tx_result *r, void *arg)
+{
+    load *l = arg;
+    l->fired++;
+    l->outcome = r->outcome;
+    l->failed = r->err != NULL;
+    bodies_done++;
+}
+
+START_TEST(test_thousand_transactions_on_a_pool_of_four)
+{
+    free(th_scalar("DROP TABLE IF EXISTS pool_load", 0, NULL));
+    free(th_scalar("CREATE TABLE pool_load (id int PRIMARY KEY)", 0, NULL));
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 4, .acquire_timeout_ms = 60000};
+    load_pool = new_pool(b, "pgs_pool_load", o);
+    static load l[LOAD];
+    body_counter = bodies_done = max_in_use = 0;
+    max_backends = 0;
+    for (int i = 0; i < LOAD; i++) {
+        l[i] = (load){.id = i};
+        snprintf(l[i].id_text, sizeof l[i].id_text, "%d", i);
+        ck_assert_int_eq(pgs_pool_run_tx(load_pool, NULL, load_body, load_done, &l[i]), PGS_OK);
+    }
+    ck_assert_int_eq(body_counter, 0);
+    double end = th_now() + 50;
+    while (bodies_done < LOAD && th_now() < end)
+        event_base_loop(b, EVLOOP_ONCE);
+    ck_assert_int_eq(bodies_done, LOAD);
+    for (int i = 0; i < LOAD; i++) {
+        ck_assert_int_eq(l[i].fired, 1);
+        ck_assert_int_eq(l[i].outcome, PGS_TX_COMMITTED);
+        ck_assert_int_eq(l[i].failed, 0);
+        ck_assert_int_eq(l[i].body_seq, i); /* served in FIFO order */
+    }
+    ck_assert_int_eq(th_scalar_long("SELECT count(*) FROM pool_load", 0, NULL), LOAD);
+    ck_assert_int_le(max_in_use, 4);
+    ck_assert_int_ge(max_in_use, 2); /* it did run in parallel */
+    ck_assert_int_le(max_backends, 4);
+    ck_assert_int_le(backends("pgs_pool_load"), 4);
+    pgs_pool_counts st;
+    pgs_pool_stats(load_pool, &st);
+    ck_assert_int_eq(st.acquired, LOAD);
+    ck_assert_int_le(st.size, 4);
+    close_pool(b, load_pool);
+    th_loop_end(b);
+    ck_assert_int_eq(backends("pgs_pool_load"), 0);
+}
+END_TEST
+
+/* ---- limits ---- */
+
+START_TEST(test_acquire_timeout_and_waiter_bound_have_their_own_codes)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.min_size = 1, .max_size = 1, .acquire_timeout_ms = 200, .max_waiting = 1};
+    pgs_pool *p = new_pool(b, "pgs_pool_limits", o);
+    wait_counts(b, p, 1, 1, 10); /* connected ahead, so only the waiter can time out */
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    ck_assert_int_eq(st.acquired, 0);
+    pgs_conn *held = acquire(b, p);
+    got waiter = {0}, over = {0};
+    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &waiter, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &over, NULL), PGS_EBUSY); /* at once */
+    double t0 = th_now();
+    th_run_until(b, &waiter.fired, 5);
+    double took = th_now() - t0;
+    ck_assert_int_eq(waiter.code, PGS_ETIMEDOUT);
+    ck_assert_ptr_null(waiter.conn);
+    ck_assert_msg(took >= 0.15 && took < 2, "timed out after %.3f s", took);
+    ck_assert_int_eq(over.fired, 0);
+    pgs_pool_stats(p, &st);
+    ck_assert_int_eq(st.timed_out, 1);
+    ck_assert_int_eq(st.in_use, 1);
+    ck_assert_int_eq(st.size, 1);
+    release(b, held);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
+/* ---- reset on return ---- */
+
+START_TEST(test_next_user_sees_a_clean_session)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 1};
+    pgs_pool *p = new_pool(b, "pgs_pool_reset", o);
+    pgs_conn *c = acquire(b, p);
+    int pid = th_backend_pid(c);
+    query_value(b, c, "SET search_path TO pg_catalog");
+    query_value(b, c, "LISTEN pgs_pool_chan");
+    query_value(b, c, "CREATE TEMP TABLE pgs_pool_tmp (x int)");
+    query_value(b, c, "PREPARE pgs_pool_p AS SELECT 1");
+    query_value(b, c, "SELECT pg_advisory_lock(4242)");
+    release(b, c);
+    c = acquire(b, p);
+    ck_assert_int_eq(th_backend_pid(c), pid); /* the same session, reused */
+    ck_assert_str_eq(query_value(b, c, "SHOW search_path"), "\"$user\", public");
+    ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_listening_channels()"), "0");
+    ck_assert_str_eq(query_value(b, c, "SELECT to_regclass('pg_temp.pgs_pool_tmp') IS NULL"),
+                     "t");
+    ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_prepared_statements"), "0");
+    ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_locks WHERE locktype = "
+                                       "'advisory' AND pid = pg_backend_pid()"),
+                     "0");
+    /* returned inside a transaction: never handed out again */
+    query_value(b, c, "BEGIN");
+    release(b, c);
+    c = acquire(b, p);
+    ck_assert_int_ne(th_backend_pid(c), pid);
+    ck_assert_int_eq(PQtransactionStatus(pgs_conn_pgconn(c)), PQTRANS_IDLE);
+    /* and after a cancel */
+    int pid2 = th_backend_pid(c);
+    ck_assert_int_eq(pgs_conn_cancel(c), PGS_OK);
+    release(b, c);
+    c = acquire(b, p);
+    ck_assert_int_ne(th_backend_pid(c), pid2);
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    ck_assert_int_eq(st.reset, 1);
+    ck_assert_int_eq(st.replaced, 2);
+    release(b, c);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
+/* ---- health ---- */
+
+typedef struct probe {
+    int fired, ok;
+    th_call k;
+} probe;
+
+static void probe_ran(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    probe *pr = arg;
+    th_record(c, res, err, &pr->k);
+    pr->fired++;
+    pr->ok = err == NULL;
+    pgs_conn_close(c, NULL, NULL);
+}
+
+static void probe_got(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    probe *pr = arg;
+    if (err || pgs_query(c, "SELECT 1", 0, NULL, probe_ran, pr) != PGS_OK) {
+        pr->fired++;
+        if (c)
+            pgs_conn_close(c, NULL, NULL);
+    }
+}
+
+static int run_probes(struct event_base *b, pgs_pool *p, int n)
+{
+    probe *pr = calloc((size_t)n, sizeof *pr);
+    for (int i = 0; i < n; i++)
+        ck_assert_int_eq(pgs_pool_acquire(p, probe_got, &pr[i], NULL), PGS_OK);
+    int ok = 0;
+    for (int i = 0; i < n; i++) {
+        th_run_until(b, &pr[i].fired, 20);
+        ok += pr[i].ok;
+    }
+    free(pr);
+    return ok;
+}
+
+START_TEST(test_terminated_idle_backends_replaced)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.min_size = 4, .max_size = 4};
+    pgs_pool *p = new_pool(b, "pgs_pool_health", o);
+    wait_counts(b, p, 4, 4, 10); /* min_size opened ahead */
+    ck_assert_int_eq(backends("pgs_pool_health"), 4);
+    free(th_scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                   "WHERE application_name = 'pgs_pool_health'",
+                   0, NULL));
+    /* Gone on the server (their goodbye is on its way to us) before anyone asks the pool. */
+    for (double end = th_now() + 5; backends("pgs_pool_health") > 0 && th_now() < end;)
+        usleep(10000);
+    ck_assert_int_eq(run_probes(b, p, 100), 100);
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    ck_assert_int_ge(st.replaced, 4);
+    wait_counts(b, p, 4, 4, 10); /* back to its size */
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
+/* ---- cancel and close ---- */
+
+START_TEST(test_cancelled_waiter_and_fifo_handover)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 1};
+    pgs_pool *p = new_pool(b, "pgs_pool_cancel", o);
+    pgs_conn *held = acquire(b, p);
+    got w1 = {0}, w2 = {0}, w3 = {0};
+    pgs_pool_req *r1;
+    th_fire_seq = 0;
+    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w1, &r1), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w2, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w3, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire_cancel(r1), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire_cancel(r1), PGS_EMISUSE);
+    ck_assert_int_eq(w1.fired, 0);
+    th_run_until(b, &w1.fired, 5);
+    ck_assert_int_eq(w1.code, PGS_ECANCELED);
+    release(b, held);
+    th_run_until(b, &w2.fired, 10); /* the next in line, not w3 */
+    ck_assert_int_eq(w2.code, PGS_OK);
+    ck_assert_int_eq(w3.fired, 0);
+    release(b, w2.conn);
+    th_run_until(b, &w3.fired, 10);
+    ck_assert_int_eq(w3.code, PGS_OK);
+    /* granted but not yet delivered: the cancel still wins, and the guard moves on */
+    release(b, w3.conn);
+    wait_counts(b, p, 1, 1, 5);
+    got w4 = {0};
+    pgs_pool_req *r4;
+    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w4, &r4), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire_cancel(r4), PGS_OK);
+    th_run_until(b, &w4.fired, 5);
+    ck_assert_int_eq(w4.code, PGS_ECANCELED);
+    ck_assert_ptr_null(w4.conn);
+    wait_counts(b, p, 1, 1, 5);
+    close_pool(b, p);
+    th_loop_end(b);
+    ck_assert_int_eq(w1.fired + w2.fired + w3.fired + w4.fired, 4);
+}
+END_TEST
+
+START_TEST(test_close_with_waiters_and_guards_out)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 1};
+    pgs_pool *p = new_pool(b, "pgs_pool_close", o);
+    pgs_conn *held = acquire(b, p);
+    got w1 = {0}, w2 = {0}, late = {0};
+    int done = 0;
+    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w1, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w2, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_close(p, th_count_done, &done), PGS_OK);
+    ck_assert_int_eq(pgs_pool_close(p, th_count_done, &done), PGS_EMISUSE);
+    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &late, NULL), PGS_ECLOSED);
+    th_run_until(b, &w2.fired, 5);
+    ck_assert_int_eq(w1.code, PGS_ECLOSED);
+    ck_assert_int_eq(w2.code, PGS_ECLOSED);
+    ck_assert_int_eq(done, 0); /* a guard is still out */
+    query_value(b, held, "SELECT 1"); /* and still works */
+    release(b, held);
+    th_run_until(b, &done, 5);
+    th_loop_end(b); /* no socket, timer or descriptor left */
+    ck_assert_int_eq(done, 1);
+    ck_assert_int_eq(w1.fired + w2.fired, 2);
+    ck_assert_int_eq(late.fired, 0);
+    ck_assert_int_eq(backends("pgs_pool_close"), 0);
+}
+END_TEST
+
+/* ---- server restart (its own server: see main) ---- */
+
+static void pgctl(const char *args)
+{
+    const char *tool = getenv("PGSCOPE_PGTMP");
+    ck_assert_msg(tool && getenv("PGSCOPE_PGDATA"),
+                  "the restart test needs the throwaway server (PGSCOPE_PGTMP, PGSCOPE_PGDATA)");
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s pgctl %s >/dev/null 2>&1", tool, args);
+    ck_assert_int_eq(system(cmd), 0);
+}
+
+START_TEST(test_server_restart_fails_clearly_then_recovers)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.min_size = 2, .max_size = 2, .acquire_timeout_ms = 1000};
+    pgs_pool *p = new_pool(b, "pgs_pool_restart", o);
+    wait_counts(b, p, 2, 2, 10);
+    pgctl("stop -m fast -w");
+    got down = {0};
+    double t0 = th_now();
+    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &down, NULL), PGS_OK);
+    th_run_until(b, &down.fired, 10);
+    ck_assert_msg(down.code == PGS_ECONNECT, "got %s: %s", pgs_strerror(down.code), down.message);
+    ck_assert_double_lt(th_now() - t0, 3.0);
+    pgctl("start -w");
+    int ok = 0;
+    for (int i = 0; i < 20 && !ok; i++) /* a few may still fail while the pool backs off */
+        ok = run_probes(b, p, 1);
+    ck_assert_int_eq(ok, 1);
+    wait_counts(b, p, 2, 2, 10); /* back to its size */
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    ck_assert_int_ge(st.connect_failures, 1);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
+static Suite *pool_suite(int restart_only)
+{
+    Suite *s = suite_create("pool");
+    TCase *t = tcase_create("pool");
+    tcase_set_timeout(t, 60);
+    if (restart_only) {
+        tcase_add_test(t, test_server_restart_fails_clearly_then_recovers);
+    } else {
+        tcase_add_test(t, test_thousand_transactions_on_a_pool_of_four);
+        tcase_add_test(t, test_acquire_timeout_and_waiter_bound_have_their_own_codes);
+        tcase_add_test(t, test_next_user_sees_a_clean_session);
+        tcase_add_test(t, test_terminated_idle_backends_replaced);
+        tcase_add_test(t, test_cancelled_waiter_and_fifo_handover);
+        tcase_add_test(t, test_close_with_waiters_and_guards_out);
+    }
+    suite_add_tcase(s, t);
+    return s;
+}
+
+int main(int argc, char **argv)
+{
+    return th_run_suite(pool_suite(argc > 1 && strcmp(argv[1], "restart") == 0));
+}
