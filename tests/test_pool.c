@@ -218,10 +218,27 @@ END_TEST
 
 /* ---- reset on return ---- */
 
+static int connects, releases;
+
+static void count_connect(pgs_conn *c, void *arg)
+{
+    (void)c;
+    ck_assert_ptr_eq(arg, &connects);
+    connects++;
+}
+
+static void count_release(pgs_conn *c, void *arg)
+{
+    (void)c;
+    (void)arg;
+    releases++;
+}
+
 START_TEST(test_next_user_sees_a_clean_session)
 {
     struct event_base *b = th_loop_begin();
-    pgs_pool_opts o = {.max_size = 1};
+    pgs_pool_opts o = {.max_size = 1, .on_connect = count_connect, .on_release = count_release,
+                       .cb_arg = &connects};
     pgs_pool *p = new_pool(b, "pgs_pool_reset", o);
     pgs_conn *c = acquire(b, p);
     int pid = th_backend_pid(c);
@@ -257,6 +274,8 @@ START_TEST(test_next_user_sees_a_clean_session)
     pgs_pool_stats(p, &st);
     ck_assert_int_eq(st.reset, 1);
     ck_assert_int_eq(st.replaced, 2);
+    ck_assert_int_eq(connects, 3);  /* the first, and one replacement for each dirty return */
+    ck_assert_int_eq(releases, 1); /* only the clean return came back */
     release(b, c);
     close_pool(b, p);
     th_loop_end(b);
