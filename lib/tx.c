@@ -313,8 +313,12 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
         int cancel_hit = strcmp(err->sqlstate, "57014") == 0 || is_aborted(res);
         if (root->cancel_code != PGS_OK && cancel_hit) {
             /* The server's answer to our cancel request, or a statement skipped after it. */
-            renamed = *err;
-            renamed.code = root->cancel_code;
+            char msg[sizeof err->message + 96];
+            snprintf(msg, sizeof msg, "%s (the server said: %s)",
+                     root->cancel_code == PGS_ETIMEDOUT ? "the transaction's time limit passed"
+                                                        : "the transaction was canceled",
+                     err->message);
+            err_set(&renamed, root->cancel_code, err->sqlstate, msg, NULL);
             err = &renamed;
         } else if (strcmp(err->sqlstate, "57014") == 0 && !is_aborted(res) &&
                    tx->opts.statement_timeout_ms > 0) {

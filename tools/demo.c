@@ -1,0 +1,798 @@
+/* pgscope-demo: shows each of pgscope's guarantees against a real PostgreSQL, in plain words,
+ * with what the server holds afterwards. Uses only the public header. Each scenario is written
+ * as a sequence of steps; `wait_for` runs the event loop until a step's callback has fired,
+ * which keeps the story readable (a service would stay in callbacks instead). */
+#include <getopt.h>
+#include <pgscope.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "demo_schema.h"
+
+static struct event_base *base;
+static const char *conninfo = "";
+static int failures; /* checks that did not hold */
+
+/* ---- output ---- */
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void say(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    printf("  ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    fflush(stdout);
+}
+
+static void check(int ok, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    printf("  %s ", ok ? "[ok]  " : "[FAIL]");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    fflush(stdout);
+    failures += !ok;
+}
+
+/* One clear line (libpq's messages can span several), then exit 2. */
+static void fatal(const char *what, const pgs_error *err)
+{
+    char msg[sizeof err->message];
+    snprintf(msg, sizeof msg, "%s", err ? err->message : "failed");
+    for (char *p = msg; *p; p++)
+        if (*p == '\n' || *p == '\t')
+            *p = ' ';
+    fprintf(stderr, "pgscope-demo: %s: %s\n", what, msg);
+    exit(2);
+}
+
+/* ---- sync-looking steps over the async API ---- */
+
+static void wait_for(const int *flag)
+{
+    while (!*flag)
+        event_base_loop(base, EVLOOP_ONCE);
+}
+
+typedef struct opened {
+    int fired;
+    pgs_error err;
+    int ok;
+} opened;
+
+static void on_opened(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    (void)c;
+    opened *o = arg;
+    o->fired = 1;
+    o->ok = !err;
+    if (err)
+        o->err = *err;
+}
+
+static pgs_conn *open_conn(void)
+{
+    opened o = {0};
+    pgs_conn *c;
+    pgs_conn_opts opts = {.connect_timeout_ms = 10000};
+    if (pgs_conn_open(base, conninfo, &opts, on_opened, &o, &c) != PGS_OK)
+        fatal("cannot start a connection", NULL);
+    wait_for(&o.fired);
+    if (!o.ok)
+        fatal("cannot connect", &o.err);
+    return c;
+}
+
+static void on_closed(void *arg)
+{
+    *(int *)arg = 1;
+}
+
+static void close_conn(pgs_conn *c)
+{
+    int done = 0;
+    pgs_conn_close(c, on_closed, &done);
+    wait_for(&done);
+}
+
+typedef struct rows {
+    int fired;
+    pgs_error err;
+    int failed;
+    int n;
+    char v[16][3][64];
+} rows;
+
+static void on_rows(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c;
+    rows *r = arg;
+    r->fired = 1;
+    r->failed = err != NULL;
+    if (err) {
+        r->err = *err;
+        return;
+    }
+    for (int i = 0; i < PQntuples(res) && i < 16; i++, r->n++)
+        for (int j = 0; j < PQnfields(res) && j < 3; j++)
+            snprintf(r->v[i][j], sizeof r->v[i][j], "%s", PQgetvalue(res, i, j));
+}
+
+/* One statement, waited for. Exits on an error unless `tolerate` is set. */
+static rows query(pgs_conn *c, const char *sql, int n, const char *const *values, int tolerate)
+{
+    rows r = {0};
+    if (pgs_query(c, sql, n, values, on_rows, &r) != PGS_OK)
+        fatal("cannot send a statement", NULL);
+    wait_for(&r.fired);
+    if (r.failed && !tolerate)
+        fatal(sql, &r.err);
+    return r;
+}
+
+static void load_schema(pgs_conn *c)
+{
+    const char *p = demo_schema;
+    while (*p) {
+        const char *end = strstr(p, ";\n");
+        size_t len = end ? (size_t)(end - p) + 1 : strlen(p);
+        char *stmt = strndup(p, len);
+        if (strspn(stmt, " \t\n") < strlen(stmt))
+            query(c, stmt, 0, NULL, 0);
+        free(stmt);
+        p += end ? len + 1 : len;
+    }
+}
+
+static long total_balance(pgs_conn *c)
+{
+    rows r = query(c, "SELECT sum(balance) FROM demo_accounts", 0, NULL, 0);
+    return atol(r.v[0][0]);
+}
+
+static void show_balances(pgs_conn *c, const char *when, const char *ids)
+{
+    const char *v[] = {ids};
+    rows r = query(c,
+                   "SELECT owner, balance FROM demo_accounts WHERE id = ANY($1::int[]) "
+                   "ORDER BY id",
+                   1, v, 0);
+    char line[256] = "";
+    for (int i = 0; i < r.n; i++) {
+        size_t len = strlen(line);
+        snprintf(line + len, sizeof line - len, "%s%s %s", i ? ", " : "", r.v[i][0], r.v[i][1]);
+    }
+    say("%-7s %s", when, line);
+}
+
+static long balance_of(pgs_conn *c, const char *id)
+{
+    const char *v[] = {id};
+    return atol(query(c, "SELECT balance FROM demo_accounts WHERE id = $1::int", 1, v, 0).v[0][0]);
+}
+
+static int backend_alive(pgs_conn *observer, int pid)
+{
+    char p[16];
+    snprintf(p, sizeof p, "%d", pid);
+    const char *v[] = {p};
+    return atoi(query(observer, "SELECT count(*) FROM pg_stat_activity WHERE pid = $1::int", 1, v,
+                      0)
+                    .v[0][0]);
+}
+
+/* Poll until the backend is gone (a cancelled session's backend exits within moments). */
+static int backend_gone(pgs_conn *observer, int pid)
+{
+    for (int i = 0; i < 100; i++) {
+        if (!backend_alive(observer, pid))
+            return 1;
+        usleep(20000);
+    }
+    return 0;
+}
+
+/* ---- a transfer: the body every scenario shares ---- */
+
+/* One transfer run by pgs_run_tx (which hands the same arg to the body and to done). */
+typedef struct job {
+    char from[12], to[12], amount[24];
+    const char *extra_sql; /* run after the two updates (cancel, timeout) */
+    int in_id_order;       /* update the lower id first, so concurrent transfers never deadlock */
+    int bodies;            /* how often the body ran */
+    int fired;             /* done */
+    pgs_tx_outcome outcome;
+    int has_err;
+    pgs_error err;
+    int attempts;
+    double started, ended;
+    pgs_tx *tx; /* the current attempt's guard */
+} job;
+
+static void ignore_result(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c;
+    (void)res;
+    (void)err;
+    (void)arg;
+}
+
+/* Credit first, then debit: an overdraft fails on the debit, after the credit ran, so the
+ * rollback visibly undoes work. */
+static void queue_transfer(pgs_tx *tx, const job *j)
+{
+    static const char credit_sql[] =
+        "UPDATE demo_accounts SET balance = balance + $1::bigint WHERE id = $2::int";
+    static const char debit_sql[] =
+        "UPDATE demo_accounts SET balance = balance - $1::bigint WHERE id = $2::int";
+    const char *credit[] = {j->amount, j->to};
+    const char *debit[] = {j->amount, j->from};
+    int debit_first = j->in_id_order && atoi(j->from) < atoi(j->to);
+    pgs_tx_query(tx, debit_first ? debit_sql : credit_sql, 2, debit_first ? debit : credit,
+                 ignore_result, NULL);
+    pgs_tx_query(tx, debit_first ? credit_sql : debit_sql, 2, debit_first ? credit : debit,
+                 ignore_result, NULL);
+}
+
+static void transfer_body(pgs_tx *tx, void *arg)
+{
+    job *j = arg;
+    j->bodies++;
+    j->tx = tx;
+    queue_transfer(tx, j);
+    if (j->extra_sql)
+        pgs_tx_query(tx, j->extra_sql, 0, NULL, ignore_result, NULL);
+    pgs_tx_end(tx, 1, NULL, NULL); /* at once: one round trip for the whole transaction */
+}
+
+static void job_done(const pgs_tx_result *r, void *arg)
+{
+    job *j = arg;
+    j->fired = 1;
+    j->outcome = r->outcome;
+    j->has_err = r->err != NULL;
+    if (r->err)
+        j->err = *r->err;
+    j->attempts = r->attempts;
+    j->ended = now_s();
+}
+
+static const char *outcome_name(pgs_tx_outcome o)
+{
+    return o == PGS_TX_COMMITTED ? "committed" : o == PGS_TX_ROLLED_BACK ? "rolled back" : "unknown";
+}
+
+static void make_job(job *j, int from, int to, long amount)
+{
+    memset(j, 0, sizeof *j);
+    snprintf(j->from, sizeof j->from, "%d", from);
+    snprintf(j->to, sizeof j->to, "%d", to);
+    snprintf(j->amount, sizeof j->amount, "%ld", amount);
+}
+
+static void run_job(pgs_conn *c, job *j, const pgs_tx_opts *opts)
+{
+    j->started = now_s();
+    if (pgs_run_tx(c, opts, transfer_body, job_done, j) != PGS_OK)
+        fatal("cannot start a transaction", NULL);
+}
+
+static void report(const job *j)
+{
+    if (j->has_err)
+        say("outcome: %s after %.1f ms: %s (SQLSTATE %s)", outcome_name(j->outcome),
+            (j->ended - j->started) * 1e3, j->err.message, j->err.sqlstate[0] ? j->err.sqlstate : "-");
+    else
+        say("outcome: %s after %.1f ms", outcome_name(j->outcome), (j->ended - j->started) * 1e3);
+}
+
+/* ---- scenarios ---- */
+
+static void scenario_commit(void)
+{
+    printf("\n== commit: a transfer commits on clean exit\n");
+    pgs_conn *c = open_conn();
+    load_schema(c);
+    show_balances(c, "before:", "{1,2}");
+    long a0 = balance_of(c, "1"), b0 = balance_of(c, "2");
+    job j;
+    make_job(&j, 1, 2, 100);
+    say("transfer 100 from alice to bob: BEGIN, two UPDATEs and COMMIT in one round trip");
+    run_job(c, &j, NULL);
+    wait_for(&j.fired);
+    report(&j);
+    show_balances(c, "after:", "{1,2}");
+    check(j.outcome == PGS_TX_COMMITTED && !j.has_err, "the transaction committed");
+    check(balance_of(c, "1") == a0 - 100 && balance_of(c, "2") == b0 + 100,
+          "alice has 100 less, bob 100 more");
+    close_conn(c);
+}
+
+static void scenario_rollback(void)
+{
+    printf("\n== rollback: an error mid-way undoes the whole transaction\n");
+    pgs_conn *c = open_conn();
+    load_schema(c);
+    show_balances(c, "before:", "{3,4}");
+    long a0 = balance_of(c, "3"), b0 = balance_of(c, "4");
+    job j;
+    make_job(&j, 3, 4, a0 + 1);
+    say("transfer %s from carol to dave: more than she has; the credit runs, the debit breaks "
+        "the CHECK", j.amount);
+    run_job(c, &j, NULL);
+    wait_for(&j.fired);
+    report(&j);
+    show_balances(c, "after:", "{3,4}");
+    check(j.outcome == PGS_TX_ROLLED_BACK && strcmp(j.err.sqlstate, "23514") == 0,
+          "rolled back with SQLSTATE 23514 (check_violation)");
+    check(balance_of(c, "3") == a0 && balance_of(c, "4") == b0,
+          "nothing changed: dave did not keep the credit");
+    close_conn(c);
+}
+
+typedef struct sp_state {
+    int inner_fired, outer_fired;
+    pgs_tx_result inner, outer;
+    pgs_error inner_err;
+} sp_state;
+
+static void inner_done(const pgs_tx_result *r, void *arg)
+{
+    sp_state *s = arg;
+    s->inner_fired = 1;
+    s->inner = *r;
+    if (r->err)
+        s->inner_err = *r->err;
+}
+
+static void outer_done(const pgs_tx_result *r, void *arg)
+{
+    sp_state *s = arg;
+    s->outer_fired = 1;
+    s->outer = *r;
+    s->outer.err = NULL;
+}
+
+static void scenario_savepoint(void)
+{
+    printf("\n== savepoint: an inner guard fails and is rolled back; the outer one commits\n");
+    pgs_conn *c = open_conn();
+    load_schema(c);
+    show_balances(c, "before:", "{5,6}");
+    long e0 = balance_of(c, "5"), f0 = balance_of(c, "6");
+    rows before = query(c, "SELECT count(*) FROM demo_log", 0, NULL, 0);
+    pgs_tx *outer, *inner;
+    sp_state s = {0};
+    if (pgs_tx_begin(c, NULL, NULL, NULL, &outer) != PGS_OK)
+        fatal("cannot begin", NULL);
+    const char *ev[] = {"savepoint demo: outer transfer of 10"};
+    pgs_tx_query(outer, "INSERT INTO demo_log (event) VALUES ($1)", 1, ev, ignore_result, NULL);
+    job ok_transfer;
+    make_job(&ok_transfer, 5, 6, 10);
+    queue_transfer(outer, &ok_transfer);
+    pgs_tx_savepoint(outer, NULL, NULL, &inner);
+    job overdraft;
+    make_job(&overdraft, 5, 6, e0 * 10);
+    queue_transfer(inner, &overdraft);
+    pgs_tx_end(inner, 1, inner_done, &s);
+    pgs_tx_end(outer, 1, outer_done, &s);
+    say("outer: log row + transfer 10 from erin to frank; inner savepoint: an overdraft of %s",
+        overdraft.amount);
+    wait_for(&s.outer_fired);
+    say("inner: %s (%s, SQLSTATE %s)", outcome_name(s.inner.outcome), s.inner_err.message,
+        s.inner_err.sqlstate);
+    say("outer: %s", outcome_name(s.outer.outcome));
+    show_balances(c, "after:", "{5,6}");
+    rows after = query(c, "SELECT count(*) FROM demo_log", 0, NULL, 0);
+    check(s.inner.outcome == PGS_TX_ROLLED_BACK && strcmp(s.inner_err.sqlstate, "23514") == 0,
+          "the inner guard rolled back to its savepoint");
+    check(s.outer.outcome == PGS_TX_COMMITTED, "the outer guard committed");
+    check(balance_of(c, "5") == e0 - 10 && balance_of(c, "6") == f0 + 10 &&
+              atol(after.v[0][0]) == atol(before.v[0][0]) + 1,
+          "the outer work is there (10 moved, one log row), the inner work is not");
+    close_conn(c);
+}
+
+typedef struct later {
+    job *j;
+    int fired;
+} later;
+
+static void cancel_later(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    later *l = arg;
+    l->fired = 1;
+    if (l->j->tx)
+        pgs_tx_cancel(l->j->tx);
+}
+
+/* Shared by cancel and timeout: a transfer, then a long statement, stopped one way or the
+ * other; the backend must be gone and nothing written. */
+static void long_statement(int by_timeout)
+{
+    pgs_conn *c = open_conn(), *observer = open_conn();
+    load_schema(c);
+    int pid = PQbackendPID(pgs_conn_pgconn(c));
+    long g0 = balance_of(observer, "7"), h0 = balance_of(observer, "8");
+    job j;
+    make_job(&j, 7, 8, 50);
+    j.extra_sql = "SELECT pg_sleep(30)";
+    pgs_tx_opts opts = {.timeout_ms = by_timeout ? 500 : 0};
+    say("transfer 50 from grace to heidi, then SELECT pg_sleep(30) in the same transaction");
+    run_job(c, &j, &opts);
+    struct event *t = NULL;
+    later l = {.j = &j};
+    if (!by_timeout) {
+        say("cancel after 500 ms");
+        t = evtimer_new(base, cancel_later, &l);
+        struct timeval tv = {0, 500000};
+        evtimer_add(t, &tv);
+    } else {
+        say("the transaction's time budget: 500 ms");
+    }
+    wait_for(&j.fired);
+    if (t)
+        event_free(t);
+    report(&j);
+    int gone = backend_gone(observer, pid);
+    say("backend %d: %s", pid, gone ? "gone from pg_stat_activity (the connection was closed)"
+                                     : "still there");
+    pgs_code want = by_timeout ? PGS_ETIMEDOUT : PGS_ECANCELED;
+    check(j.outcome == PGS_TX_ROLLED_BACK && j.err.code == want, "the guard reported %s",
+          pgs_strerror(want));
+    check(j.ended - j.started < 2.0, "it took %.0f ms, not 30 s", (j.ended - j.started) * 1e3);
+    check(gone, "backend gone");
+    check(pgs_conn_pgconn(c) == NULL, "the connection guard's connection is closed");
+    check(balance_of(observer, "7") == g0 && balance_of(observer, "8") == h0, "nothing was written");
+    close_conn(c);
+    close_conn(observer);
+}
+
+static void scenario_cancel(void)
+{
+    printf("\n== cancel: a long statement inside a transaction is cancelled\n");
+    long_statement(0);
+}
+
+static void scenario_timeout(void)
+{
+    printf("\n== timeout: a statement runs over the transaction's time budget\n");
+    long_statement(1);
+}
+
+/* Read the balance first, then write it back changed: under serializable isolation two of
+ * these at once conflict, and one must run again. */
+typedef struct rmw {
+    job j;
+    int read_balance_waiting;
+} rmw;
+
+static rmw *rmw_jobs[2];
+static int rmw_parked;
+
+static void rmw_write(rmw *r, long balance)
+{
+    char next[24];
+    snprintf(next, sizeof next, "%ld", balance - atol(r->j.amount));
+    const char *debit[] = {next, r->j.from};
+    const char *credit[] = {r->j.amount, r->j.to};
+    pgs_tx_query(r->j.tx, "UPDATE demo_accounts SET balance = $1::bigint WHERE id = $2::int", 2,
+                 debit, ignore_result, NULL);
+    pgs_tx_query(r->j.tx,
+                 "UPDATE demo_accounts SET balance = balance + $1::bigint WHERE id = $2::int", 2,
+                 credit, ignore_result, NULL);
+    pgs_tx_end(r->j.tx, 1, NULL, NULL);
+}
+
+static long rmw_seen[2];
+
+static void rmw_read(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c;
+    rmw *r = arg;
+    if (err) {
+        pgs_tx_end(r->j.tx, 0, NULL, NULL);
+        return;
+    }
+    long balance = atol(PQgetvalue(res, 0, 0));
+    if (rmw_parked < 0) { /* a retry: nothing to wait for */
+        rmw_write(r, balance);
+        return;
+    }
+    /* Both first attempts read before either writes, so the conflict is certain. */
+    rmw_seen[rmw_parked++] = balance;
+    if (rmw_parked == 2) {
+        rmw_parked = -1;
+        rmw_write(rmw_jobs[0], rmw_seen[0]);
+        rmw_write(rmw_jobs[1], rmw_seen[1]);
+    }
+}
+
+static void rmw_body(pgs_tx *tx, void *arg)
+{
+    rmw *r = arg;
+    r->j.bodies++;
+    r->j.tx = tx;
+    const char *v[] = {r->j.from};
+    pgs_tx_query(tx, "SELECT balance FROM demo_accounts WHERE id = $1::int", 1, v, rmw_read, r);
+}
+
+static void scenario_retry(void)
+{
+    printf("\n== retry: two conflicting serializable transfers; one is retried, both apply\n");
+    pgs_conn *c1 = open_conn(), *c2 = open_conn();
+    load_schema(c1);
+    show_balances(c1, "before:", "{1,2,3}");
+    long a0 = balance_of(c1, "1");
+    rmw r1 = {0}, r2 = {0};
+    make_job(&r1.j, 1, 2, 5);
+    make_job(&r2.j, 1, 3, 7);
+    rmw_jobs[0] = &r1;
+    rmw_jobs[1] = &r2;
+    rmw_parked = 0;
+    pgs_tx_opts opts = {.isolation = PGS_ISO_SERIALIZABLE, .retries = 5};
+    say("both read alice's balance, then write it back less 5 and less 7");
+    r1.j.started = r2.j.started = now_s();
+    pgs_run_tx(c1, &opts, rmw_body, job_done, &r1.j);
+    pgs_run_tx(c2, &opts, rmw_body, job_done, &r2.j);
+    wait_for(&r1.j.fired);
+    wait_for(&r2.j.fired);
+    say("first:  %s after %d attempt(s)", outcome_name(r1.j.outcome), r1.j.attempts);
+    say("second: %s after %d attempt(s)", outcome_name(r2.j.outcome), r2.j.attempts);
+    show_balances(c1, "after:", "{1,2,3}");
+    check(r1.j.outcome == PGS_TX_COMMITTED && r2.j.outcome == PGS_TX_COMMITTED, "both committed");
+    check(r1.j.attempts + r2.j.attempts == 3, "exactly one ran again (40001 serialization failure)");
+    check(balance_of(c1, "1") == a0 - 12, "alice lost 12 in all: no update was lost");
+    close_conn(c1);
+    close_conn(c2);
+}
+
+/* ---- transfer: many at once on a pool ---- */
+
+typedef struct load {
+    pgs_pool *pool;
+    int count, concurrency, started, finished, commits, rollbacks, retries, other;
+    unsigned seed;
+    double t0;
+    int tty;
+} load;
+
+typedef struct load_job {
+    load *l;
+    job j;
+} load_job;
+
+static void load_next(load *l);
+
+static void load_body(pgs_tx *tx, void *arg)
+{
+    transfer_body(tx, &((load_job *)arg)->j);
+}
+
+static void progress_line(load *l, int last)
+{
+    double el = now_s() - l->t0;
+    printf("\r  %d/%d transfers  %.0f/s  commits %d  rollbacks %d  retries %d%s", l->finished,
+           l->count, el > 0 ? l->finished / el : 0.0, l->commits, l->rollbacks, l->retries,
+           last ? "\n" : "");
+    fflush(stdout);
+}
+
+static void load_done(const pgs_tx_result *r, void *arg)
+{
+    load_job *lj = arg;
+    load *l = lj->l;
+    l->finished++;
+    l->retries += r->attempts - 1;
+    if (r->outcome == PGS_TX_COMMITTED)
+        l->commits++;
+    else if (r->err && strcmp(r->err->sqlstate, "23514") == 0)
+        l->rollbacks++; /* an overdraft: the CHECK refused it, as it should */
+    else
+        l->other++;
+    free(lj);
+    if (l->tty && (l->finished % 50 == 0 || l->finished == l->count))
+        progress_line(l, 0);
+    load_next(l);
+}
+
+static void load_next(load *l)
+{
+    if (l->started >= l->count)
+        return;
+    load_job *lj = calloc(1, sizeof *lj);
+    if (!lj)
+        fatal("out of memory", NULL);
+    lj->l = l;
+    int from = 1 + (int)(rand_r(&l->seed) % 8), to = 1 + (int)(rand_r(&l->seed) % 7);
+    if (to >= from)
+        to++;
+    make_job(&lj->j, from, to, 1 + (long)(rand_r(&l->seed) % 300));
+    lj->j.in_id_order = 1;
+    l->started++;
+    pgs_tx_opts opts = {.isolation = PGS_ISO_SERIALIZABLE, .retries = 10};
+    if (pgs_pool_run_tx(l->pool, &opts, load_body, load_done, lj) != PGS_OK)
+        fatal("cannot queue a transfer", NULL);
+}
+
+static void on_pool_closed(void *arg)
+{
+    *(int *)arg = 1;
+}
+
+static void scenario_transfer(int count, int concurrency)
+{
+    printf("\n== transfer: %d random serializable transfers, %d at a time, on a pool of %d\n",
+           count, concurrency, concurrency);
+    pgs_conn *c = open_conn();
+    load_schema(c);
+    long total0 = total_balance(c);
+    load l = {.count = count, .concurrency = concurrency, .seed = (unsigned)time(NULL),
+              .tty = isatty(STDOUT_FILENO)};
+    pgs_pool_opts po = {.max_size = concurrency, .acquire_timeout_ms = 60000};
+    if (pgs_pool_new(base, conninfo, &po, &l.pool) != PGS_OK)
+        fatal("cannot create the pool", NULL);
+    l.t0 = now_s();
+    for (int i = 0; i < concurrency; i++)
+        load_next(&l);
+    while (l.finished < l.count)
+        event_base_loop(base, EVLOOP_ONCE);
+    double el = now_s() - l.t0;
+    if (l.tty)
+        progress_line(&l, 1);
+    say("%d transfers in %.2f s (%.0f/s): %d committed, %d refused as overdrafts, %d retries",
+        l.count, el, l.count / el, l.commits, l.rollbacks, l.retries);
+    long total1 = total_balance(c);
+    say("total balance before %ld, after %ld", total0, total1);
+    check(l.other == 0, "every transfer committed or was refused by the CHECK (%d other)", l.other);
+    check(total0 == total1, "invariant held: the total balance is unchanged");
+    int closed = 0;
+    pgs_pool_close(l.pool, on_pool_closed, &closed);
+    wait_for(&closed);
+    close_conn(c);
+}
+
+/* ---- command line ---- */
+
+static const char *const usage_text =
+    "usage: pgscope-demo [--conninfo CONNINFO] [SCENARIO] [options]\n"
+    "\n"
+    "Shows pgscope's guarantees against a PostgreSQL server, and what the server holds after.\n"
+    "Connects to --conninfo, or where libpq's environment (PGHOST, PGPORT, PGUSER, ...) points.\n"
+    "\n"
+    "scenarios:\n"
+    "  tour       all of the below in order (the default)\n"
+    "  commit     a transfer commits; balances before and after\n"
+    "  rollback   an overdraft mid-way: nothing changes, the SQLSTATE is shown\n"
+    "  savepoint  an inner guard fails and rolls back, the outer one commits\n"
+    "  cancel     a long statement is cancelled: the backend is gone, nothing written\n"
+    "  timeout    a statement over the transaction's time budget: same outcome\n"
+    "  retry      two conflicting serializable transfers: one retried, both applied\n"
+    "  transfer   many random transfers on a pool [--count N] [--concurrency C]\n"
+    "\n"
+    "options:\n"
+    "  --conninfo S     libpq connection string or URI\n"
+    "  --count N        transfers for `transfer` (default 1000)\n"
+    "  --concurrency C  pool size and transfers at once for `transfer` (default 8)\n"
+    "  -h, --help       this text (also: pgscope-demo SCENARIO --help)\n"
+    "\n"
+    "Exit status: 0 when every check held, 1 when one did not, 2 on an error.\n";
+
+static void scenario_help(const char *name)
+{
+    printf("pgscope-demo %s: ", name);
+    const char *p = strstr(usage_text, "scenarios:");
+    char key[32];
+    snprintf(key, sizeof key, "\n  %-10s ", name);
+    const char *line = strstr(p, key);
+    if (line) {
+        const char *end = strchr(line + 1, '\n');
+        printf("%.*s\n", (int)(end - line - 14), line + 14);
+    }
+    printf("usage: pgscope-demo [--conninfo CONNINFO] %s%s\n", name,
+           strcmp(name, "transfer") == 0 ? " [--count N] [--concurrency C]" : "");
+}
+
+static int positive(const char *s, const char *what)
+{
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (*s == '\0' || *end != '\0' || v <= 0 || v > 10000000) {
+        fprintf(stderr, "pgscope-demo: %s must be a positive number, not \"%s\"\n", what, s);
+        exit(2);
+    }
+    return (int)v;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"conninfo", required_argument, 0, 'c'}, {"count", required_argument, 0, 'n'},
+        {"concurrency", required_argument, 0, 'j'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    int count = 1000, concurrency = 8, help = 0;
+    for (int ch; (ch = getopt_long(argc, argv, "h", longopts, NULL)) != -1;) {
+        switch (ch) {
+        case 'c':
+            conninfo = optarg;
+            break;
+        case 'n':
+            count = positive(optarg, "--count");
+            break;
+        case 'j':
+            concurrency = positive(optarg, "--concurrency");
+            break;
+        case 'h':
+            help = 1;
+            break;
+        default:
+            fprintf(stderr, "pgscope-demo: see pgscope-demo --help\n");
+            return 2;
+        }
+    }
+    const char *scenario = optind < argc ? argv[optind] : "tour";
+    if (optind + 1 < argc) {
+        fprintf(stderr, "pgscope-demo: unexpected argument \"%s\"\n", argv[optind + 1]);
+        return 2;
+    }
+    static const char *const names[] = {"tour",   "commit",  "rollback", "savepoint",
+                                        "cancel", "timeout", "retry",    "transfer"};
+    int known = 0;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        known |= strcmp(scenario, names[i]) == 0;
+    if (!known) {
+        fprintf(stderr, "pgscope-demo: no scenario \"%s\" (see pgscope-demo --help)\n", scenario);
+        return 2;
+    }
+    if (help) {
+        if (optind < argc)
+            scenario_help(scenario);
+        else
+            fputs(usage_text, stdout);
+        return 0;
+    }
+    base = event_base_new();
+    if (!base)
+        fatal("cannot create an event loop", NULL);
+    int all = strcmp(scenario, "tour") == 0;
+    {
+        pgs_conn *c = open_conn();
+        PGconn *pg = pgs_conn_pgconn(c);
+        printf("pgscope-demo: connected to %s:%s, database %s as %s (PostgreSQL %s)\n",
+               PQhost(pg), PQport(pg), PQdb(pg), PQuser(pg), PQparameterStatus(pg, "server_version"));
+        close_conn(c);
+    }
+    if (all || strcmp(scenario, "commit") == 0)
+        scenario_commit();
+    if (all || strcmp(scenario, "rollback") == 0)
+        scenario_rollback();
+    if (all || strcmp(scenario, "savepoint") == 0)
+        scenario_savepoint();
+    if (all || strcmp(scenario, "cancel") == 0)
+        scenario_cancel();
+    if (all || strcmp(scenario, "timeout") == 0)
+        scenario_timeout();
+    if (all || strcmp(scenario, "retry") == 0)
+        scenario_retry();
+    if (all || strcmp(scenario, "transfer") == 0)
+        scenario_transfer(all ? 500 : count, concurrency);
+    event_base_free(base);
+    printf("\n%s\n", failures ? "SOME CHECKS FAILED" : "every check held");
+    return failures ? 1 : 0;
+}
