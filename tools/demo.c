@@ -186,6 +186,30 @@ static long balance_of(pgs_conn *c, const char *id)
     return atol(query(c, "SELECT balance FROM demo_accounts WHERE id = $1::int", 1, v, 0).v[0][0]);
 }
 
+/* The accounts a scenario uses: the richest pays (so earlier runs, which moved money about,
+ * never turn a planned commit into an overdraft), the two poorest receive. */
+typedef struct parties {
+    char from[64], to[64], other[64];
+    char from_name[64], to_name[64], other_name[64];
+    char ids[200];
+} parties;
+
+static parties pick_parties(pgs_conn *c)
+{
+    rows r = query(c, "SELECT id, owner FROM demo_accounts ORDER BY balance DESC, id", 0, NULL, 0);
+    if (r.n < 3)
+        fatal("the demo needs at least 3 accounts in demo_accounts", NULL);
+    parties p;
+    snprintf(p.from, sizeof p.from, "%s", r.v[0][0]);
+    snprintf(p.from_name, sizeof p.from_name, "%s", r.v[0][1]);
+    snprintf(p.to, sizeof p.to, "%s", r.v[r.n - 1][0]);
+    snprintf(p.to_name, sizeof p.to_name, "%s", r.v[r.n - 1][1]);
+    snprintf(p.other, sizeof p.other, "%s", r.v[r.n - 2][0]);
+    snprintf(p.other_name, sizeof p.other_name, "%s", r.v[r.n - 2][1]);
+    snprintf(p.ids, sizeof p.ids, "{%s,%s,%s}", p.from, p.to, p.other);
+    return p;
+}
+
 static int backend_alive(pgs_conn *observer, int pid)
 {
     char p[16];
@@ -308,18 +332,20 @@ static void scenario_commit(void)
     printf("\n== commit: a transfer commits on clean exit\n");
     pgs_conn *c = open_conn();
     load_schema(c);
-    show_balances(c, "before:", "{1,2}");
-    long a0 = balance_of(c, "1"), b0 = balance_of(c, "2");
+    parties p = pick_parties(c);
+    show_balances(c, "before:", p.ids);
+    long a0 = balance_of(c, p.from), b0 = balance_of(c, p.to);
     job j;
-    make_job(&j, 1, 2, 100);
-    say("transfer 100 from alice to bob: BEGIN, two UPDATEs and COMMIT in one round trip");
+    make_job(&j, atoi(p.from), atoi(p.to), 100);
+    say("transfer 100 from %s to %s: BEGIN, two UPDATEs and COMMIT in one round trip",
+        p.from_name, p.to_name);
     run_job(c, &j, NULL);
     wait_for(&j.fired);
     report(&j);
-    show_balances(c, "after:", "{1,2}");
+    show_balances(c, "after:", p.ids);
     check(j.outcome == PGS_TX_COMMITTED && !j.has_err, "the transaction committed");
-    check(balance_of(c, "1") == a0 - 100 && balance_of(c, "2") == b0 + 100,
-          "alice has 100 less, bob 100 more");
+    check(balance_of(c, p.from) == a0 - 100 && balance_of(c, p.to) == b0 + 100,
+          "%s has 100 less, %s 100 more", p.from_name, p.to_name);
     close_conn(c);
 }
 
@@ -328,20 +354,22 @@ static void scenario_rollback(void)
     printf("\n== rollback: an error mid-way undoes the whole transaction\n");
     pgs_conn *c = open_conn();
     load_schema(c);
-    show_balances(c, "before:", "{3,4}");
-    long a0 = balance_of(c, "3"), b0 = balance_of(c, "4");
+    parties p = pick_parties(c);
+    show_balances(c, "before:", p.ids);
+    long a0 = balance_of(c, p.from), b0 = balance_of(c, p.to);
     job j;
-    make_job(&j, 3, 4, a0 + 1);
-    say("transfer %s from carol to dave: more than she has; the credit runs, the debit breaks "
-        "the CHECK", j.amount);
+    make_job(&j, atoi(p.from), atoi(p.to), a0 + 1);
+    say("transfer %s from %s to %s: more than there is; the credit runs, the debit breaks "
+        "the CHECK",
+        j.amount, p.from_name, p.to_name);
     run_job(c, &j, NULL);
     wait_for(&j.fired);
     report(&j);
-    show_balances(c, "after:", "{3,4}");
+    show_balances(c, "after:", p.ids);
     check(j.outcome == PGS_TX_ROLLED_BACK && strcmp(j.err.sqlstate, "23514") == 0,
           "rolled back with SQLSTATE 23514 (check_violation)");
-    check(balance_of(c, "3") == a0 && balance_of(c, "4") == b0,
-          "nothing changed: dave did not keep the credit");
+    check(balance_of(c, p.from) == a0 && balance_of(c, p.to) == b0,
+          "nothing changed: %s did not keep the credit", p.to_name);
     close_conn(c);
 }
 
@@ -373,8 +401,9 @@ static void scenario_savepoint(void)
     printf("\n== savepoint: an inner guard fails and is rolled back; the outer one commits\n");
     pgs_conn *c = open_conn();
     load_schema(c);
-    show_balances(c, "before:", "{5,6}");
-    long e0 = balance_of(c, "5"), f0 = balance_of(c, "6");
+    parties pt = pick_parties(c);
+    show_balances(c, "before:", pt.ids);
+    long e0 = balance_of(c, pt.from), f0 = balance_of(c, pt.to);
     rows before = query(c, "SELECT count(*) FROM demo_log", 0, NULL, 0);
     pgs_tx *outer, *inner;
     sp_state s = {0};
@@ -383,26 +412,26 @@ static void scenario_savepoint(void)
     const char *ev[] = {"savepoint demo: outer transfer of 10"};
     pgs_tx_query(outer, "INSERT INTO demo_log (event) VALUES ($1)", 1, ev, ignore_result, NULL);
     job ok_transfer;
-    make_job(&ok_transfer, 5, 6, 10);
+    make_job(&ok_transfer, atoi(pt.from), atoi(pt.to), 10);
     queue_transfer(outer, &ok_transfer);
     pgs_tx_savepoint(outer, NULL, NULL, &inner);
     job overdraft;
-    make_job(&overdraft, 5, 6, e0 * 10);
+    make_job(&overdraft, atoi(pt.from), atoi(pt.to), e0 * 10);
     queue_transfer(inner, &overdraft);
     pgs_tx_end(inner, 1, inner_done, &s);
     pgs_tx_end(outer, 1, outer_done, &s);
-    say("outer: log row + transfer 10 from erin to frank; inner savepoint: an overdraft of %s",
-        overdraft.amount);
+    say("outer: log row + transfer 10 from %s to %s; inner savepoint: an overdraft of %s",
+        pt.from_name, pt.to_name, overdraft.amount);
     wait_for(&s.outer_fired);
     say("inner: %s (%s, SQLSTATE %s)", outcome_name(s.inner.outcome), s.inner_err.message,
         s.inner_err.sqlstate);
     say("outer: %s", outcome_name(s.outer.outcome));
-    show_balances(c, "after:", "{5,6}");
+    show_balances(c, "after:", pt.ids);
     rows after = query(c, "SELECT count(*) FROM demo_log", 0, NULL, 0);
     check(s.inner.outcome == PGS_TX_ROLLED_BACK && strcmp(s.inner_err.sqlstate, "23514") == 0,
           "the inner guard rolled back to its savepoint");
     check(s.outer.outcome == PGS_TX_COMMITTED, "the outer guard committed");
-    check(balance_of(c, "5") == e0 - 10 && balance_of(c, "6") == f0 + 10 &&
+    check(balance_of(c, pt.from) == e0 - 10 && balance_of(c, pt.to) == f0 + 10 &&
               atol(after.v[0][0]) == atol(before.v[0][0]) + 1,
           "the outer work is there (10 moved, one log row), the inner work is not");
     close_conn(c);
@@ -430,12 +459,14 @@ static void long_statement(int by_timeout)
     pgs_conn *c = open_conn(), *observer = open_conn();
     load_schema(c);
     int pid = PQbackendPID(pgs_conn_pgconn(c));
-    long g0 = balance_of(observer, "7"), h0 = balance_of(observer, "8");
+    parties p = pick_parties(c);
+    long g0 = balance_of(observer, p.from), h0 = balance_of(observer, p.to);
     job j;
-    make_job(&j, 7, 8, 50);
+    make_job(&j, atoi(p.from), atoi(p.to), 50);
     j.extra_sql = "SELECT pg_sleep(30)";
     pgs_tx_opts opts = {.timeout_ms = by_timeout ? 500 : 0};
-    say("transfer 50 from grace to heidi, then SELECT pg_sleep(30) in the same transaction");
+    say("transfer 50 from %s to %s, then SELECT pg_sleep(30) in the same transaction",
+        p.from_name, p.to_name);
     run_job(c, &j, &opts);
     struct event *t = NULL;
     later l = {.j = &j};
@@ -460,7 +491,8 @@ static void long_statement(int by_timeout)
     check(j.ended - j.started < 2.0, "it took %.0f ms, not 30 s", (j.ended - j.started) * 1e3);
     check(gone, "backend gone");
     check(pgs_conn_pgconn(c) == NULL, "the connection guard's connection is closed");
-    check(balance_of(observer, "7") == g0 && balance_of(observer, "8") == h0, "nothing was written");
+    check(balance_of(observer, p.from) == g0 && balance_of(observer, p.to) == h0,
+          "nothing was written");
     close_conn(c);
     close_conn(observer);
 }
@@ -539,16 +571,17 @@ static void scenario_retry(void)
     printf("\n== retry: two conflicting serializable transfers; one is retried, both apply\n");
     pgs_conn *c1 = open_conn(), *c2 = open_conn();
     load_schema(c1);
-    show_balances(c1, "before:", "{1,2,3}");
-    long a0 = balance_of(c1, "1");
+    parties p = pick_parties(c1);
+    show_balances(c1, "before:", p.ids);
+    long a0 = balance_of(c1, p.from);
     rmw r1 = {0}, r2 = {0};
-    make_job(&r1.j, 1, 2, 5);
-    make_job(&r2.j, 1, 3, 7);
+    make_job(&r1.j, atoi(p.from), atoi(p.to), 5);
+    make_job(&r2.j, atoi(p.from), atoi(p.other), 7);
     rmw_jobs[0] = &r1;
     rmw_jobs[1] = &r2;
     rmw_parked = 0;
     pgs_tx_opts opts = {.isolation = PGS_ISO_SERIALIZABLE, .retries = 5};
-    say("both read alice's balance, then write it back less 5 and less 7");
+    say("both read %s's balance, then write it back less 5 and less 7", p.from_name);
     r1.j.started = r2.j.started = now_s();
     pgs_run_tx(c1, &opts, rmw_body, job_done, &r1.j);
     pgs_run_tx(c2, &opts, rmw_body, job_done, &r2.j);
@@ -556,10 +589,11 @@ static void scenario_retry(void)
     wait_for(&r2.j.fired);
     say("first:  %s after %d attempt(s)", outcome_name(r1.j.outcome), r1.j.attempts);
     say("second: %s after %d attempt(s)", outcome_name(r2.j.outcome), r2.j.attempts);
-    show_balances(c1, "after:", "{1,2,3}");
+    show_balances(c1, "after:", p.ids);
     check(r1.j.outcome == PGS_TX_COMMITTED && r2.j.outcome == PGS_TX_COMMITTED, "both committed");
     check(r1.j.attempts + r2.j.attempts == 3, "exactly one ran again (40001 serialization failure)");
-    check(balance_of(c1, "1") == a0 - 12, "alice lost 12 in all: no update was lost");
+    check(balance_of(c1, p.from) == a0 - 12, "%s lost 12 in all: no update was lost",
+          p.from_name);
     close_conn(c1);
     close_conn(c2);
 }
