@@ -604,7 +604,7 @@ typedef struct load {
     pgs_pool *pool;
     int count, concurrency, started, finished, commits, rollbacks, retries, other;
     unsigned seed;
-    double t0;
+    double t0, last_print;
     int tty;
 } load;
 
@@ -642,8 +642,10 @@ static void load_done(const pgs_tx_result *r, void *arg)
     else
         l->other++;
     free(lj);
-    if (l->tty && (l->finished % 50 == 0 || l->finished == l->count))
+    if (l->tty && (now_s() - l->last_print >= 0.1 || l->finished == l->count)) {
+        l->last_print = now_s(); /* ten updates a second at most: the line is for people */
         progress_line(l, 0);
+    }
     load_next(l);
 }
 
