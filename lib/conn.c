@@ -370,12 +370,20 @@ static void run_deferred(void *arg, int what)
         if (flush_output(c) != 0)
             goto not_ready;
         if (c->returning) {
-            /* The user's exit first, then the keeper has it: never both at once. */
-            c->returning = 0;
-            if (c->done)
-                c->done(c->done_arg);
+            /* The user's exit first, then the keeper has it: never both at once. While done
+             * runs, `returning` stays set, so a close or query from inside it is refused. */
+            pgs_done_cb done = c->done;
             c->done = NULL;
-            c->keeper->returned(c->keeper_arg, c);
+            if (done)
+                done(c->done_arg);
+            c->returning = 0;
+            if (c->state == CS_READY) {
+                c->keeper->returned(c->keeper_arg, c);
+            } else { /* lost meanwhile: an ordinary close (its done already fired) */
+                c->state = CS_CLOSING;
+                c->lost_due = 0;
+                loop_ev_post(c->defer);
+            }
         }
         return;
     }
@@ -1196,7 +1204,7 @@ void conn_set_keeper(pgs_conn *c, const conn_keeper *keeper, void *arg)
 
 int conn_kill(pgs_conn *c, pgs_code code, const char *msg, int send_cancel)
 {
-    if (c->state != CS_READY && c->state != CS_CONNECTING)
+    if ((c->state != CS_READY && c->state != CS_CONNECTING) || c->returning)
         return PGS_EMISUSE;
     if (send_cancel && c->state == CS_READY && c->sent.head && !c->cancel)
         start_cancel(c);

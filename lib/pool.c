@@ -12,6 +12,7 @@
 #include "loop.h"
 
 enum {
+    RESET_DEADLINE_MS = 10000,
     DEFAULT_MAX_SIZE = 10,
     DEFAULT_ACQUIRE_TIMEOUT_MS = 30000,
     DEFAULT_IDLE_TIMEOUT_MS = 300000,
@@ -35,13 +36,15 @@ typedef struct slot {
     pgs_conn *conn;
     slot_state state;
     double born;
-    loop_ev *idle_timer;
+    loop_ev *idle_timer; /* idle timeout / lifetime while idle, deadline while resetting */
+    struct pgs_pool_req *granted_to; /* set aside for a request not yet delivered */
 } slot;
 
 typedef enum req_state {
     RQ_WAITING, /* in the queue; its event is the timeout */
     RQ_GRANTED, /* a connection is set aside; its event delivers it */
     RQ_FAILED,  /* cancelled or the pool closed; its event delivers err */
+    RQ_FIRING,  /* its callback runs: too late to cancel */
 } req_state;
 
 struct pgs_pool_req {
@@ -53,6 +56,7 @@ struct pgs_pool_req {
     req_state state;
     slot *granted;
     pgs_error err;
+    double deadline; /* when its acquire timeout ends */
 };
 
 struct pgs_pool {
@@ -63,6 +67,8 @@ struct pgs_pool {
     slot *all;
     pgs_pool_req *wait_head, *wait_tail;
     int size, nidle, in_use, waiting, connecting;
+    int retiring;  /* closing, not yet gone: not counted toward min_size */
+    int resetting; /* back from a user, DISCARD ALL in flight: about to be free */
     int requests; /* acquire callbacks not yet fired: the pool outlives them */
     int closing;
     pgs_done_cb done;
@@ -127,6 +133,19 @@ static void wait_push(pgs_pool_req *r)
     p->waiting++;
 }
 
+static void wait_push_front(pgs_pool_req *r)
+{
+    pgs_pool *p = r->pool;
+    r->prev = NULL;
+    r->next = p->wait_head;
+    if (p->wait_head)
+        p->wait_head->prev = r;
+    else
+        p->wait_tail = r;
+    p->wait_head = r;
+    p->waiting++;
+}
+
 static void wait_remove(pgs_pool_req *r)
 {
     pgs_pool *p = r->pool;
@@ -159,6 +178,8 @@ static void slot_free(slot *s)
         p->all = s->all_next;
     if (s->all_next)
         s->all_next->all_prev = s->all_prev;
+    if (s->state == SL_CLOSING)
+        p->retiring--;
     loop_ev_free(s->idle_timer);
     free(s);
     p->size--;
@@ -177,12 +198,15 @@ static void slot_gone(void *arg)
 /* Close a slot's connection (really: the keeper lets go first). */
 static void retire(slot *s)
 {
+    if (s->state == SL_CLOSING)
+        return; /* already on its way out: slot_gone comes once */
     if (s->state == SL_IDLE)
         idle_remove(s);
+    loop_ev_stop(s->idle_timer);
     s->state = SL_CLOSING;
+    s->pool->retiring++;
     conn_set_keeper(s->conn, NULL, NULL);
-    if (pgs_conn_close(s->conn, slot_gone, s) != PGS_OK)
-        slot_gone(s); /* cannot happen for a guard the pool holds; never leak the slot */
+    pgs_conn_close(s->conn, slot_gone, s); /* the pool's guards always accept this close */
 }
 
 static int expired(const slot *s)
@@ -191,13 +215,41 @@ static int expired(const slot *s)
     return life > 0 && now_ms() - s->born >= life;
 }
 
+/* While idle: wake at the idle timeout or the end of its lifetime, whichever is first. */
+static void arm_idle_timer(slot *s)
+{
+    pgs_pool *p = s->pool;
+    double wait = p->opts.idle_timeout_ms > 0 ? p->opts.idle_timeout_ms : -1;
+    if (p->opts.max_lifetime_ms > 0) {
+        double left = s->born + p->opts.max_lifetime_ms - now_ms();
+        if (wait < 0 || left < wait)
+            wait = left < 1 ? 1 : left;
+    }
+    if (wait > 0)
+        loop_ev_timer(s->idle_timer, (int)wait);
+}
+
 static void on_idle_timeout(void *arg, int what)
 {
     (void)what;
     slot *s = arg;
     pgs_pool *p = s->pool;
-    if (s->state == SL_IDLE && (p->size > p->opts.min_size || expired(s)))
+    if (s->state == SL_RESETTING) {
+        /* DISCARD ALL got no answer (a half-open connection, a lock): give up on it. */
+        conn_kill(s->conn, PGS_ETIMEDOUT, "the session reset took too long", 1);
+        return;
+    }
+    if (s->state != SL_IDLE)
+        return;
+    if (expired(s)) {
+        p->counters.replaced++;
         retire(s);
+        dispatch(p); /* min_size brings a fresh one */
+    } else if (p->size - p->retiring > p->opts.min_size) {
+        retire(s);
+    } else {
+        arm_idle_timer(s); /* kept for min_size: its lifetime still counts */
+    }
 }
 
 /* ---- requests ---- */
@@ -223,21 +275,38 @@ static void req_fire(void *arg, int what)
                     "no connection became free within the acquire timeout", NULL);
         }
         break;
-    case RQ_GRANTED:
-        conn = r->granted->conn;
+    case RQ_GRANTED: {
+        slot *s = r->granted;
+        s->granted_to = NULL;
+        if (!conn_ready(s->conn)) {
+            /* Died between the grant and now: never hand out a dead one. Back to the head
+             * of the line, with the time it has left. */
+            p->in_use--;
+            p->counters.replaced++;
+            retire(s);
+            r->state = RQ_WAITING;
+            r->granted = NULL;
+            wait_push_front(r);
+            if (p->opts.acquire_timeout_ms > 0)
+                loop_ev_timer(r->ev, r->deadline - now_ms() > 1 ? (int)(r->deadline - now_ms())
+                                                                 : 1);
+            dispatch(p);
+            return;
+        }
+        conn = s->conn;
         err = NULL;
         p->counters.acquired++;
         break;
+    }
     case RQ_FAILED:
+    case RQ_FIRING:
         break;
     }
-    pgs_conn_cb cb = r->cb;
-    void *cb_arg = r->arg;
-    pgs_error e = r->err;
+    r->state = RQ_FIRING;
+    r->cb(conn, err, r->arg);
     loop_ev_free(r->ev);
     free(r);
     p->requests--;
-    cb(conn, err ? &e : NULL, cb_arg);
     maybe_finish(p);
 }
 
@@ -247,6 +316,7 @@ static void grant(pgs_pool_req *r, slot *s)
     wait_remove(r);
     r->state = RQ_GRANTED;
     r->granted = s;
+    s->granted_to = r;
     s->state = SL_IN_USE;
     p->in_use++;
     loop_ev_stop(r->ev);
@@ -298,7 +368,7 @@ static void slot_lost(pgs_conn *conn, const pgs_error *err, void *arg)
         retire(s);
         return;
     }
-    if (s->state == SL_IN_USE && p->opts.conn.on_lost)
+    if (s->state == SL_IN_USE && !s->granted_to && p->opts.conn.on_lost)
         p->opts.conn.on_lost(conn, err, p->opts.conn.lost_arg);
 }
 
@@ -320,8 +390,11 @@ static void slot_opened(pgs_conn *conn, const pgs_error *err, void *arg)
     p->retry_ms = 0;
     s->born = now_ms();
     conn_set_keeper(conn, &keeper, s);
+    s->state = SL_IN_USE; /* neither connecting nor idle while on_connect runs */
     if (p->opts.on_connect)
         p->opts.on_connect(conn, p->opts.cb_arg);
+    if (s->state == SL_CLOSING)
+        return; /* the pool was closed from on_connect */
     slot_available(s);
 }
 
@@ -376,9 +449,11 @@ static void dispatch(pgs_pool *p)
     }
     if (p->retry_armed)
         return;
-    int want = p->waiting - p->connecting;
-    if (p->opts.min_size - p->size > want)
-        want = p->opts.min_size - p->size;
+    /* Connections being opened or reset will serve waiters soon: open only for the rest. */
+    int want = p->waiting - p->connecting - p->resetting;
+    int live = p->size - p->retiring;
+    if (p->opts.min_size - live > want)
+        want = p->opts.min_size - live;
     while (want-- > 0 && p->size < p->opts.max_size && !p->retry_armed)
         open_slot(p);
 }
@@ -398,8 +473,7 @@ static void slot_available(slot *s)
         return;
     }
     idle_push(s);
-    if (p->opts.idle_timeout_ms > 0)
-        loop_ev_timer(s->idle_timer, p->opts.idle_timeout_ms);
+    arm_idle_timer(s);
 }
 
 /* ---- the guard comes back ---- */
@@ -411,9 +485,12 @@ static void reset_done(pgs_conn *conn, const PGresult *res, const pgs_error *err
     slot *s = arg;
     pgs_pool *p = s->pool;
     p->in_use--;
-    if (err) {
+    p->resetting--;
+    loop_ev_stop(s->idle_timer);
+    if (err || !conn_clean(s->conn)) { /* a reset that failed or left anything behind */
         p->counters.replaced++;
         retire(s);
+        dispatch(p);
         return;
     }
     slot_available(s);
@@ -438,7 +515,11 @@ static void slot_returned(void *arg, pgs_conn *conn)
         p->in_use--;
         p->counters.replaced++;
         retire(s);
+        dispatch(p);
+        return;
     }
+    p->resetting++;
+    loop_ev_timer(s->idle_timer, RESET_DEADLINE_MS); /* every wait has a deadline */
 }
 
 /* The user closed a guard that could not come back (or it was lost): it is gone. */
@@ -534,6 +615,7 @@ int pgs_pool_acquire(pgs_pool *p, pgs_conn_cb cb, void *arg, pgs_pool_req **out)
     r->state = RQ_WAITING;
     p->requests++;
     wait_push(r);
+    r->deadline = now_ms() + p->opts.acquire_timeout_ms;
     if (p->opts.acquire_timeout_ms > 0)
         loop_ev_timer(r->ev, p->opts.acquire_timeout_ms);
     dispatch(p); /* a grant is delivered from the loop, never from inside this call */
@@ -547,13 +629,14 @@ int pgs_pool_acquire_cancel(pgs_pool_req *r)
     if (!r)
         return PGS_EINVAL;
     pgs_pool *p = r->pool;
-    if (r->state == RQ_FAILED)
+    if (r->state == RQ_FAILED || r->state == RQ_FIRING)
         return PGS_EMISUSE;
     p->counters.canceled++;
     if (r->state == RQ_GRANTED) {
         /* Set aside but not yet delivered: the cancel wins, the connection moves on. */
         slot *s = r->granted;
         r->granted = NULL;
+        s->granted_to = NULL;
         p->in_use--;
         slot_available(s);
     }

@@ -416,6 +416,99 @@ START_TEST(test_close_with_waiters_and_guards_out)
 }
 END_TEST
 
+/* ---- re-entrant calls from inside the pool's callbacks ---- */
+
+typedef struct reenter {
+    pgs_conn *conn;
+    int close_rc, query_rc, done;
+    pgs_pool *pool;
+    pgs_pool_req *req;
+    int cancel_rc, fired;
+} reenter;
+
+static void done_then_reenter(void *arg)
+{
+    reenter *r = arg;
+    r->done++;
+    th_call k = {0};
+    r->close_rc = pgs_conn_close(r->conn, th_count_done, &r->done); /* already closing */
+    r->query_rc = pgs_query(r->conn, "BEGIN", 0, NULL, th_record, &k);
+}
+
+static void got_then_cancel_self(pgs_conn *conn, const pgs_error *err, void *arg)
+{
+    reenter *r = arg;
+    r->fired++;
+    r->conn = conn;
+    (void)err;
+    r->cancel_rc = pgs_pool_acquire_cancel(r->req); /* its own callback: too late */
+}
+
+static void close_pool_on_connect(pgs_conn *c, void *arg)
+{
+    (void)c;
+    reenter *r = arg;
+    if (!r->fired++)
+        r->cancel_rc = pgs_pool_close(r->pool, th_count_done, &r->done);
+}
+
+START_TEST(test_reentrant_calls_are_refused_or_safe)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 1};
+    pgs_pool *p = new_pool(b, "pgs_pool_reenter", o);
+    reenter r = {.pool = p};
+    ck_assert_int_eq(pgs_pool_acquire(p, got_then_cancel_self, &r, &r.req), PGS_OK);
+    th_run_until(b, &r.fired, 10);
+    ck_assert_int_eq(r.cancel_rc, PGS_EMISUSE);
+    ck_assert_ptr_nonnull(r.conn);
+    int pid = th_backend_pid(r.conn);
+    ck_assert_int_eq(pgs_conn_close(r.conn, done_then_reenter, &r), PGS_OK);
+    th_run_until(b, &r.done, 5);
+    ck_assert_int_eq(r.close_rc, PGS_EMISUSE);
+    ck_assert_int_eq(r.query_rc, PGS_EMISUSE); /* nothing slips in after the user's exit */
+    pgs_conn *c = acquire(b, p);
+    ck_assert_int_eq(th_backend_pid(c), pid);
+    ck_assert_int_eq(PQtransactionStatus(pgs_conn_pgconn(c)), PQTRANS_IDLE);
+    release(b, c);
+    close_pool(b, p);
+    ck_assert_int_eq(r.done, 1);
+    /* closing the pool from on_connect */
+    reenter q = {0};
+    pgs_pool_opts oc = {.min_size = 1, .max_size = 1, .on_connect = close_pool_on_connect,
+                        .cb_arg = &q};
+    q.pool = new_pool(b, "pgs_pool_reenter", oc);
+    th_run_until(b, &q.done, 10);
+    ck_assert_int_eq(q.cancel_rc, PGS_OK);
+    th_loop_end(b);
+    ck_assert_int_eq(q.done, 1);
+}
+END_TEST
+
+START_TEST(test_idle_timeout_keeps_min_size)
+{
+    struct event_base *b = th_loop_begin();
+    connects = 0;
+    pgs_pool_opts o = {.min_size = 2, .max_size = 5, .idle_timeout_ms = 200,
+                       .on_connect = count_connect, .cb_arg = &connects};
+    pgs_pool *p = new_pool(b, "pgs_pool_idle", o);
+    pgs_conn *c[5];
+    for (int i = 0; i < 5; i++)
+        c[i] = acquire(b, p);
+    for (int i = 0; i < 5; i++)
+        release(b, c[i]);
+    wait_counts(b, p, 5, 5, 5);
+    wait_counts(b, p, 2, 2, 5); /* the three above min_size went idle too long */
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    ck_assert_int_eq(st.replaced, 0);
+    ck_assert_int_eq(connects, 5); /* none below min_size was closed and reopened */
+    ck_assert_int_eq(backends("pgs_pool_idle"), 2);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
 /* ---- server restart (its own server: see main) ---- */
 
 static void pgctl(const char *args)
@@ -469,6 +562,8 @@ static Suite *pool_suite(int restart_only)
         tcase_add_test(t, test_terminated_idle_backends_replaced);
         tcase_add_test(t, test_cancelled_waiter_and_fifo_handover);
         tcase_add_test(t, test_close_with_waiters_and_guards_out);
+        tcase_add_test(t, test_reentrant_calls_are_refused_or_safe);
+        tcase_add_test(t, test_idle_timeout_keeps_min_size);
     }
     suite_add_tcase(s, t);
     return s;
