@@ -231,6 +231,9 @@ typedef struct pgs_tx_opts {
     /* Client-side limit for the whole transaction, from begin to the end's reply, in ms. When
      * it passes, the transaction is cancelled like pgs_tx_cancel, with PGS_ETIMEDOUT. 0: none. */
     int timeout_ms;
+    /* Send BEGIN on its own round trip: statements wait for its reply instead of going out in
+     * the same write. Slower; for comparison (the benchmark's plain 3-round-trip mode). */
+    int begin_alone;
     /* How long a cancel or timeout waits for the reply of a COMMIT already sent. 0: 5000. */
     int commit_grace_ms;
     /* pgs_run_tx only: run the body again, up to this many more times, after a serialization

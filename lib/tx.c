@@ -331,6 +331,12 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
     case K_BEGIN:
         if (err)
             note_failure(tx, err);
+        if (tx->plug && !tx->parent) {
+            int plug = tx->plug;
+            tx->plug = 0;
+            if (tx->conn)
+                conn_unplug(tx->conn, plug);
+        }
         if (tx->on_begun) {
             pgs_tx_cb cb = tx->on_begun;
             tx->on_begun = NULL;
@@ -537,6 +543,8 @@ int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, vo
     }
     /* From here the transaction counts as open: BEGIN is queued. */
     conn_set_owner(conn, tx, conn_freed_under_tx);
+    if (tx->opts.begin_alone)
+        tx->plug = conn_plug(conn); /* statements wait for BEGIN's reply */
     if (tx->opts.statement_timeout_ms > 0) {
         char ms[16];
         snprintf(ms, sizeof ms, "%d", tx->opts.statement_timeout_ms);

@@ -1,0 +1,731 @@
+/* pgscope-bench: the same closed-loop workloads, in one run against one server, through
+ * hand-written non-blocking libpq on a libevent loop (the baseline), through pgscope's guards,
+ * through pgscope's transactions on the pool, and through pgbench; it prints transactions per
+ * second, p50/p99 latency and the ratios between them. Uses the public header only (plus
+ * libpq and libevent directly for the baseline). Not a test: see README, Performance. */
+#include <getopt.h>
+#include <malloc.h>
+#include <pgscope.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+static struct event_base *base;
+static int accounts = 100000; /* pgbench_accounts rows (scale 1) */
+static unsigned seed = 12345;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void die(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "pgscope-bench: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(2);
+}
+
+/* ---- one measured run: clients in a closed loop until the deadline ---- */
+
+typedef struct run {
+    double end_at;
+    int active; /* clients still running */
+    double *lat;
+    size_t nlat, cap;
+    long errors;
+} run;
+
+static void record(run *r, double started)
+{
+    if (r->nlat == r->cap) {
+        r->cap = r->cap ? r->cap * 2 : 65536;
+        r->lat = realloc(r->lat, r->cap * sizeof *r->lat);
+        if (!r->lat)
+            die("out of memory");
+    }
+    r->lat[r->nlat++] = now_s() - started;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+typedef struct result {
+    char name[64];
+    double tps, p50_ms, p99_ms;
+    long errors;
+} result;
+
+static result results[64];
+static int nresults;
+
+static result *finish_run(run *r, const char *name, double seconds)
+{
+    result *res = &results[nresults++];
+    snprintf(res->name, sizeof res->name, "%s", name);
+    qsort(r->lat, r->nlat, sizeof *r->lat, cmp_double);
+    res->tps = (double)r->nlat / seconds;
+    res->p50_ms = r->nlat ? r->lat[r->nlat / 2] * 1e3 : 0;
+    res->p99_ms = r->nlat ? r->lat[(size_t)((double)r->nlat * 0.99)] * 1e3 : 0;
+    res->errors = r->errors;
+    free(r->lat);
+    printf("  %-44s %9.0f tx/s  p50 %6.3f ms  p99 %6.3f ms%s\n", name, res->tps, res->p50_ms,
+           res->p99_ms, r->errors ? "  (errors!)" : "");
+    fflush(stdout);
+    return res;
+}
+
+static void drive(run *r)
+{
+    while (r->active > 0)
+        event_base_loop(base, EVLOOP_ONCE);
+}
+
+static char *random_aid(char *buf)
+{
+    snprintf(buf, 16, "%d", 1 + (int)(rand_r(&seed) % (unsigned)accounts));
+    return buf;
+}
+
+static const char update_sql[] =
+    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = $1::int";
+
+/* ---- the baseline: hand-written non-blocking libpq on the same loop ---- */
+
+typedef enum { W_SELECT, W_TX3, W_TXPIPE } workload;
+
+typedef struct raw {
+    PGconn *pg;
+    struct event *ev;
+    run *r;
+    workload w;
+    int step;
+    double t0;
+    char aid[16];
+} raw;
+
+static void raw_send(raw *c)
+{
+    static const char *const tx3[] = {"BEGIN", update_sql, "COMMIT"};
+    const char *v[] = {c->aid};
+    int ok = 1;
+    switch (c->w) {
+    case W_SELECT:
+        ok = PQsendQueryParams(c->pg, "SELECT 1", 0, NULL, NULL, NULL, NULL, 0);
+        break;
+    case W_TX3:
+        ok = PQsendQueryParams(c->pg, tx3[c->step], c->step == 1, NULL, c->step == 1 ? v : NULL,
+                               NULL, NULL, 0);
+        break;
+    case W_TXPIPE:
+        ok = PQsendQueryParams(c->pg, "BEGIN", 0, NULL, NULL, NULL, NULL, 0) &&
+             PQsendQueryParams(c->pg, update_sql, 1, NULL, v, NULL, NULL, 0) &&
+             PQsendQueryParams(c->pg, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) &&
+             PQpipelineSync(c->pg);
+        break;
+    }
+    if (!ok || PQflush(c->pg) < 0)
+        die("raw libpq: %s", PQerrorMessage(c->pg));
+}
+
+static void raw_start(raw *c)
+{
+    if (now_s() >= c->r->end_at) {
+        c->r->active--;
+        return;
+    }
+    c->t0 = now_s();
+    c->step = 0;
+    random_aid(c->aid);
+    raw_send(c);
+}
+
+static void raw_readable(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    raw *c = arg;
+    if (!PQconsumeInput(c->pg))
+        die("raw libpq: %s", PQerrorMessage(c->pg));
+    for (;;) {
+        if (PQisBusy(c->pg))
+            return;
+        PGresult *res = PQgetResult(c->pg);
+        if (c->w == W_TXPIPE) {
+            if (!res)
+                continue; /* the end of one statement's results */
+            ExecStatusType st = PQresultStatus(res);
+            PQclear(res);
+            if (st == PGRES_FATAL_ERROR || st == PGRES_PIPELINE_ABORTED)
+                c->r->errors++;
+            if (st != PGRES_PIPELINE_SYNC)
+                continue;
+            record(c->r, c->t0);
+            raw_start(c);
+            return;
+        }
+        if (res) {
+            if (PQresultStatus(res) == PGRES_FATAL_ERROR)
+                c->r->errors++;
+            PQclear(res);
+            continue;
+        }
+        /* NULL: this statement is done */
+        if (c->w == W_TX3 && ++c->step < 3) {
+            raw_send(c);
+            return;
+        }
+        record(c->r, c->t0);
+        raw_start(c);
+        return;
+    }
+}
+
+static void bench_raw(const char *conninfo, workload w, int n, double seconds, const char *name)
+{
+    raw *cs = calloc((size_t)n, sizeof *cs);
+    run r = {0};
+    for (int i = 0; i < n; i++) {
+        cs[i].pg = PQconnectdb(conninfo);
+        if (PQstatus(cs[i].pg) != CONNECTION_OK)
+            die("raw libpq: %s", PQerrorMessage(cs[i].pg));
+        PQsetnonblocking(cs[i].pg, 1);
+        if (w == W_TXPIPE)
+            PQenterPipelineMode(cs[i].pg);
+        cs[i].r = &r;
+        cs[i].w = w;
+        cs[i].ev = event_new(base, PQsocket(cs[i].pg), EV_READ | EV_PERSIST, raw_readable, &cs[i]);
+        event_add(cs[i].ev, NULL);
+    }
+    r.end_at = now_s() + seconds;
+    r.active = n;
+    double t0 = now_s();
+    for (int i = 0; i < n; i++)
+        raw_start(&cs[i]);
+    drive(&r);
+    double el = now_s() - t0;
+    for (int i = 0; i < n; i++) {
+        event_free(cs[i].ev);
+        PQfinish(cs[i].pg);
+    }
+    free(cs);
+    finish_run(&r, name, el);
+}
+
+/* ---- pgscope: a guard per connection, a statement at a time ---- */
+
+typedef struct guard_client {
+    pgs_conn *conn;
+    run *r;
+    double t0;
+} guard_client;
+
+static void opened(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    (void)c;
+    if (err)
+        die("pgscope: %s", err->message);
+    (*(int *)arg)++;
+}
+
+static void closed(void *arg)
+{
+    (*(int *)arg)++;
+}
+
+static void guard_next(guard_client *g);
+
+static void guard_done(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c;
+    (void)res;
+    guard_client *g = arg;
+    if (err)
+        g->r->errors++;
+    record(g->r, g->t0);
+    guard_next(g);
+}
+
+static void guard_next(guard_client *g)
+{
+    if (now_s() >= g->r->end_at) {
+        g->r->active--;
+        return;
+    }
+    g->t0 = now_s();
+    if (pgs_query(g->conn, "SELECT 1", 0, NULL, guard_done, g) != PGS_OK)
+        die("pgscope: cannot queue");
+}
+
+static void bench_guard(const char *conninfo, int n, double seconds, const char *name)
+{
+    guard_client *gs = calloc((size_t)n, sizeof *gs);
+    run r = {0};
+    int up = 0;
+    for (int i = 0; i < n; i++) {
+        gs[i].r = &r;
+        if (pgs_conn_open(base, conninfo, NULL, opened, &up, &gs[i].conn) != PGS_OK)
+            die("pgscope: cannot open");
+    }
+    while (up < n)
+        event_base_loop(base, EVLOOP_ONCE);
+    r.end_at = now_s() + seconds;
+    r.active = n;
+    double t0 = now_s();
+    for (int i = 0; i < n; i++)
+        guard_next(&gs[i]);
+    drive(&r);
+    double el = now_s() - t0;
+    int down = 0;
+    for (int i = 0; i < n; i++)
+        pgs_conn_close(gs[i].conn, closed, &down);
+    while (down < n)
+        event_base_loop(base, EVLOOP_ONCE);
+    free(gs);
+    finish_run(&r, name, el);
+}
+
+/* ---- pgscope: BEGIN; UPDATE; COMMIT through pgs_pool_run_tx ---- */
+
+typedef struct tx_client {
+    pgs_pool *pool;
+    run *r;
+    double t0;
+    char aid[16];
+    const pgs_tx_opts *opts;
+    int wait_update; /* the plain form: COMMIT only after the UPDATE's reply */
+} tx_client;
+
+static void tx_next(tx_client *t);
+
+static void updated(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c;
+    (void)res;
+    (void)err;
+    pgs_tx_end(arg, 1, NULL, NULL);
+}
+
+static void ignore(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c;
+    (void)res;
+    (void)err;
+    (void)arg;
+}
+
+static void tx_body(pgs_tx *tx, void *arg)
+{
+    tx_client *t = arg;
+    const char *v[] = {t->aid};
+    if (t->wait_update) {
+        pgs_tx_query(tx, update_sql, 1, v, updated, tx);
+        return;
+    }
+    pgs_tx_query(tx, update_sql, 1, v, ignore, NULL);
+    pgs_tx_end(tx, 1, NULL, NULL);
+}
+
+static void tx_done(const pgs_tx_result *res, void *arg)
+{
+    tx_client *t = arg;
+    if (res->outcome != PGS_TX_COMMITTED)
+        t->r->errors++;
+    record(t->r, t->t0);
+    tx_next(t);
+}
+
+static void tx_next(tx_client *t)
+{
+    if (now_s() >= t->r->end_at) {
+        t->r->active--;
+        return;
+    }
+    t->t0 = now_s();
+    random_aid(t->aid);
+    if (pgs_pool_run_tx(t->pool, t->opts, tx_body, tx_done, t) != PGS_OK)
+        die("pgscope: cannot queue a transaction");
+}
+
+static void pool_closed(void *arg)
+{
+    *(int *)arg = 1;
+}
+
+static void wait_pool_full(pgs_pool *p, int n)
+{
+    for (pgs_pool_counts st;;) {
+        pgs_pool_stats(p, &st);
+        if (st.idle >= n)
+            return;
+        event_base_loop(base, EVLOOP_ONCE);
+    }
+}
+
+static void bench_tx(const char *conninfo, int n, double seconds, int plain, const char *name)
+{
+    pgs_pool_opts po = {.min_size = n, .max_size = n};
+    pgs_pool *pool;
+    if (pgs_pool_new(base, conninfo, &po, &pool) != PGS_OK)
+        die("pgscope: cannot create a pool");
+    wait_pool_full(pool, n);
+    pgs_tx_opts opts = {.begin_alone = plain};
+    tx_client *ts = calloc((size_t)n, sizeof *ts);
+    run r = {0};
+    for (int i = 0; i < n; i++)
+        ts[i] = (tx_client){.pool = pool, .r = &r, .opts = &opts, .wait_update = plain};
+    r.end_at = now_s() + seconds;
+    r.active = n;
+    double t0 = now_s();
+    for (int i = 0; i < n; i++)
+        tx_next(&ts[i]);
+    drive(&r);
+    double el = now_s() - t0;
+    int done = 0;
+    pgs_pool_close(pool, pool_closed, &done);
+    while (!done)
+        event_base_loop(base, EVLOOP_ONCE);
+    free(ts);
+    finish_run(&r, name, el);
+}
+
+/* ---- pgbench, the server's own tool, on the same server in the same run ---- */
+
+static const char *pgbench_path(void)
+{
+    static char path[512];
+    FILE *f = popen("ls -d /usr/lib/postgresql/*/bin/pgbench 2>/dev/null | sort -V | tail -1", "r");
+    if (!f || !fgets(path, sizeof path, f)) {
+        if (f)
+            pclose(f);
+        return NULL;
+    }
+    pclose(f);
+    path[strcspn(path, "\n")] = '\0';
+    return path[0] ? path : NULL;
+}
+
+static void bench_pgbench(const char *pgbench, const char *conninfo, int n, double seconds,
+                          int pipelined, const char *name)
+{
+    char script[] = "/tmp/pgscope-bench-XXXXXX";
+    int fd = mkstemp(script);
+    if (fd < 0)
+        die("cannot write the pgbench script");
+    FILE *f = fdopen(fd, "w");
+    fprintf(f, "\\set aid random(1, %d)\n%sBEGIN;\n"
+               "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n"
+               "COMMIT;\n%s",
+            accounts, pipelined ? "\\startpipeline\n" : "", pipelined ? "\\endpipeline\n" : "");
+    fclose(f);
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd,
+             "'%s' -n -M prepared -f '%s' -c %d -j 1 -T %d '%s' 2>&1", pgbench, script, n,
+             (int)(seconds + 0.5), conninfo);
+    FILE *out = popen(cmd, "r");
+    double tps = 0, lat = 0;
+    char line[512];
+    while (out && fgets(line, sizeof line, out)) {
+        sscanf(line, "latency average = %lf ms", &lat);
+        sscanf(line, "tps = %lf", &tps);
+    }
+    if (out)
+        pclose(out);
+    unlink(script);
+    result *res = &results[nresults++];
+    snprintf(res->name, sizeof res->name, "%s", name);
+    res->tps = tps;
+    res->p50_ms = lat; /* pgbench reports the average; shown in the p50 column, marked */
+    res->p99_ms = 0;
+    printf("  %-44s %9.0f tx/s  avg %6.3f ms  (pgbench, -M prepared)\n", name, tps, lat);
+    fflush(stdout);
+}
+
+/* ---- memory: pgscope's own bytes per connection, beyond libpq's ---- */
+
+static size_t heap_in_use(void)
+{
+    struct mallinfo2 mi = mallinfo2();
+    return mi.uordblks + mi.hblkhd;
+}
+
+static void bench_memory(const char *conninfo, int n)
+{
+    /* n raw PGconn, then n guards: the difference is pgscope's state (libevent's events
+     * included, which a hand-written loop would need too, in some form). */
+    PGconn **pg = calloc((size_t)n, sizeof *pg);
+    size_t before = heap_in_use();
+    for (int i = 0; i < n; i++) {
+        pg[i] = PQconnectdb(conninfo);
+        if (PQstatus(pg[i]) != CONNECTION_OK)
+            die("raw libpq: %s", PQerrorMessage(pg[i]));
+        PQsetnonblocking(pg[i], 1);
+        PQenterPipelineMode(pg[i]);
+    }
+    size_t raw_bytes = heap_in_use() - before;
+    for (int i = 0; i < n; i++)
+        PQfinish(pg[i]);
+    free(pg);
+    pgs_conn **gs = calloc((size_t)n, sizeof *gs);
+    int up = 0;
+    before = heap_in_use();
+    for (int i = 0; i < n; i++)
+        pgs_conn_open(base, conninfo, NULL, opened, &up, &gs[i]);
+    while (up < n)
+        event_base_loop(base, EVLOOP_ONCE);
+    size_t guard_bytes = heap_in_use() - before;
+    int down = 0;
+    for (int i = 0; i < n; i++)
+        pgs_conn_close(gs[i], closed, &down);
+    while (down < n)
+        event_base_loop(base, EVLOOP_ONCE);
+    free(gs);
+    long per = ((long)guard_bytes - (long)raw_bytes) / n;
+    printf("  memory: libpq %zu B per connection, pgscope guard %zu B: pgscope's own %ld B "
+           "per connection (%d connections)\n",
+           raw_bytes / (size_t)n, guard_bytes / (size_t)n, per, n);
+}
+
+/* ---- scale: 10,000 transaction requests queued at once on a 20-connection pool ---- */
+
+typedef struct scale_req {
+    double queued, started;
+    int fired, committed;
+} scale_req;
+
+static void scale_body(pgs_tx *tx, void *arg)
+{
+    scale_req *q = arg;
+    q->started = now_s();
+    char aid[16];
+    const char *v[] = {random_aid(aid)};
+    pgs_tx_query(tx, update_sql, 1, v, ignore, NULL);
+    pgs_tx_end(tx, 1, NULL, NULL);
+}
+
+static int scale_fired;
+
+static void scale_done(const pgs_tx_result *res, void *arg)
+{
+    scale_req *q = arg;
+    q->fired++;
+    q->committed = res->outcome == PGS_TX_COMMITTED;
+    scale_fired++;
+}
+
+static long max_rss_kb(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_maxrss;
+}
+
+static void bench_scale(const char *conninfo, int requests, int poolsize)
+{
+    pgs_pool_opts po = {.min_size = poolsize, .max_size = poolsize, .acquire_timeout_ms = -1};
+    pgs_pool *pool;
+    if (pgs_pool_new(base, conninfo, &po, &pool) != PGS_OK)
+        die("pgscope: cannot create a pool");
+    wait_pool_full(pool, poolsize);
+    scale_req *q = calloc((size_t)requests, sizeof *q);
+    size_t heap0 = heap_in_use(), heap_peak = heap0;
+    long rss0 = max_rss_kb();
+    double t0 = now_s();
+    scale_fired = 0;
+    for (int i = 0; i < requests; i++) {
+        q[i].queued = now_s();
+        if (pgs_pool_run_tx(pool, NULL, scale_body, scale_done, &q[i]) != PGS_OK)
+            die("pgscope: cannot queue");
+    }
+    size_t heap_queued = heap_in_use();
+    while (scale_fired < requests) {
+        event_base_loop(base, EVLOOP_ONCE);
+        size_t h = heap_in_use();
+        if (h > heap_peak)
+            heap_peak = h;
+    }
+    double el = now_s() - t0;
+    int once = 0, committed = 0;
+    double *wait = calloc((size_t)requests, sizeof *wait);
+    for (int i = 0; i < requests; i++) {
+        once += q[i].fired == 1;
+        committed += q[i].committed;
+        wait[i] = q[i].started - q[i].queued;
+    }
+    qsort(wait, (size_t)requests, sizeof *wait, cmp_double);
+    int done = 0;
+    pgs_pool_close(pool, pool_closed, &done);
+    while (!done)
+        event_base_loop(base, EVLOOP_ONCE);
+    size_t heap_after = heap_in_use();
+    printf("  scale: %d requests queued at once on a pool of %d: %d done exactly once, %d "
+           "committed, in %.2f s (%.0f tx/s)\n",
+           requests, poolsize, once, committed, el, requests / el);
+    printf("         queue wait p50 %.0f ms, p99 %.0f ms; heap %zu KiB before, %zu KiB with all "
+           "queued (%zu B per request), peak %zu KiB, %zu KiB after; max RSS %ld -> %ld KiB\n",
+           wait[requests / 2] * 1e3, wait[(size_t)(requests * 0.99)] * 1e3, heap0 / 1024,
+           heap_queued / 1024, (heap_queued - heap0) / (size_t)requests, heap_peak / 1024,
+           heap_after / 1024, rss0, max_rss_kb());
+    free(wait);
+    free(q);
+}
+
+/* ---- setup and the table of ratios ---- */
+
+static void setup_tables(const char *conninfo)
+{
+    PGconn *pg = PQconnectdb(conninfo);
+    if (PQstatus(pg) != CONNECTION_OK)
+        die("cannot connect: %s", PQerrorMessage(pg));
+    char sql[512];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM pgbench_accounts");
+    PGresult *r = PQexec(pg, sql);
+    int have = PQresultStatus(r) == PGRES_TUPLES_OK ? atoi(PQgetvalue(r, 0, 0)) : -1;
+    PQclear(r);
+    if (have != accounts) {
+        printf("setting up pgbench_accounts with %d rows\n", accounts);
+        PQclear(PQexec(pg, "DROP TABLE IF EXISTS pgbench_accounts"));
+        PQclear(PQexec(pg, "CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, "
+                           "abalance int, filler char(84)) WITH (fillfactor = 100)"));
+        snprintf(sql, sizeof sql,
+                 "INSERT INTO pgbench_accounts SELECT g, 1, 0, '' FROM generate_series(1, %d) g",
+                 accounts);
+        r = PQexec(pg, sql);
+        if (PQresultStatus(r) != PGRES_COMMAND_OK)
+            die("setup: %s", PQerrorMessage(pg));
+        PQclear(r);
+        PQclear(PQexec(pg, "VACUUM ANALYZE pgbench_accounts"));
+    }
+    PQfinish(pg);
+}
+
+static double tps_of(const char *name)
+{
+    for (int i = 0; i < nresults; i++)
+        if (strcmp(results[i].name, name) == 0)
+            return results[i].tps;
+    return 0;
+}
+
+static void ratio(const char *what, const char *a, const char *b, double target)
+{
+    double x = tps_of(a), y = tps_of(b);
+    if (x <= 0 || y <= 0)
+        return;
+    printf("  %-66s %5.2fx  (target >= %.2fx: %s)\n", what, x / y, target,
+           x / y >= target ? "met" : "NOT met");
+}
+
+static const char *const usage_text =
+    "usage: pgscope-bench --tcp CONNINFO [--unix CONNINFO] [options]\n"
+    "\n"
+    "Runs the same closed-loop workloads through raw non-blocking libpq (the baseline),\n"
+    "pgscope's guards, pgscope's pooled transactions and pgbench, against one server in one\n"
+    "run, and prints tx/s, p50/p99 latency and the ratios.\n"
+    "\n"
+    "  --tcp S          conninfo over TCP loopback (default: $PGSCOPE_TEST_CONNINFO)\n"
+    "  --unix S         conninfo over the Unix socket (default: $PGSCOPE_SOCKET_CONNINFO)\n"
+    "  --seconds N      duration of each measured run (default 2)\n"
+    "  --clients LIST   connection counts (default 1,8,32)\n"
+    "  --requests N     the scale run's queued requests (default 10000)\n"
+    "  --no-pgbench     skip pgbench\n";
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"tcp", required_argument, 0, 't'},      {"unix", required_argument, 0, 'u'},
+        {"seconds", required_argument, 0, 's'},  {"clients", required_argument, 0, 'c'},
+        {"requests", required_argument, 0, 'r'}, {"no-pgbench", no_argument, 0, 'P'},
+        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+    const char *tcp = getenv("PGSCOPE_TEST_CONNINFO"), *unix_ci = getenv("PGSCOPE_SOCKET_CONNINFO");
+    double seconds = 2;
+    char clients_list[64] = "1,8,32";
+    int requests = 10000, use_pgbench = 1;
+    for (int ch; (ch = getopt_long(argc, argv, "h", longopts, NULL)) != -1;) {
+        switch (ch) {
+        case 't': tcp = optarg; break;
+        case 'u': unix_ci = optarg; break;
+        case 's': seconds = atof(optarg); break;
+        case 'c': snprintf(clients_list, sizeof clients_list, "%s", optarg); break;
+        case 'r': requests = atoi(optarg); break;
+        case 'P': use_pgbench = 0; break;
+        case 'h': fputs(usage_text, stdout); return 0;
+        default: fputs(usage_text, stderr); return 2;
+        }
+    }
+    if (!tcp || !*tcp)
+        die("no server: give --tcp CONNINFO (or run it through tools/run-bench)");
+    if (seconds <= 0 || requests <= 0)
+        die("--seconds and --requests must be positive");
+    base = event_base_new();
+    setup_tables(tcp);
+    const char *pgbench = use_pgbench ? pgbench_path() : NULL;
+    int clients[8], nclients = 0;
+    for (char *tok = strtok(clients_list, ","); tok && nclients < 8; tok = strtok(NULL, ","))
+        clients[nclients++] = atoi(tok);
+
+    struct {
+        const char *label, *conninfo;
+    } nets[2] = {{"unix", unix_ci}, {"tcp", tcp}};
+    for (int ni = 0; ni < 2; ni++) {
+        if (!nets[ni].conninfo || !*nets[ni].conninfo)
+            continue;
+        for (int ci = 0; ci < nclients; ci++) {
+            int n = clients[ci];
+            char name[64];
+            printf("\n%s, %d connection(s)\n", nets[ni].label, n);
+#define NAME(fmt) (snprintf(name, sizeof name, fmt " %s %d", nets[ni].label, n), name)
+            bench_raw(nets[ni].conninfo, W_SELECT, n, seconds, NAME("raw libpq SELECT 1"));
+            bench_guard(nets[ni].conninfo, n, seconds, NAME("pgscope guard SELECT 1"));
+            bench_raw(nets[ni].conninfo, W_TX3, n, seconds, NAME("raw libpq tx 3 round trips"));
+            bench_raw(nets[ni].conninfo, W_TXPIPE, n, seconds, NAME("raw libpq tx pipelined"));
+            bench_tx(nets[ni].conninfo, n, seconds, 1, NAME("pgscope pool tx 3 round trips"));
+            bench_tx(nets[ni].conninfo, n, seconds, 0, NAME("pgscope pool tx one round trip"));
+            if (pgbench) {
+                bench_pgbench(pgbench, nets[ni].conninfo, n, seconds, 0,
+                              NAME("pgbench tx 3 round trips"));
+                bench_pgbench(pgbench, nets[ni].conninfo, n, seconds, 1,
+                              NAME("pgbench tx pipelined"));
+            }
+        }
+    }
+    printf("\nratios (same server, same run)\n");
+    for (int ni = 0; ni < 2; ni++) {
+        if (!nets[ni].conninfo || !*nets[ni].conninfo)
+            continue;
+        for (int ci = 0; ci < nclients; ci++) {
+            int n = clients[ci];
+            char a[64], b[64], what[128];
+            const char *l = nets[ni].label;
+            snprintf(a, sizeof a, "pgscope guard SELECT 1 %s %d", l, n);
+            snprintf(b, sizeof b, "raw libpq SELECT 1 %s %d", l, n);
+            snprintf(what, sizeof what, "guard / raw libpq, SELECT 1, %s, %d conn", l, n);
+            ratio(what, a, b, 0.95);
+            snprintf(a, sizeof a, "pgscope pool tx one round trip %s %d", l, n);
+            snprintf(b, sizeof b, "pgscope pool tx 3 round trips %s %d", l, n);
+            snprintf(what, sizeof what, "pgscope tx one round trip / its 3 round trips, %s, %d conn", l, n);
+            ratio(what, a, b, 1.4);
+            snprintf(b, sizeof b, "pgbench tx pipelined %s %d", l, n);
+            snprintf(what, sizeof what, "pgscope tx one round trip / pgbench pipelined, %s, %d conn", l, n);
+            ratio(what, a, b, 1.0);
+        }
+    }
+    printf("\n");
+    bench_memory(tcp, 50);
+    bench_scale(tcp, requests, 20);
+    event_base_free(base);
+    return 0;
+}
