@@ -83,9 +83,10 @@ struct pgs_conn {
     int want_write; /* PQflush left data: wait for write-ready too */
     int flush_due;  /* statements were sent since the last flush */
     int lost_due;   /* on_lost is to fire */
-    pgs_error dead_err;
-    pgs_error segment_err; /* the error that aborted the current pipeline segment */
-    int segment_failed;
+    /* Errors live on the heap only while they exist (most connections never have one): the
+     * per-connection state stays small. */
+    pgs_error *dead_err;    /* why the connection is gone */
+    pgs_error *segment_err; /* the error that aborted the current pipeline segment */
 };
 
 /* ---- op lists ---- */
@@ -168,11 +169,23 @@ static void fail_pending(pgs_conn *c)
     loop_ev_post(c->defer);
 }
 
+static const pgs_error out_of_memory = {PGS_ENOMEM, "", "out of memory"};
+
+static void set_dead_err(pgs_conn *c, const pgs_error *why)
+{
+    if (c->dead_err && c->dead_err != &out_of_memory)
+        free(c->dead_err);
+    pgs_error *e = malloc(sizeof *e);
+    if (e)
+        *e = *why;
+    c->dead_err = e ? e : (pgs_error *)&out_of_memory;
+}
+
 /* The connection is gone for good (lost, failed, cancelled): record why, tell everyone later. */
 static void go_dead(pgs_conn *c, const pgs_error *why)
 {
     if (c->state == CS_READY || c->state == CS_CONNECTING) {
-        c->dead_err = *why;
+        set_dead_err(c, why);
         c->state = CS_DEAD;
     }
     drop_pgconn(c);
@@ -336,6 +349,9 @@ static int flush_output(pgs_conn *c)
 
 static void free_conn(pgs_conn *c)
 {
+    free(c->segment_err);
+    if (c->dead_err != &out_of_memory)
+        free(c->dead_err);
     /* The guard was closed under a transaction: it must stop using this handle. */
     if (c->owner && c->owner_freed)
         c->owner_freed(c->owner);
@@ -395,7 +411,7 @@ not_ready:
     if (c->on_open && c->state != CS_CONNECTING) {
         pgs_conn_cb cb = c->on_open;
         c->on_open = NULL;
-        cb(c, &c->dead_err, c->open_arg);
+        cb(c, c->dead_err, c->open_arg);
     }
     for (op *o; (o = list_pop(&c->failed));) {
         if (o->cb && o->phase == OP_SYNC && o->res) {
@@ -403,13 +419,13 @@ not_ready:
         } else if (o->cb) {
             pgs_result_cb cb = o->cb;
             o->cb = NULL;
-            cb(c, NULL, &c->dead_err, o->arg);
+            cb(c, NULL, c->dead_err, o->arg);
         }
         op_free(o);
     }
     if (c->lost_due) {
         c->lost_due = 0;
-        c->opts.on_lost(c, &c->dead_err, c->opts.lost_arg);
+        c->opts.on_lost(c, c->dead_err, c->opts.lost_arg);
     }
     if (c->state == CS_CLOSING && !c->cancel && !c->failed.head && !c->on_open) {
         pgs_done_cb done = c->done;
@@ -462,8 +478,8 @@ static int deliver(pgs_conn *c, op *o)
     case PGRES_PIPELINE_ABORTED: {
         char msg[sizeof e.message + 64];
         snprintf(msg, sizeof msg, "not run: an earlier statement in the same pipeline failed: %s",
-                 c->segment_err.message);
-        set_error(c, &e, PGS_ESQL, c->segment_err.sqlstate, msg);
+                 c->segment_err ? c->segment_err->message : "(not known)");
+        set_error(c, &e, PGS_ESQL, c->segment_err ? c->segment_err->sqlstate : NULL, msg);
         err = &e;
         break;
     }
@@ -481,10 +497,8 @@ static int deliver(pgs_conn *c, op *o)
             set_error(c, &e, PGS_ECONN, "08006", PQerrorMessage(c->pg));
         }
         err = &e;
-        if (!c->segment_failed) {
-            c->segment_failed = 1;
-            c->segment_err = e;
-        }
+        if (!c->segment_err && (c->segment_err = malloc(sizeof e)))
+            *c->segment_err = e;
         break;
     }
     pgs_result_cb cb = o->cb;
@@ -517,7 +531,8 @@ static void read_results(pgs_conn *c)
                 op_free(o);
                 if (!alive)
                     return;
-                c->segment_failed = 0;
+                free(c->segment_err);
+                c->segment_err = NULL;
                 continue;
             }
             PQclear(res);
@@ -662,7 +677,7 @@ static int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const 
     case CS_CLOSING:
         return PGS_EMISUSE;
     case CS_DEAD:
-        return c->dead_err.code;
+        return c->dead_err->code;
     case CS_CONNECTING:
     case CS_READY:
         break;
