@@ -338,7 +338,9 @@ PGS_API int pgs_tx_resolve(struct event_base *base, const char *conninfo, const 
  *    the pool close: exactly one of these, and its callback fires once, from the loop.
  *  - A guard comes back for reuse only when it is connected, idle (no transaction, nothing
  *    in flight) and was not cancelled; then DISCARD ALL resets its session (SET, LISTEN,
- *    temporary tables, prepared statements, advisory locks) before anyone else gets it.
+ *    temporary tables, prepared statements, advisory locks). The reset is pipelined ahead
+ *    of the next user's statements, so it runs first and costs that user no round trip
+ *    (until it is answered, PQtransactionStatus on the new guard says PQTRANS_ACTIVE).
  *    Anything else (closed inside a transaction, with statements running, after a cancel or
  *    a lost connection) is closed, and the pool opens a replacement.
  *  - Connections that die while idle (backend terminated, server restarted) are noticed at
@@ -374,7 +376,7 @@ typedef struct pgs_pool_opts {
 typedef struct pgs_pool_stats {
     int size;    /* connections open or opening */
     int idle;    /* ready to hand out */
-    int in_use;  /* handed out, or being reset */
+    int in_use;  /* handed out */
     int waiting; /* requests waiting */
     unsigned long acquired, timed_out, canceled, replaced, reset, connect_failures;
 } pgs_pool_counts;

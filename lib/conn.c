@@ -1207,8 +1207,18 @@ int conn_probe(pgs_conn *c)
 
 int conn_clean(pgs_conn *c)
 {
-    return c->state == CS_READY && !conn_in_flight(c) && !c->owner && !c->cancel &&
-           PQtransactionStatus(c->pg) == PQTRANS_IDLE;
+    if (c->state != CS_READY || c->owner || c->cancel || c->returning)
+        return 0;
+    int resets = 0;
+    for (op_list *l = &c->sent; l; l = l == &c->sent ? &c->unsent : NULL)
+        for (op *o = l->head; o; o = o->next) {
+            if (!(o->flags & CONN_RESET))
+                return 0;
+            resets++;
+        }
+    /* A reset in flight was sent from an idle session and leaves it idle; libpq reports the
+     * pipeline as active until it is answered. */
+    return resets > 0 || PQtransactionStatus(c->pg) == PQTRANS_IDLE;
 }
 
 void conn_set_keeper(pgs_conn *c, const conn_keeper *keeper, void *arg)

@@ -16,6 +16,10 @@ enum {
     CONN_FLUSH = 2,
     /* Send now even while the connection is plugged (see conn_plug). */
     CONN_BYPASS = 4,
+    /* A session reset (the pool's DISCARD ALL): it leaves the session idle, so a guard with
+     * only resets in flight counts as clean and idle (conn_clean), and the next user's
+     * statements simply follow it in the pipeline. */
+    CONN_RESET = 8,
 };
 
 /* pgs_query with flags (and without pgs_query's check of the owner). */
@@ -58,7 +62,8 @@ void conn_set_keeper(pgs_conn *c, const conn_keeper *keeper, void *arg);
  * data means the server is closing it; the guard then goes dead (on_lost, from the loop).
  * Returns 1 when it looks alive. */
 int conn_probe(pgs_conn *c);
-/* Reusable as it is (the rule above)? */
+/* Reusable as it is, or free for a transaction guard: connected, no owner, no cancel, nothing
+ * in flight but resets, and idle (no transaction) or about to be (after a reset)? */
 int conn_clean(pgs_conn *c);
 
 /* Send a cancel request for what the backend runs, without closing: its answer (57014, and

@@ -12,7 +12,6 @@
 #include "loop.h"
 
 enum {
-    RESET_DEADLINE_MS = 10000,
     DEFAULT_MAX_SIZE = 10,
     DEFAULT_ACQUIRE_TIMEOUT_MS = 30000,
     DEFAULT_IDLE_TIMEOUT_MS = 300000,
@@ -25,7 +24,6 @@ typedef enum slot_state {
     SL_CONNECTING,
     SL_IDLE,
     SL_IN_USE,    /* handed out, or granted and about to be */
-    SL_RESETTING, /* back from its user: DISCARD ALL in flight */
     SL_CLOSING,   /* the pool closes it; gone when its close's done fires */
 } slot_state;
 
@@ -36,7 +34,7 @@ typedef struct slot {
     pgs_conn *conn;
     slot_state state;
     double born;
-    loop_ev *idle_timer; /* idle timeout / lifetime while idle, deadline while resetting */
+    loop_ev *idle_timer; /* idle timeout, or the end of its lifetime, while idle */
     struct pgs_pool_req *granted_to; /* set aside for a request not yet delivered */
 } slot;
 
@@ -68,7 +66,6 @@ struct pgs_pool {
     pgs_pool_req *wait_head, *wait_tail;
     int size, nidle, in_use, waiting, connecting;
     int retiring;  /* closing, not yet gone: not counted toward min_size */
-    int resetting; /* back from a user, DISCARD ALL in flight: about to be free */
     int requests; /* acquire callbacks not yet fired: the pool outlives them */
     int closing;
     pgs_done_cb done;
@@ -234,11 +231,6 @@ static void on_idle_timeout(void *arg, int what)
     (void)what;
     slot *s = arg;
     pgs_pool *p = s->pool;
-    if (s->state == SL_RESETTING) {
-        /* DISCARD ALL got no answer (a half-open connection, a lock): give up on it. */
-        conn_kill(s->conn, PGS_ETIMEDOUT, "the session reset took too long", 1);
-        return;
-    }
     if (s->state != SL_IDLE)
         return;
     if (expired(s)) {
@@ -449,8 +441,8 @@ static void dispatch(pgs_pool *p)
     }
     if (p->retry_armed)
         return;
-    /* Connections being opened or reset will serve waiters soon: open only for the rest. */
-    int want = p->waiting - p->connecting - p->resetting;
+    /* Connections being opened will serve waiters soon: open only for the rest. */
+    int want = p->waiting - p->connecting;
     int live = p->size - p->retiring;
     if (p->opts.min_size - live > want)
         want = p->opts.min_size - live;
@@ -484,42 +476,37 @@ static void reset_done(pgs_conn *conn, const PGresult *res, const pgs_error *err
     (void)res;
     slot *s = arg;
     pgs_pool *p = s->pool;
-    p->in_use--;
-    p->resetting--;
-    loop_ev_stop(s->idle_timer);
-    if (err || !conn_clean(s->conn)) { /* a reset that failed or left anything behind */
+    /* The reset is pipelined ahead of whoever has the guard now. If it failed while the guard
+     * sits idle, replace it; if someone is using it, their own statements report the loss. */
+    if (err && s->state == SL_IDLE) {
         p->counters.replaced++;
         retire(s);
         dispatch(p);
-        return;
     }
-    slot_available(s);
 }
 
 static void slot_returned(void *arg, pgs_conn *conn)
 {
     slot *s = arg;
     pgs_pool *p = s->pool;
+    p->in_use--;
     if (p->opts.on_release)
         p->opts.on_release(conn, p->opts.cb_arg);
     if (p->closing) {
-        p->in_use--;
         retire(s);
         return;
     }
     /* The next user gets a clean session: settings, LISTENs, temporary tables, prepared
-     * statements, advisory locks and the like are all reset by DISCARD ALL. */
-    s->state = SL_RESETTING;
+     * statements, advisory locks and the like are all reset by DISCARD ALL. It goes into the
+     * pipeline ahead of the next user's statements, so it costs no round trip of its own. */
     p->counters.reset++;
-    if (conn_query(conn, "DISCARD ALL", 0, NULL, 0, reset_done, s) != PGS_OK) {
-        p->in_use--;
+    if (conn_query(conn, "DISCARD ALL", 0, NULL, CONN_RESET, reset_done, s) != PGS_OK) {
         p->counters.replaced++;
         retire(s);
         dispatch(p);
         return;
     }
-    p->resetting++;
-    loop_ev_timer(s->idle_timer, RESET_DEADLINE_MS); /* every wait has a deadline */
+    slot_available(s);
 }
 
 /* The user closed a guard that could not come back (or it was lost): it is gone. */

@@ -489,12 +489,9 @@ static void conn_freed_under_tx(void *owner)
 /* Can a transaction guard take this connection now? */
 static int check_conn_idle(pgs_conn *conn)
 {
-    if (!conn_ready(conn) || conn_owner(conn) || conn_in_flight(conn))
-        return PGS_EMISUSE;
-    /* A transaction the caller began with a raw BEGIN is not ours to commit. */
-    if (PQtransactionStatus(pgs_conn_pgconn(conn)) != PQTRANS_IDLE)
-        return PGS_EMISUSE;
-    return PGS_OK;
+    /* Nothing of the caller's in flight, and no transaction the caller began with a raw
+     * BEGIN: a guard only ever commits what it began. */
+    return conn_clean(conn) ? PGS_OK : PGS_EMISUSE;
 }
 
 static int check_opts(const pgs_tx_opts *o)

@@ -469,6 +469,7 @@ START_TEST(test_reentrant_calls_are_refused_or_safe)
     ck_assert_int_eq(r.query_rc, PGS_EMISUSE); /* nothing slips in after the user's exit */
     pgs_conn *c = acquire(b, p);
     ck_assert_int_eq(th_backend_pid(c), pid);
+    query_value(b, c, "SELECT 1"); /* after the pipelined reset, the session is plain idle */
     ck_assert_int_eq(PQtransactionStatus(pgs_conn_pgconn(c)), PQTRANS_IDLE);
     release(b, c);
     close_pool(b, p);
