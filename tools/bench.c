@@ -583,13 +583,97 @@ static void bench_scale(const char *conninfo, int requests, int poolsize)
     free(q);
 }
 
+/* ---- instructions per statement (run under valgrind --tool=callgrind) ---- */
+
+static long fixed_left;
+
+static void fixed_guard_done(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)res;
+    (void)arg;
+    if (err)
+        die("pgscope: %s", err->message);
+    if (--fixed_left > 0)
+        pgs_query(c, "SELECT 1", 0, NULL, fixed_guard_done, NULL);
+}
+
+static void fixed_raw_readable(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    PGconn *pg = arg;
+    PQconsumeInput(pg);
+    while (!PQisBusy(pg)) {
+        PGresult *res = PQgetResult(pg);
+        if (res) {
+            PQclear(res);
+            continue;
+        }
+        if (--fixed_left > 0) {
+            PQsendQueryParams(pg, "SELECT 1", 0, NULL, NULL, NULL, NULL, 0);
+            PQflush(pg);
+        }
+        return;
+    }
+}
+
+/* Only this function's instructions are counted (callgrind --toggle-collect): the same
+ * `count` statements one after another, through raw libpq or through a guard. */
+__attribute__((noinline)) static void measured_statements(int guard, void *conn, long count)
+{
+    fixed_left = count;
+    if (guard) {
+        pgs_query(conn, "SELECT 1", 0, NULL, fixed_guard_done, NULL);
+    } else {
+        PQsendQueryParams(conn, "SELECT 1", 0, NULL, NULL, NULL, NULL, 0);
+        PQflush(conn);
+    }
+    while (fixed_left > 0)
+        event_base_loop(base, EVLOOP_ONCE);
+}
+
+static void instructions_mode(const char *conninfo, const char *mode, long count)
+{
+    int guard = strcmp(mode, "guard") == 0;
+    if (!guard && strcmp(mode, "raw") != 0)
+        die("--instructions takes raw or guard");
+    if (guard) {
+        pgs_conn *c;
+        int up = 0, down = 0;
+        pgs_conn_open(base, conninfo, NULL, opened, &up, &c);
+        while (!up)
+            event_base_loop(base, EVLOOP_ONCE);
+        measured_statements(1, c, count);
+        pgs_conn_close(c, closed, &down);
+        while (!down)
+            event_base_loop(base, EVLOOP_ONCE);
+    } else {
+        PGconn *pg = PQconnectdb(conninfo);
+        if (PQstatus(pg) != CONNECTION_OK)
+            die("raw libpq: %s", PQerrorMessage(pg));
+        PQsetnonblocking(pg, 1);
+        struct event *ev = event_new(base, PQsocket(pg), EV_READ | EV_PERSIST, fixed_raw_readable, pg);
+        event_add(ev, NULL);
+        measured_statements(0, pg, count);
+        event_free(ev);
+        PQfinish(pg);
+    }
+}
+
 /* ---- setup and the table of ratios ---- */
+
+static void quiet(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message;
+}
 
 static void setup_tables(const char *conninfo)
 {
     PGconn *pg = PQconnectdb(conninfo);
     if (PQstatus(pg) != CONNECTION_OK)
         die("cannot connect: %s", PQerrorMessage(pg));
+    PQsetNoticeProcessor(pg, quiet, NULL);
     char sql[512];
     snprintf(sql, sizeof sql, "SELECT count(*) FROM pgbench_accounts");
     PGresult *r = PQexec(pg, sql);
@@ -641,7 +725,9 @@ static const char *const usage_text =
     "  --seconds N      duration of each measured run (default 2)\n"
     "  --clients LIST   connection counts (default 1,8,32)\n"
     "  --requests N     the scale run's queued requests (default 10000)\n"
-    "  --no-pgbench     skip pgbench\n";
+    "  --no-pgbench     skip pgbench\n"
+    "  --instructions raw|guard [--count N]\n"
+    "                   only run N statements one way (for callgrind; see tools/run-bench)\n";
 
 int main(int argc, char **argv)
 {
@@ -649,7 +735,10 @@ int main(int argc, char **argv)
         {"tcp", required_argument, 0, 't'},      {"unix", required_argument, 0, 'u'},
         {"seconds", required_argument, 0, 's'},  {"clients", required_argument, 0, 'c'},
         {"requests", required_argument, 0, 'r'}, {"no-pgbench", no_argument, 0, 'P'},
+        {"instructions", required_argument, 0, 'i'}, {"count", required_argument, 0, 'n'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+    const char *instructions = NULL;
+    long count = 20000;
     const char *tcp = getenv("PGSCOPE_TEST_CONNINFO"), *unix_ci = getenv("PGSCOPE_SOCKET_CONNINFO");
     double seconds = 2;
     char clients_list[64] = "1,8,32";
@@ -662,6 +751,8 @@ int main(int argc, char **argv)
         case 'c': snprintf(clients_list, sizeof clients_list, "%s", optarg); break;
         case 'r': requests = atoi(optarg); break;
         case 'P': use_pgbench = 0; break;
+        case 'i': instructions = optarg; break;
+        case 'n': count = atol(optarg); break;
         case 'h': fputs(usage_text, stdout); return 0;
         default: fputs(usage_text, stderr); return 2;
         }
@@ -671,6 +762,11 @@ int main(int argc, char **argv)
     if (seconds <= 0 || requests <= 0)
         die("--seconds and --requests must be positive");
     base = event_base_new();
+    if (instructions) { /* one mode, for callgrind: see tools/run-bench */
+        instructions_mode(unix_ci && *unix_ci ? unix_ci : tcp, instructions, count);
+        event_base_free(base);
+        return 0;
+    }
     setup_tables(tcp);
     const char *pgbench = use_pgbench ? pgbench_path() : NULL;
     int clients[8], nclients = 0;
