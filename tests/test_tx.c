@@ -744,6 +744,7 @@ typedef struct rt_ctx {
     th_call read;
     txdone d;
     int interactive;
+    pgs_tx_opts opts;
 } rt_ctx;
 
 static void rt_done(const pgs_tx_result *r, void *arg)
@@ -782,7 +783,7 @@ static int run_and_count_turns(struct event_base *b, pgs_conn *c, th_proxy *p, r
 {
     rt_current = x;
     th_proxy_reset_turns(p);
-    ck_assert_int_eq(pgs_run_tx(c, NULL, write_body, rt_done, x), PGS_OK);
+    ck_assert_int_eq(pgs_run_tx(c, &x->opts, write_body, rt_done, x), PGS_OK);
     th_run_until(b, &x->d.fired, 10);
     ck_assert_int_eq(x->d.outcome, PGS_TX_COMMITTED);
     for (int i = 0; i < 3; i++) {
@@ -804,6 +805,10 @@ START_TEST(test_write_only_run_tx_takes_one_round_trip)
     /* a body that waits for a read first needs exactly one more */
     ck_assert_int_eq(run_and_count_turns(b, c, p, &two), 2);
     ck_assert_str_eq(two.read.value, "3");
+    /* begin_alone: BEGIN on its own round trip, then the rest */
+    rt_ctx alone = {.opts = {.begin_alone = 1}};
+    free(th_scalar("DELETE FROM tx_rt WHERE id <= 3", 0, NULL));
+    ck_assert_int_eq(run_and_count_turns(b, c, p, &alone), 2);
     ck_assert_int_eq(rows("tx_rt"), 6);
     th_close(b, c);
     th_proxy_stop(p);
