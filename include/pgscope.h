@@ -119,6 +119,12 @@ typedef struct pgs_conn_opts {
     void *notify_arg;
     pgs_lost_cb on_lost; /* NULL: connection loss shows only through pending callbacks */
     void *lost_arg;
+    /* The statement cache: each distinct statement text is parsed once per connection as a
+     * prepared statement named pgs_s_N, then executed by name (no extra round trip: the
+     * Parse is pipelined in front of the first use). DISCARD / DEALLOCATE, and the pool's
+     * reset, empty it. How many statements it keeps (0: 256; < 0: off, e.g. behind a
+     * pooler in transaction mode that cannot keep prepared statements). */
+    int statement_cache;
 } pgs_conn_opts;
 
 /* Enter a connection guard: start a non-blocking connection described by `conninfo` (libpq's

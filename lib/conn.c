@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 
 #include "error.h"
@@ -27,7 +28,11 @@ typedef enum op_phase {
     OP_SYNC,    /* results in (kept in op->res): the PGRES_PIPELINE_SYNC after it completes it */
 } op_phase;
 
-enum { OP_MARKER = 1 << 16 }; /* a plug marker in `unsent` (not a statement) */
+enum {
+    OP_MARKER = 1 << 16,  /* a plug marker in `unsent` (not a statement) */
+    OP_PREPARE = 1 << 17, /* the cache's own Parse of a statement (no callback) */
+    OP_PREPARED = 1 << 18 /* executed by name; its Parse went just before it */
+};
 
 typedef struct op {
     struct op *next;
@@ -39,7 +44,20 @@ typedef struct op {
     /* OP_UNSENT only: one block holding the value pointers, then the strings */
     int nparams;
     char **copy;
+    struct stmt *stmt; /* OP_PREPARE / OP_PREPARED: the cache entry */
 } op;
+
+/* The statement cache: each distinct statement text is parsed once per connection, as a named
+ * prepared statement, and then executed by name (what asyncpg and psycopg do). */
+typedef struct stmt {
+    struct stmt *next;
+    unsigned long hash;
+    int nparams;
+    char name[24];
+    char sql[]; /* the text it was prepared from */
+} stmt;
+
+enum { CACHE_BUCKETS = 64, DEFAULT_CACHE_SIZE = 256 };
 
 typedef struct cancel_req cancel_req;
 
@@ -83,6 +101,10 @@ struct pgs_conn {
     int want_write; /* PQflush left data: wait for write-ready too */
     int flush_due;  /* statements were sent since the last flush */
     int lost_due;   /* on_lost is to fire */
+    stmt **cache;        /* CACHE_BUCKETS chains, allocated at the first statement */
+    int cached;          /* entries */
+    unsigned next_stmt;  /* names are never reused: the server may still hold old ones */
+    int segment_from_prepare; /* segment_err came from the cache's own Parse */
     /* Errors live on the heap only while they exist (most connections never have one): the
      * per-connection state stays small. */
     pgs_error *dead_err;    /* why the connection is gone */
@@ -141,6 +163,8 @@ static void set_error(pgs_conn *c, pgs_error *e, pgs_code code, const char *sqls
 
 static void drop_lookups(pgs_conn *c);
 static int deliver(pgs_conn *c, struct op *o);
+static void cache_clear(pgs_conn *c);
+static void cache_drop(pgs_conn *c, stmt *gone);
 
 /* Close the libpq connection. The socket watch goes first: the fd dies with PQfinish. */
 static void drop_pgconn(pgs_conn *c)
@@ -349,6 +373,7 @@ static int flush_output(pgs_conn *c)
 
 static void free_conn(pgs_conn *c)
 {
+    cache_clear(c);
     free(c->segment_err);
     if (c->dead_err != &out_of_memory)
         free(c->dead_err);
@@ -476,6 +501,12 @@ static int deliver(pgs_conn *c, op *o)
     case PGRES_EMPTY_QUERY:
         break;
     case PGRES_PIPELINE_ABORTED: {
+        if ((o->flags & OP_PREPARED) && c->segment_from_prepare && c->segment_err) {
+            e = *c->segment_err; /* its own Parse failed: that is its error */
+            c->segment_from_prepare = 0;
+            err = &e;
+            break;
+        }
         char msg[sizeof e.message + 64];
         snprintf(msg, sizeof msg, "not run: an earlier statement in the same pipeline failed: %s",
                  c->segment_err ? c->segment_err->message : "(not known)");
@@ -499,6 +530,11 @@ static int deliver(pgs_conn *c, op *o)
         err = &e;
         if (!c->segment_err && (c->segment_err = malloc(sizeof e)))
             *c->segment_err = e;
+        /* Our prepared statement is gone (DEALLOCATE by hand) or stale (the table changed
+         * under it): parse afresh next time. */
+        if ((o->flags & OP_PREPARED) && o->stmt &&
+            (strcmp(e.sqlstate, "26000") == 0 || strcmp(e.sqlstate, "0A000") == 0))
+            cache_drop(c, o->stmt);
         break;
     }
     pgs_result_cb cb = o->cb;
@@ -512,6 +548,28 @@ static int deliver(pgs_conn *c, op *o)
         return 0;
     }
     return 1;
+}
+
+/* The cache's own Parse came back. A failure (a syntax error, a missing table) belongs to the
+ * statement after it, which the server then skips: remember it for that statement, and forget
+ * the entry so the next use parses again. */
+static void prepare_done(pgs_conn *c, op *o)
+{
+    PGresult *res = o->res;
+    o->res = NULL;
+    if (res && PQresultStatus(res) == PGRES_COMMAND_OK) {
+        PQclear(res);
+        return;
+    }
+    if (!c->segment_err && (c->segment_err = malloc(sizeof *c->segment_err))) {
+        if (res)
+            err_from_result(c->segment_err, PGS_ESQL, res, c->password);
+        else
+            set_error(c, c->segment_err, PGS_ECONN, "08006", PQerrorMessage(c->pg));
+        c->segment_from_prepare = 1;
+    }
+    PQclear(res);
+    cache_drop(c, o->stmt);
 }
 
 /* Map every result through the FIFO of what was sent (libpq pipeline mode: each statement's
@@ -533,6 +591,7 @@ static void read_results(pgs_conn *c)
                     return;
                 free(c->segment_err);
                 c->segment_err = NULL;
+                c->segment_from_prepare = 0;
                 continue;
             }
             PQclear(res);
@@ -554,6 +613,12 @@ static void read_results(pgs_conn *c)
                 conn_lost(c, &e);
                 return;
             }
+            continue;
+        }
+        if (o->flags & OP_PREPARE) {
+            list_pop(&c->sent);
+            prepare_done(c, o);
+            op_free(o);
             continue;
         }
         if (o->flags & CONN_NO_SYNC) {
@@ -599,6 +664,111 @@ static void on_socket_ready(pgs_conn *c, int what)
 
 /* ---- sending ---- */
 
+static unsigned long hash_sql(const char *s)
+{
+    unsigned long h = 1469598103934665603ul; /* FNV-1a */
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ul;
+    return h;
+}
+
+static void cache_clear(pgs_conn *c)
+{
+    if (!c->cache)
+        return;
+    for (int i = 0; i < CACHE_BUCKETS; i++)
+        for (stmt *e = c->cache[i], *next; e; e = next) {
+            next = e->next;
+            free(e);
+        }
+    free(c->cache);
+    c->cache = NULL;
+    c->cached = 0;
+}
+
+static void cache_drop(pgs_conn *c, stmt *gone)
+{
+    if (!c->cache)
+        return;
+    for (stmt **pp = &c->cache[gone->hash % CACHE_BUCKETS]; *pp; pp = &(*pp)->next)
+        if (*pp == gone) {
+            *pp = gone->next;
+            free(gone);
+            c->cached--;
+            return;
+        }
+}
+
+/* Statements that deallocate prepared statements empty the cache (and are not cached). */
+static int cache_buster(const char *sql)
+{
+    while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '(')
+        sql++;
+    return strncasecmp(sql, "DISCARD", 7) == 0 || strncasecmp(sql, "DEALLOCATE", 10) == 0;
+}
+
+/* The cached statement for sql, or a new entry (*fresh set: it must be prepared first), or
+ * NULL: not cached (cache off or full, or no memory). */
+static stmt *cache_get(pgs_conn *c, const char *sql, int nparams, int *fresh)
+{
+    *fresh = 0;
+    int size = c->opts.statement_cache;
+    if (size < 0)
+        return NULL;
+    if (size == 0)
+        size = DEFAULT_CACHE_SIZE;
+    if (!c->cache && !(c->cache = calloc(CACHE_BUCKETS, sizeof *c->cache)))
+        return NULL;
+    unsigned long h = hash_sql(sql);
+    for (stmt *e = c->cache[h % CACHE_BUCKETS]; e; e = e->next)
+        if (e->hash == h && e->nparams == nparams && strcmp(e->sql, sql) == 0)
+            return e;
+    if (c->cached >= size)
+        return NULL;
+    size_t len = strlen(sql);
+    stmt *e = malloc(sizeof *e + len + 1);
+    if (!e)
+        return NULL;
+    e->hash = h;
+    e->nparams = nparams;
+    snprintf(e->name, sizeof e->name, "pgs_s_%u", ++c->next_stmt);
+    memcpy(e->sql, sql, len + 1);
+    e->next = c->cache[h % CACHE_BUCKETS];
+    c->cache[h % CACHE_BUCKETS] = e;
+    c->cached++;
+    *fresh = 1;
+    return e;
+}
+
+/* Send the statement, through the cache when it can: Parse once (a pipelined Prepare with its
+ * own entry in the FIFO), then Bind/Execute by name. */
+static int send_statement(pgs_conn *c, op *o, const char *sql, const char *const *values)
+{
+    int fresh = 0;
+    stmt *e = (o->flags & CONN_RESET) || cache_buster(sql) ? NULL
+                                                            : cache_get(c, sql, o->nparams, &fresh);
+    if (!e) {
+        if ((o->flags & CONN_RESET) || cache_buster(sql))
+            cache_clear(c); /* the server forgets our prepared statements */
+        return PQsendQueryParams(c->pg, sql, o->nparams, NULL, values, NULL, NULL, 0) ? 0 : -1;
+    }
+    if (fresh) {
+        op *p = calloc(1, sizeof *p);
+        if (!p || !PQsendPrepare(c->pg, e->name, sql, o->nparams, NULL)) {
+            free(p);
+            cache_drop(c, e);
+            return -1;
+        }
+        p->flags = CONN_NO_SYNC | OP_PREPARE;
+        p->phase = OP_RESULTS;
+        p->stmt = e;
+        list_push(&c->sent, p);
+    }
+    o->flags |= OP_PREPARED;
+    o->stmt = e;
+    return PQsendQueryPrepared(c->pg, e->name, o->nparams, values, NULL, NULL, 0) ? 0 : -1;
+}
+
 static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *values)
 {
     if (!sql) { /* a lone sync: ends the pipeline segment (and any error's abort) */
@@ -608,7 +778,7 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
         list_push(&c->sent, o);
         goto flush;
     }
-    if (!PQsendQueryParams(c->pg, sql, o->nparams, NULL, values, NULL, NULL, 0))
+    if (send_statement(c, o, sql, values) != 0)
         return -1;
     /* From here the statement may reach the server (libpq writes once its buffer fills), so
      * it is in flight: if what follows fails, its callback hears of the loss, never "not sent". */

@@ -136,6 +136,74 @@ START_TEST(test_queries_queued_while_connecting_run_after_connect)
 }
 END_TEST
 
+/* ---- the statement cache ---- */
+
+static const char *value_of(struct event_base *b, pgs_conn *c, const char *sql, th_call *k)
+{
+    memset(k, 0, sizeof *k);
+    ck_assert_int_eq(pgs_query(c, sql, 0, NULL, th_record, k), PGS_OK);
+    th_run_until(b, &k->fired, 10);
+    return k->value;
+}
+
+START_TEST(test_statements_are_prepared_once_and_errors_stay_their_own)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    th_call k[3] = {0}, q = {0};
+    const char *v[] = {"7"};
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(pgs_query(c, "SELECT $1::int * 6", 1, v, th_record, &k[i]), PGS_OK);
+    th_run_until(b, &k[2].fired, 10);
+    for (int i = 0; i < 3; i++)
+        ck_assert_str_eq(k[i].value, "42");
+    ck_assert_str_eq(value_of(b, c,
+                              "SELECT count(*) FROM pg_prepared_statements "
+                              "WHERE statement = 'SELECT $1::int * 6' AND name LIKE 'pgs_s_%'",
+                              &q),
+                     "1");
+    /* a statement that does not parse gets its own error, not "an earlier one failed" */
+    value_of(b, c, "SELEC 1", &q);
+    ck_assert_int_eq(q.code, PGS_ESQL);
+    ck_assert_str_eq(q.sqlstate, "42601");
+    ck_assert_ptr_null(strstr(q.message, "not run"));
+    value_of(b, c, "SELEC 1", &q); /* not cached: the same error again */
+    ck_assert_str_eq(q.sqlstate, "42601");
+    ck_assert_str_eq(value_of(b, c, "SELECT 'after'", &q), "after");
+    /* the user deallocates everything: the cache starts over, statements still work */
+    value_of(b, c, "DEALLOCATE ALL", &q);
+    ck_assert_int_eq(q.code, PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT $1::int * 6", 1, v, th_record, &k[0]), PGS_OK);
+    th_run_until(b, &k[0].fired, 10);
+    ck_assert_int_eq(k[0].code, PGS_OK);
+    /* a table changed under a cached plan: that one execution fails, the next parses anew */
+    value_of(b, c, "CREATE TEMP TABLE pgs_cache_t (a int)", &q);
+    value_of(b, c, "SELECT * FROM pgs_cache_t", &q);
+    ck_assert_int_eq(q.code, PGS_OK);
+    value_of(b, c, "ALTER TABLE pgs_cache_t ADD COLUMN b int", &q);
+    value_of(b, c, "SELECT * FROM pgs_cache_t", &q);
+    ck_assert_str_eq(q.sqlstate, "0A000");
+    value_of(b, c, "SELECT * FROM pgs_cache_t", &q);
+    ck_assert_int_eq(q.code, PGS_OK);
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+START_TEST(test_statement_cache_can_be_turned_off)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn_opts o = {.statement_cache = -1};
+    pgs_conn *c = th_open(b, &o);
+    th_call q;
+    value_of(b, c, "SELECT 1", &q);
+    value_of(b, c, "SELECT 1", &q);
+    ck_assert_str_eq(value_of(b, c, "SELECT count(*) FROM pg_prepared_statements", &q), "0");
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
 /* ---- connect failures ---- */
 
 typedef struct open_rec {
@@ -753,6 +821,8 @@ static Suite *conn_suite(void)
     tcase_add_test(t, test_hundred_queued_run_in_order_failure_isolated);
     tcase_add_test(t, test_multiple_statements_in_one_string_rejected);
     tcase_add_test(t, test_queries_queued_while_connecting_run_after_connect);
+    tcase_add_test(t, test_statements_are_prepared_once_and_errors_stay_their_own);
+    tcase_add_test(t, test_statement_cache_can_be_turned_off);
     tcase_add_test(t, test_connect_bad_conninfo_syntax);
     tcase_add_test(t, test_connect_refused_port);
     tcase_add_test(t, test_connect_wrong_password);
