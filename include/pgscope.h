@@ -370,6 +370,11 @@ typedef struct pgs_pool_opts {
                                < 0: never) */
     int max_lifetime_ms;    /* close and replace connections older than this when they come
                                back or wait idle (0: 3600000; < 0: never) */
+    /* Skip DISCARD ALL on return (connections are still only reused when idle and clean).
+     * Faster, and keeps the statement cache warm, but session state one user leaves (SET,
+     * temporary tables, LISTEN, PREPARE) reaches the next: for pools whose users are trusted
+     * not to change it (pgxpool's behaviour). */
+    int no_reset;
     pgs_conn_opts conn;     /* for each connection (its on_lost is chained after the pool's) */
     /* Optional notifications: a new connection is up (before anyone gets it), a guard came
      * back (before its reset). They must not send statements. */

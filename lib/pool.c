@@ -499,6 +499,10 @@ static void slot_returned(void *arg, pgs_conn *conn)
     /* The next user gets a clean session: settings, LISTENs, temporary tables, prepared
      * statements, advisory locks and the like are all reset by DISCARD ALL. It goes into the
      * pipeline ahead of the next user's statements, so it costs no round trip of its own. */
+    if (p->opts.no_reset) {
+        slot_available(s);
+        return;
+    }
     p->counters.reset++;
     if (conn_query(conn, "DISCARD ALL", 0, NULL, CONN_RESET, reset_done, s) != PGS_OK) {
         p->counters.replaced++;

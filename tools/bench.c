@@ -375,9 +375,10 @@ static void wait_pool_full(pgs_pool *p, int n)
     }
 }
 
-static void bench_tx(const char *conninfo, int n, double seconds, int plain, const char *name)
+static void bench_tx(const char *conninfo, int n, double seconds, int plain, int no_reset,
+                     const char *name)
 {
-    pgs_pool_opts po = {.min_size = n, .max_size = n};
+    pgs_pool_opts po = {.min_size = n, .max_size = n, .no_reset = no_reset};
     pgs_pool *pool;
     if (pgs_pool_new(base, conninfo, &po, &pool) != PGS_OK)
         die("pgscope: cannot create a pool");
@@ -788,8 +789,10 @@ int main(int argc, char **argv)
             bench_guard(nets[ni].conninfo, n, seconds, NAME("pgscope guard SELECT 1"));
             bench_raw(nets[ni].conninfo, W_TX3, n, seconds, NAME("raw libpq tx 3 round trips"));
             bench_raw(nets[ni].conninfo, W_TXPIPE, n, seconds, NAME("raw libpq tx pipelined"));
-            bench_tx(nets[ni].conninfo, n, seconds, 1, NAME("pgscope pool tx 3 round trips"));
-            bench_tx(nets[ni].conninfo, n, seconds, 0, NAME("pgscope pool tx one round trip"));
+            bench_tx(nets[ni].conninfo, n, seconds, 1, 0, NAME("pgscope pool tx 3 round trips"));
+            bench_tx(nets[ni].conninfo, n, seconds, 0, 0, NAME("pgscope pool tx one round trip"));
+            bench_tx(nets[ni].conninfo, n, seconds, 1, 1, NAME("pgscope tx no reset, 3 round trips"));
+            bench_tx(nets[ni].conninfo, n, seconds, 0, 1, NAME("pgscope tx no reset, one round trip"));
             if (pgbench) {
                 bench_pgbench(pgbench, nets[ni].conninfo, n, seconds, 0,
                               NAME("pgbench tx 3 round trips"));
@@ -817,6 +820,12 @@ int main(int argc, char **argv)
             snprintf(b, sizeof b, "pgbench tx pipelined %s %d", l, n);
             snprintf(what, sizeof what, "pgscope tx one round trip / pgbench pipelined, %s, %d conn", l, n);
             ratio(what, a, b, 1.0);
+            snprintf(a, sizeof a, "pgscope tx no reset, one round trip %s %d", l, n);
+            snprintf(what, sizeof what, "  the same without the pool's reset, %s, %d conn", l, n);
+            ratio(what, a, b, 1.0);
+            snprintf(b, sizeof b, "pgscope tx no reset, 3 round trips %s %d", l, n);
+            snprintf(what, sizeof what, "  no reset: one round trip / 3 round trips, %s, %d conn", l, n);
+            ratio(what, a, b, 1.4);
         }
     }
     printf("\n");
