@@ -285,6 +285,37 @@ START_TEST(test_next_user_sees_a_clean_session)
 }
 END_TEST
 
+START_TEST(test_no_reset_keeps_the_session_but_still_refuses_dirty_guards)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 1, .no_reset = 1};
+    pgs_pool *p = new_pool(b, "pgs_pool_noreset", o);
+    pgs_conn *c = acquire(b, p);
+    int pid = th_backend_pid(c);
+    query_value(b, c, "SET search_path TO pg_catalog");
+    query_value(b, c, "SELECT 42");
+    release(b, c);
+    c = acquire(b, p);
+    ck_assert_int_eq(th_backend_pid(c), pid);
+    /* as documented: the session is as the last user left it, cache included */
+    ck_assert_str_eq(query_value(b, c, "SHOW search_path"), "pg_catalog");
+    ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_prepared_statements "
+                                       "WHERE statement = 'SELECT 42'"),
+                     "1");
+    query_value(b, c, "BEGIN"); /* but a guard left inside a transaction is never reused */
+    release(b, c);
+    c = acquire(b, p);
+    ck_assert_int_ne(th_backend_pid(c), pid);
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    ck_assert_int_eq(st.reset, 0);
+    ck_assert_int_eq(st.replaced, 1);
+    release(b, c);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
 /* ---- health ---- */
 
 typedef struct probe {
@@ -563,6 +594,7 @@ static Suite *pool_suite(int restart_only)
         tcase_add_test(t, test_thousand_transactions_on_a_pool_of_four);
         tcase_add_test(t, test_acquire_timeout_and_waiter_bound_have_their_own_codes);
         tcase_add_test(t, test_next_user_sees_a_clean_session);
+        tcase_add_test(t, test_no_reset_keeps_the_session_but_still_refuses_dirty_guards);
         tcase_add_test(t, test_terminated_idle_backends_replaced);
         tcase_add_test(t, test_cancelled_waiter_and_fifo_handover);
         tcase_add_test(t, test_close_with_waiters_and_guards_out);
