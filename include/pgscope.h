@@ -122,8 +122,10 @@ typedef struct pgs_conn_opts {
     /* The statement cache: each distinct statement text is parsed once per connection as a
      * prepared statement named pgs_s_N, then executed by name (no extra round trip: the
      * Parse is pipelined in front of the first use). DISCARD / DEALLOCATE, and the pool's
-     * reset, empty it. How many statements it keeps (0: 256; < 0: off, e.g. behind a
-     * pooler in transaction mode that cannot keep prepared statements). */
+     * reset, empty it; a statement whose table changed under it (SQLSTATE 0A000) or whose
+     * prepared statement was dropped by hand (26000) fails once and is parsed anew next time.
+     * How many distinct statements it keeps: the first N, no eviction (0: 256; < 0: off, e.g.
+     * behind a pooler in transaction mode that cannot keep prepared statements). */
     int statement_cache;
 } pgs_conn_opts;
 
