@@ -210,11 +210,16 @@ PGS_API PGconn *pgs_conn_pgconn(pgs_conn *conn);
  *    transaction and its children gets PGS_ECANCELED (PGS_ETIMEDOUT for the timeout). The
  *    guard must still be ended; its end reports the same code, the transaction rolled back
  *    (the server rolls back when a connection closes). The connection guard stays to be closed.
- *  - Once COMMIT is sent it is never cancelled: a cancel or timeout then waits up to
- *    commit_grace_ms for its reply; without one, the connection is closed and the end reports
- *    PGS_ECOMMIT_UNKNOWN. A connection lost while COMMIT is in flight is reported the same way,
- *    never as success or rollback, and is never retried. The transaction id read just before
- *    COMMIT (txid_current_if_assigned(), same round trip) comes with it, for pgs_tx_resolve.
+ *  - Once COMMIT is sent, a cancel or timeout waits up to commit_grace_ms for its reply;
+ *    without one, the connection is closed and the end reports PGS_ECOMMIT_UNKNOWN. The
+ *    cancel request goes out only while statements ahead of COMMIT are unanswered (to stop a
+ *    long one); since a transaction's statements leave in one write, it may reach COMMIT's
+ *    pre-commit work (deferred triggers) instead, which then fails. Either way the outcome
+ *    reported is what COMMIT's own reply says. Once everything before COMMIT is answered, no
+ *    cancel request is sent. A connection lost while COMMIT is in flight is reported the same way,
+ *    never as success or rollback, and is never retried. With pgs_tx_opts.resolvable the
+ *    transaction id, read just before COMMIT in the same round trip, comes with it, for
+ *    pgs_tx_resolve.
  *  - COMMIT answered with the tag ROLLBACK is an error, never success.
  */
 typedef struct pgs_tx pgs_tx;
@@ -242,6 +247,12 @@ typedef struct pgs_tx_opts {
     /* Send BEGIN on its own round trip: statements wait for its reply instead of going out in
      * the same write. Slower; for comparison (the benchmark's plain 3-round-trip mode). */
     int begin_alone;
+    /* Read the transaction id just before COMMIT (txid_current_if_assigned(), in the same
+     * round trip, flushed so that it leaves the server before COMMIT runs), so that a COMMIT
+     * lost in flight (PGS_ECOMMIT_UNKNOWN) can be resolved with pgs_tx_resolve. Costs one
+     * statement and one more server write per transaction (see README, Performance). Without
+     * it an unknown COMMIT is still reported as unknown, only without an id. */
+    int resolvable;
     /* How long a cancel or timeout waits for the reply of a COMMIT already sent. 0: 5000. */
     int commit_grace_ms;
     /* pgs_run_tx only: run the body again, up to this many more times, after a serialization
@@ -266,8 +277,9 @@ typedef struct pgs_tx_result {
      * PGS_ETIMEDOUT for a statement timeout), PGS_ECANCELED, PGS_ETIMEDOUT, PGS_ECONN,
      * PGS_ECLOSED, PGS_EMISUSE, or PGS_ECOMMIT_UNKNOWN. */
     const pgs_error *err;
-    /* The transaction id (decimal text) read before COMMIT; "" when no id was assigned (the
-     * transaction wrote nothing, so its outcome changes nothing) or it did not arrive. */
+    /* The transaction id (decimal text) read before COMMIT with pgs_tx_opts.resolvable; ""
+     * without it, when no id was assigned (the transaction wrote nothing, so its outcome
+     * changes nothing), or when it did not arrive. */
     char xid[24];
     int attempts; /* how many times the body ran (pgs_run_tx); 1 otherwise */
 } pgs_tx_result;

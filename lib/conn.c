@@ -102,6 +102,8 @@ struct pgs_conn {
     void (*owner_freed)(void *owner);
     int want_write; /* PQflush left data: wait for write-ready too */
     int flush_due;  /* statements were sent since the last flush */
+    int flush_req;  /* a flush request is owed at the next flush (CONN_FLUSH statements sent
+                       since the last sync or flush request) */
     int in_io;      /* inside the socket handler: it flushes on its way out */
     int lost_due;   /* on_lost is to fire */
     stmt **cache;        /* CACHE_BUCKETS chains, allocated at the first statement */
@@ -208,7 +210,7 @@ static void drop_pgconn(pgs_conn *c)
     }
     PQfinish(c->pg);
     c->pg = NULL;
-    c->want_write = c->flush_due = 0;
+    c->want_write = c->flush_due = c->flush_req = 0;
 }
 
 /* Every statement still owed a callback goes to the failed list, to hear dead_err. */
@@ -398,6 +400,21 @@ static int flush_output(pgs_conn *c)
     return 0;
 }
 
+/* The end of a loop turn's sending: the flush request owed by CONN_FLUSH statements (one for
+ * all of them, and none when a sync came after them), then out to the socket. */
+static int push_output(pgs_conn *c)
+{
+    c->flush_due = 0;
+    if (c->flush_req) {
+        c->flush_req = 0;
+        if (!PQsendFlushRequest(c->pg)) {
+            lost_from_libpq(c);
+            return -1;
+        }
+    }
+    return flush_output(c);
+}
+
 static void free_conn(pgs_conn *c)
 {
     for (op *o = c->spare, *next; o; o = next) {
@@ -438,8 +455,7 @@ static void run_deferred(void *arg, int what)
         c->lost_due = 0;
     }
     if (c->state == CS_READY) {
-        c->flush_due = 0;
-        if (flush_output(c) != 0)
+        if (push_output(c) != 0)
             goto not_ready;
         if (c->returning) {
             /* The user's exit first, then the keeper has it: never both at once. While done
@@ -808,6 +824,7 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
     if (!sql) { /* a lone sync: ends the pipeline segment (and any error's abort) */
         if (!PQpipelineSync(c->pg))
             return -1;
+        c->flush_req = 0;
         o->phase = OP_SYNC;
         list_push(&c->sent, o);
         goto flush;
@@ -818,9 +835,20 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
      * it is in flight: if what follows fails, its callback hears of the loss, never "not sent". */
     o->phase = OP_RESULTS;
     list_push(&c->sent, o);
-    /* Without a sync the server holds its replies; a flush request makes it send them. */
-    if (((o->flags & CONN_FLUSH) && !PQsendFlushRequest(c->pg)) ||
-        (!(o->flags & CONN_NO_SYNC) && !PQpipelineSync(c->pg))) {
+    /* Without a sync the server holds its replies; a flush request makes it send them. One
+     * request at the end of the loop turn serves every statement before it, and a sync
+     * serves them too; CONN_FLUSH_NOW puts one right here. */
+    int ok = 1;
+    if (!(o->flags & CONN_NO_SYNC)) {
+        ok = PQpipelineSync(c->pg);
+        c->flush_req = 0;
+    } else if (o->flags & CONN_FLUSH_NOW) {
+        ok = PQsendFlushRequest(c->pg);
+        c->flush_req = 0;
+    } else if (o->flags & CONN_FLUSH) {
+        c->flush_req = 1;
+    }
+    if (!ok) {
         lost_from_libpq(c);
         return 0;
     }
@@ -1081,10 +1109,8 @@ static void on_io(void *arg, int what)
         c->in_io = 1;
         on_socket_ready(c, what);
         c->in_io = 0;
-        if (c->state == CS_READY && c->flush_due) {
-            c->flush_due = 0;
-            flush_output(c);
-        }
+        if (c->state == CS_READY && c->flush_due)
+            push_output(c);
     }
     if (c->finish_pending) { /* closed from a notice callback: libpq has returned now */
         c->finish_pending = 0;

@@ -11,8 +11,9 @@ enum {
      * implicit transaction, and an error aborts them until the next sync (they get the
      * error that aborted them, PGS_ESQL with its SQLSTATE). */
     CONN_NO_SYNC = 1,
-    /* Follow the statement with a flush request, so the server sends its result now rather
-     * than at the next sync (needed with CONN_NO_SYNC when the caller waits for it). */
+    /* Have the server send the statement's result without waiting for the next sync (needed
+     * with CONN_NO_SYNC when the caller waits for it): a flush request goes out at the end of
+     * the loop turn, after everything queued in it, unless a sync follows the statement. */
     CONN_FLUSH = 2,
     /* Send now even while the connection is plugged (see conn_plug). */
     CONN_BYPASS = 4,
@@ -20,6 +21,9 @@ enum {
      * only resets in flight counts as clean and idle (conn_clean), and the next user's
      * statements simply follow it in the pipeline. */
     CONN_RESET = 8,
+    /* A flush request right after the statement, so its result leaves the server before the
+     * statements queued after it run (the id before a COMMIT). */
+    CONN_FLUSH_NOW = 16,
 };
 
 /* pgs_query with flags (and without pgs_query's check of the owner). */

@@ -221,10 +221,13 @@ static void end_root(pgs_tx *tx)
 {
     tx->state = TX_ENDING;
     if (tx->ok && !tx->failed) {
-        /* The id rides in the same round trip, before COMMIT, and comes back first (flush
-         * request), so a COMMIT whose reply is lost can still be resolved. */
-        int rc = send_stmt(tx, K_TXID, "SELECT txid_current_if_assigned()::text", 0, NULL, STMT,
-                           NULL, NULL);
+        /* resolvable: the id rides in the same round trip, before COMMIT, and leaves the
+         * server first (its own flush request), so a COMMIT whose reply is lost can still be
+         * resolved. Otherwise COMMIT alone: one server write for the whole transaction. */
+        int rc = PGS_OK;
+        if (tx->opts.resolvable)
+            rc = send_stmt(tx, K_TXID, "SELECT txid_current_if_assigned()::text", 0, NULL,
+                           STMT | CONN_FLUSH_NOW, NULL, NULL);
         if (rc == PGS_OK)
             rc = send_stmt(tx, K_COMMIT, "COMMIT", 0, NULL, 0, NULL, NULL);
         if (rc == PGS_OK) {
@@ -293,7 +296,10 @@ static void commit_replied(pgs_tx *tx, const PGresult *res, const pgs_error *err
     char msg[sizeof err->message + 160];
     snprintf(msg, sizeof msg,
              "connection lost while COMMIT was in flight; outcome unknown (transaction id %s): %s",
-             tx->xid[0] ? tx->xid : "not known", err->message);
+             tx->xid[0]              ? tx->xid
+             : tx->opts.resolvable   ? "not known"
+                                     : "not read: set pgs_tx_opts.resolvable to resolve it",
+             err->message);
     pgs_error e;
     err_set(&e, PGS_ECOMMIT_UNKNOWN, "08007", msg, NULL);
     tx->failed = 1; /* replaces any earlier note: unknown is what the caller must hear */

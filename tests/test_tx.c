@@ -72,7 +72,8 @@ START_TEST(test_commit_visible_after_done_not_before)
     pgs_tx *tx;
     th_call k1 = {0}, k2 = {0};
     txdone d = {0};
-    ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
+    pgs_tx_opts resolvable = {.resolvable = 1};
+    ck_assert_int_eq(pgs_tx_begin(c, &resolvable, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_commit", "1", &k1), PGS_OK);
     const char *v[] = {"2"};
     ck_assert_int_eq(pgs_tx_query(tx, "INSERT INTO tx_commit (id, v) VALUES ($1::int, 'y')", 1,
@@ -443,6 +444,7 @@ START_TEST(test_cancel_while_commit_in_flight_waits_for_the_reply)
     txdone d = {0};
     ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_cancel_commit", "1", &k), PGS_OK);
+    th_run_until(b, &k.fired, 10); /* everything before COMMIT answered */
     ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
     tx_canceller cn = {.tx = tx};
     struct event *t;
@@ -453,6 +455,27 @@ START_TEST(test_cancel_while_commit_in_flight_waits_for_the_reply)
     /* COMMIT is never cancelled: it finished within the grace, and says so truthfully */
     ck_assert_int_eq(d.outcome, PGS_TX_COMMITTED);
     ck_assert_int_eq(rows("tx_cancel_commit"), 1);
+    th_close(b, c);
+
+    /* The same with the INSERT still unanswered when the cancel comes (all of it went in one
+     * write): the cancel request is for the INSERT, and may reach COMMIT's pre-commit work
+     * instead. Whatever the server did, the end must say the same. */
+    free(th_scalar("DELETE FROM tx_cancel_commit", 0, NULL));
+    c = th_open(b, NULL);
+    th_call k2 = {0};
+    txdone d2 = {0};
+    ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
+    ck_assert_int_eq(insert(tx, "tx_cancel_commit", "2", &k2), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d2), PGS_OK);
+    tx_canceller cn2 = {.tx = tx};
+    after(b, 0.2, cancel_tx_from_timer, &cn2, &t);
+    th_run_until(b, &d2.fired, 10);
+    event_free(t);
+    ck_assert_int_eq(cn2.rc, PGS_OK);
+    ck_assert_int_ne(d2.outcome, PGS_TX_UNKNOWN); /* the reply came within the grace */
+    ck_assert_int_eq(rows("tx_cancel_commit"), d2.outcome == PGS_TX_COMMITTED ? 1 : 0);
+    if (d2.outcome != PGS_TX_COMMITTED)
+        ck_assert_int_ne(d2.err.code, PGS_OK);
     th_close(b, c);
     th_loop_end(b);
 }
@@ -585,7 +608,8 @@ static txdone commit_with_fault(struct event_base *b, const char *conninfo, cons
     th_call k = {0};
     txdone d = {0};
     xid_watch w = {.proxy = proxy, .pid = th_backend_pid(c)};
-    ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
+    pgs_tx_opts resolvable = {.resolvable = 1};
+    ck_assert_int_eq(pgs_tx_begin(c, &resolvable, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(insert(tx, table, "1", &k), PGS_OK);
     th_run_until(b, &k.fired, 10); /* the body waited for its result, then ends */
     ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
@@ -800,8 +824,15 @@ START_TEST(test_write_only_run_tx_takes_one_round_trip)
     th_proxy *p = th_proxy_start(atoi(th_conninfo_value("port")));
     pgs_conn *c = th_open_at(b, th_proxy_conninfo(p), NULL);
     rt_ctx one = {0}, two = {.interactive = 1};
-    /* BEGIN + 3 INSERTs + txid + COMMIT + sync: one burst on the wire, one reply */
+    /* BEGIN + 3 INSERTs + COMMIT + sync: one burst on the wire, one reply */
     ck_assert_int_eq(run_and_count_turns(b, c, p, &one), 1);
+    ck_assert_str_eq(one.d.xid, ""); /* not resolvable: the id was not read */
+    /* resolvable: the id and its flush request ride in the same burst */
+    rt_ctx res = {.opts = {.resolvable = 1}};
+    free(th_scalar("DELETE FROM tx_rt WHERE id <= 3", 0, NULL));
+    ck_assert_int_eq(run_and_count_turns(b, c, p, &res), 1);
+    ck_assert_str_ne(res.d.xid, "");
+    ck_assert_int_eq(atol(res.d.xid) > 0, 1);
     /* a body that waits for a read first needs exactly one more */
     ck_assert_int_eq(run_and_count_turns(b, c, p, &two), 2);
     ck_assert_str_eq(two.read.value, "3");

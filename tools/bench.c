@@ -69,8 +69,28 @@ typedef struct result {
     long errors;
 } result;
 
-static result results[64];
+static result results[128];
 static int nresults;
+static const char *only; /* --only: comma-separated parts of workload names to run */
+
+/* Is this workload left out by --only? */
+static int skipped(const char *name)
+{
+    if (!only)
+        return 0;
+    for (const char *p = only; *p;) {
+        size_t n = strcspn(p, ",");
+        if (n > 0 && n < 64) {
+            char part[64];
+            memcpy(part, p, n);
+            part[n] = '\0';
+            if (strstr(name, part))
+                return 0;
+        }
+        p += n + (p[n] == ',');
+    }
+    return 1;
+}
 
 static result *finish_run(run *r, const char *name, double seconds)
 {
@@ -112,28 +132,54 @@ typedef struct raw {
     struct event *ev;
     run *r;
     workload w;
+    int prepared; /* execute by name (prepared once per connection), as pgbench -M prepared */
     int step;
     double t0;
     char aid[16];
 } raw;
 
+/* The baseline's statements: prepared once per connection as s0, s1, ... (what careful
+ * hand-written libpq does), or sent unnamed (parsed every time) for comparison. */
+static const char *const raw_sql[] = {"SELECT 1", "BEGIN", update_sql, "COMMIT"};
+enum { RS_SELECT, RS_BEGIN, RS_UPDATE, RS_COMMIT, RS_COUNT };
+
+static int raw_stmt(raw *c, int which)
+{
+    const char *v[] = {c->aid};
+    int np = which == RS_UPDATE;
+    if (c->prepared) {
+        char name[8];
+        snprintf(name, sizeof name, "s%d", which);
+        return PQsendQueryPrepared(c->pg, name, np, np ? v : NULL, NULL, NULL, 0);
+    }
+    return PQsendQueryParams(c->pg, raw_sql[which], np, NULL, np ? v : NULL, NULL, NULL, 0);
+}
+
+static void raw_prepare(PGconn *pg)
+{
+    for (int i = 0; i < RS_COUNT; i++) {
+        char name[8];
+        snprintf(name, sizeof name, "s%d", i);
+        PGresult *res = PQprepare(pg, name, raw_sql[i], i == RS_UPDATE, NULL);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK)
+            die("raw libpq: prepare: %s", PQerrorMessage(pg));
+        PQclear(res);
+    }
+}
+
 static void raw_send(raw *c)
 {
-    static const char *const tx3[] = {"BEGIN", update_sql, "COMMIT"};
-    const char *v[] = {c->aid};
+    static const int tx3[] = {RS_BEGIN, RS_UPDATE, RS_COMMIT};
     int ok = 1;
     switch (c->w) {
     case W_SELECT:
-        ok = PQsendQueryParams(c->pg, "SELECT 1", 0, NULL, NULL, NULL, NULL, 0);
+        ok = raw_stmt(c, RS_SELECT);
         break;
     case W_TX3:
-        ok = PQsendQueryParams(c->pg, tx3[c->step], c->step == 1, NULL, c->step == 1 ? v : NULL,
-                               NULL, NULL, 0);
+        ok = raw_stmt(c, tx3[c->step]);
         break;
     case W_TXPIPE:
-        ok = PQsendQueryParams(c->pg, "BEGIN", 0, NULL, NULL, NULL, NULL, 0) &&
-             PQsendQueryParams(c->pg, update_sql, 1, NULL, v, NULL, NULL, 0) &&
-             PQsendQueryParams(c->pg, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) &&
+        ok = raw_stmt(c, RS_BEGIN) && raw_stmt(c, RS_UPDATE) && raw_stmt(c, RS_COMMIT) &&
              PQpipelineSync(c->pg);
         break;
     }
@@ -194,15 +240,21 @@ static void raw_readable(evutil_socket_t fd, short what, void *arg)
     }
 }
 
-static void bench_raw(const char *conninfo, workload w, int n, double seconds, const char *name)
+static void bench_raw(const char *conninfo, workload w, int prepared, int n, double seconds,
+                      const char *name)
 {
+    if (skipped(name))
+        return;
     raw *cs = calloc((size_t)n, sizeof *cs);
     run r = {0};
     for (int i = 0; i < n; i++) {
         cs[i].pg = PQconnectdb(conninfo);
         if (PQstatus(cs[i].pg) != CONNECTION_OK)
             die("raw libpq: %s", PQerrorMessage(cs[i].pg));
+        if (prepared)
+            raw_prepare(cs[i].pg);
         PQsetnonblocking(cs[i].pg, 1);
+        cs[i].prepared = prepared;
         if (w == W_TXPIPE)
             PQenterPipelineMode(cs[i].pg);
         cs[i].r = &r;
@@ -272,6 +324,8 @@ static void guard_next(guard_client *g)
 
 static void bench_guard(const char *conninfo, int n, double seconds, const char *name)
 {
+    if (skipped(name))
+        return;
     guard_client *gs = calloc((size_t)n, sizeof *gs);
     run r = {0};
     int up = 0;
@@ -378,6 +432,8 @@ static void wait_pool_full(pgs_pool *p, int n)
 static void bench_tx(const char *conninfo, int n, double seconds, int plain, int no_reset,
                      const char *name)
 {
+    if (skipped(name))
+        return;
     pgs_pool_opts po = {.min_size = n, .max_size = n, .no_reset = no_reset};
     pgs_pool *pool;
     if (pgs_pool_new(base, conninfo, &po, &pool) != PGS_OK)
@@ -422,6 +478,8 @@ static const char *pgbench_path(void)
 static void bench_pgbench(const char *pgbench, const char *conninfo, int n, double seconds,
                           int pipelined, const char *name)
 {
+    if (skipped(name))
+        return;
     char script[] = "/tmp/pgscope-bench-XXXXXX";
     int fd = mkstemp(script);
     if (fd < 0)
@@ -611,7 +669,7 @@ static void fixed_raw_readable(evutil_socket_t fd, short what, void *arg)
             continue;
         }
         if (--fixed_left > 0) {
-            PQsendQueryParams(pg, "SELECT 1", 0, NULL, NULL, NULL, NULL, 0);
+            PQsendQueryPrepared(pg, "s0", 0, NULL, NULL, NULL, 0);
             PQflush(pg);
         }
         return;
@@ -626,7 +684,7 @@ __attribute__((noinline)) static void measured_statements(int guard, void *conn,
     if (guard) {
         pgs_query(conn, "SELECT 1", 0, NULL, fixed_guard_done, NULL);
     } else {
-        PQsendQueryParams(conn, "SELECT 1", 0, NULL, NULL, NULL, NULL, 0);
+        PQsendQueryPrepared(conn, "s0", 0, NULL, NULL, NULL, 0);
         PQflush(conn);
     }
     while (fixed_left > 0)
@@ -652,6 +710,7 @@ static void instructions_mode(const char *conninfo, const char *mode, long count
         PGconn *pg = PQconnectdb(conninfo);
         if (PQstatus(pg) != CONNECTION_OK)
             die("raw libpq: %s", PQerrorMessage(pg));
+        raw_prepare(pg); /* s0 is SELECT 1: executed by name, as the guard's cache does */
         PQsetnonblocking(pg, 1);
         struct event *ev = event_new(base, PQsocket(pg), EV_READ | EV_PERSIST, fixed_raw_readable, pg);
         event_add(ev, NULL);
@@ -727,6 +786,7 @@ static const char *const usage_text =
     "  --clients LIST   connection counts (default 1,8,32)\n"
     "  --requests N     the scale run's queued requests (default 10000)\n"
     "  --no-pgbench     skip pgbench\n"
+    "  --only LIST      run only the workloads whose names contain one of these (comma-separated)\n"
     "  --instructions raw|guard [--count N]\n"
     "                   only run N statements one way (for callgrind; see tools/run-bench)\n";
 
@@ -737,6 +797,7 @@ int main(int argc, char **argv)
         {"seconds", required_argument, 0, 's'},  {"clients", required_argument, 0, 'c'},
         {"requests", required_argument, 0, 'r'}, {"no-pgbench", no_argument, 0, 'P'},
         {"instructions", required_argument, 0, 'i'}, {"count", required_argument, 0, 'n'},
+        {"only", required_argument, 0, 'o'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     const char *instructions = NULL;
     long count = 20000;
@@ -754,6 +815,7 @@ int main(int argc, char **argv)
         case 'P': use_pgbench = 0; break;
         case 'i': instructions = optarg; break;
         case 'n': count = atol(optarg); break;
+        case 'o': only = optarg; break;
         case 'h': fputs(usage_text, stdout); return 0;
         default: fputs(usage_text, stderr); return 2;
         }
@@ -785,10 +847,12 @@ int main(int argc, char **argv)
             char name[64];
             printf("\n%s, %d connection(s)\n", nets[ni].label, n);
 #define NAME(fmt) (snprintf(name, sizeof name, fmt " %s %d", nets[ni].label, n), name)
-            bench_raw(nets[ni].conninfo, W_SELECT, n, seconds, NAME("raw libpq SELECT 1"));
-            bench_guard(nets[ni].conninfo, n, seconds, NAME("pgscope guard SELECT 1"));
-            bench_raw(nets[ni].conninfo, W_TX3, n, seconds, NAME("raw libpq tx 3 round trips"));
-            bench_raw(nets[ni].conninfo, W_TXPIPE, n, seconds, NAME("raw libpq tx pipelined"));
+            const char *ci = nets[ni].conninfo;
+            bench_raw(ci, W_SELECT, 1, n, seconds, NAME("raw libpq SELECT 1"));
+            bench_raw(ci, W_SELECT, 0, n, seconds, NAME("raw libpq unnamed SELECT 1"));
+            bench_guard(ci, n, seconds, NAME("pgscope guard SELECT 1"));
+            bench_raw(ci, W_TX3, 1, n, seconds, NAME("raw libpq tx 3 round trips"));
+            bench_raw(ci, W_TXPIPE, 1, n, seconds, NAME("raw libpq tx pipelined"));
             bench_tx(nets[ni].conninfo, n, seconds, 1, 0, NAME("pgscope pool tx 3 round trips"));
             bench_tx(nets[ni].conninfo, n, seconds, 0, 0, NAME("pgscope pool tx one round trip"));
             bench_tx(nets[ni].conninfo, n, seconds, 1, 1, NAME("pgscope tx no reset, 3 round trips"));
