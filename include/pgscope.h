@@ -357,10 +357,14 @@ PGS_API int pgs_tx_resolve(struct event_base *base, const char *conninfo, const 
  *  - Waiters are served in FIFO order. A request is granted, times out, is cancelled, or sees
  *    the pool close: exactly one of these, and its callback fires once, from the loop.
  *  - A guard comes back for reuse only when it is connected, idle (no transaction, nothing
- *    in flight) and was not cancelled; then DISCARD ALL resets its session (SET, LISTEN,
- *    temporary tables, prepared statements, advisory locks). The reset is pipelined ahead
- *    of the next user's statements, so it runs first and costs that user no round trip
- *    (until it is answered, PQtransactionStatus on the new guard says PQTRANS_ACTIVE).
+ *    in flight) and was not cancelled; then its session is reset (pgs_pool_opts.reset): by
+ *    default everything DISCARD ALL resets except the statement cache's prepared statements
+ *    (settings, role and session user, cursors, LISTEN, advisory locks, temporary tables,
+ *    sequence state; prepared statements too, with DISCARD ALL, once the user ran SQL
+ *    PREPARE). The reset is pipelined ahead of the next user's statements, so it runs first
+ *    and costs that user no round trip (until it is answered, PQtransactionStatus on the new
+ *    guard says PQTRANS_ACTIVE). Should it fail, the guard is closed before anyone's
+ *    statements run on it (its new user's callbacks get PGS_ECONN with the reason).
  *    Anything else (closed inside a transaction, with statements running, after a cancel or
  *    a lost connection) is closed, and the pool opens a replacement.
  *  - Connections that die while idle (backend terminated, server restarted) are noticed at
@@ -373,6 +377,24 @@ PGS_API int pgs_tx_resolve(struct event_base *base, const char *conninfo, const 
 typedef struct pgs_pool pgs_pool;
 typedef struct pgs_pool_req pgs_pool_req;
 
+/* How the pool resets a session that comes back, before anyone else gets it. */
+typedef enum pgs_pool_reset {
+    /* The default: RESET ALL, SET SESSION AUTHORIZATION DEFAULT, CLOSE ALL, UNLISTEN *,
+     * pg_advisory_unlock_all(), DISCARD TEMP, DISCARD SEQUENCES, in one pipelined segment
+     * (asyncpg's reset, and more). Prepared statements stay, so the statement cache stays
+     * warm; once the user has run SQL PREPARE on the session, DISCARD ALL instead. Not
+     * covered: statements prepared inside a function (EXECUTE 'PREPARE ...'); use
+     * PGS_RESET_ALL if users do that. */
+    PGS_RESET_SESSION = 0,
+    /* DISCARD ALL every time: also drops the statement cache (parsed again by the next user)
+     * and cached plans. pgbouncer's session-pooling reset. */
+    PGS_RESET_ALL,
+    /* Nothing: session state one user leaves (SET, temporary tables, LISTEN, PREPARE, a role)
+     * reaches the next; guards are still reused only when idle and clean. For pools whose
+     * users never change session state (pgxpool's behaviour). */
+    PGS_RESET_NONE,
+} pgs_pool_reset;
+
 /* Options for pgs_pool_new. Zero-initialise; zero means the default. */
 typedef struct pgs_pool_opts {
     int min_size;           /* opened ahead, in the background, and kept open (0) */
@@ -384,11 +406,7 @@ typedef struct pgs_pool_opts {
                                < 0: never) */
     int max_lifetime_ms;    /* close and replace connections older than this when they come
                                back or wait idle (0: 3600000; < 0: never) */
-    /* Skip DISCARD ALL on return (connections are still only reused when idle and clean).
-     * Faster, and keeps the statement cache warm, but session state one user leaves (SET,
-     * temporary tables, LISTEN, PREPARE) reaches the next: for pools whose users are trusted
-     * not to change it (pgxpool's behaviour). */
-    int no_reset;
+    pgs_pool_reset reset; /* what a guard's session gets when it comes back (see above) */
     pgs_conn_opts conn;     /* for each connection (its on_lost is chained after the pool's) */
     /* Optional notifications: a new connection is up (before anyone gets it), a guard came
      * back (before its reset). They must not send statements. */

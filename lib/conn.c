@@ -110,6 +110,7 @@ struct pgs_conn {
     int cached;          /* entries */
     unsigned next_stmt;  /* names are never reused: the server may still hold old ones */
     int segment_from_prepare; /* segment_err came from the cache's own Parse */
+    int user_prepared;        /* SQL PREPARE ran since prepared statements were last dropped */
     /* Errors live on the heap only while they exist (most connections never have one): the
      * per-connection state stays small. */
     pgs_error *dead_err;    /* why the connection is gone */
@@ -544,6 +545,10 @@ static int deliver(pgs_conn *c, op *o)
     ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
     switch (st) {
     case PGRES_COMMAND_OK:
+        /* The user's own SQL PREPARE: the pool's reset must then drop prepared statements. */
+        if (!c->user_prepared && strcmp(PQcmdStatus(res), "PREPARE") == 0)
+            c->user_prepared = 1;
+        break;
     case PGRES_TUPLES_OK:
     case PGRES_EMPTY_QUERY:
         break;
@@ -746,12 +751,34 @@ static void cache_drop(pgs_conn *c, stmt *gone)
         }
 }
 
-/* Statements that deallocate prepared statements empty the cache (and are not cached). */
+/* Does `sql` start with these words (case-insensitive, any whitespace between them)? */
+static int starts_with_words(const char *sql, const char *const *words)
+{
+    for (; *words; words++) {
+        while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r' || *sql == '(')
+            sql++;
+        size_t n = strlen(*words);
+        if (strncasecmp(sql, *words, n) != 0)
+            return 0;
+        sql += n;
+        if ((*sql >= 'a' && *sql <= 'z') || (*sql >= 'A' && *sql <= 'Z') || *sql == '_')
+            return 0; /* a longer word */
+    }
+    return 1;
+}
+
+/* Statements that deallocate prepared statements empty the cache (and are not cached):
+ * DEALLOCATE, and DISCARD ALL. Returns 2 when they drop every prepared statement. */
 static int cache_buster(const char *sql)
 {
-    while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '(')
-        sql++;
-    return strncasecmp(sql, "DISCARD", 7) == 0 || strncasecmp(sql, "DEALLOCATE", 10) == 0;
+    static const char *const discard_all[] = {"DISCARD", "ALL", NULL};
+    static const char *const deallocate_all[] = {"DEALLOCATE", "ALL", NULL};
+    static const char *const deallocate_prepare_all[] = {"DEALLOCATE", "PREPARE", "ALL", NULL};
+    static const char *const deallocate[] = {"DEALLOCATE", NULL};
+    if (starts_with_words(sql, discard_all) || starts_with_words(sql, deallocate_all) ||
+        starts_with_words(sql, deallocate_prepare_all))
+        return 2;
+    return starts_with_words(sql, deallocate);
 }
 
 /* The cached statement for sql, or a new entry (*fresh set: it must be prepared first), or
@@ -792,14 +819,18 @@ static stmt *cache_get(pgs_conn *c, const char *sql, int nparams, int *fresh)
 static int send_statement(pgs_conn *c, op *o, const char *sql, const char *const *values)
 {
     int fresh = 0;
-    stmt *e = (o->flags & CONN_RESET) ? NULL : cache_get(c, sql, o->nparams, &fresh);
-    if (fresh && cache_buster(sql)) { /* never cached: a hit cannot be one */
+    stmt *e = cache_get(c, sql, o->nparams, &fresh);
+    int buster = fresh || !e ? cache_buster(sql) : 0;
+    if (fresh && buster) { /* never cached: a hit cannot be one */
         cache_drop(c, e);
         e = NULL;
     }
     if (!e) {
-        if ((o->flags & CONN_RESET) || cache_buster(sql))
-            cache_clear(c); /* the server forgets our prepared statements */
+        if (buster) {
+            cache_clear(c); /* the server forgets (some of) our prepared statements */
+            if (buster == 2)
+                c->user_prepared = 0;
+        }
         return PQsendQueryParams(c->pg, sql, o->nparams, NULL, values, NULL, NULL, 0) ? 0 : -1;
     }
     if (fresh) {
@@ -809,7 +840,7 @@ static int send_statement(pgs_conn *c, op *o, const char *sql, const char *const
             cache_drop(c, e);
             return -1;
         }
-        p->flags = CONN_NO_SYNC | OP_PREPARE;
+        p->flags = CONN_NO_SYNC | OP_PREPARE | (o->flags & CONN_RESET);
         p->phase = OP_RESULTS;
         p->stmt = e;
         list_push(&c->sent, p);
@@ -855,9 +886,10 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
 flush:
     if (!c->flush_due) {
         c->flush_due = 1;
-        /* One flush for everything queued in this loop turn: at the end of the socket
-         * handler when a result callback queued it (the common closed loop, no extra event),
-         * otherwise from a deferred call. */
+        /* One flush for everything queued in this loop turn (libpq before 17 also writes at
+         * each pipeline sync by itself): at the end of the socket handler when a result
+         * callback queued it (the common closed loop, no extra event), otherwise from a
+         * deferred call. */
         if (!c->in_io)
             loop_ev_post(c->defer);
     }
@@ -1444,6 +1476,11 @@ int conn_probe(pgs_conn *c)
                      : "the server sent data on an idle connection (it is closing it)");
     conn_lost(c, &e);
     return 0;
+}
+
+int conn_user_prepared(pgs_conn *c)
+{
+    return c->user_prepared;
 }
 
 int conn_clean(pgs_conn *c)

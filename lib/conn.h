@@ -17,9 +17,9 @@ enum {
     CONN_FLUSH = 2,
     /* Send now even while the connection is plugged (see conn_plug). */
     CONN_BYPASS = 4,
-    /* A session reset (the pool's DISCARD ALL): it leaves the session idle, so a guard with
-     * only resets in flight counts as clean and idle (conn_clean), and the next user's
-     * statements simply follow it in the pipeline. */
+    /* A session reset (the pool's): it leaves the session idle, so a guard with only resets
+     * in flight counts as clean and idle (conn_clean), and the next user's statements simply
+     * follow it in the pipeline. */
     CONN_RESET = 8,
     /* A flush request right after the statement, so its result leaves the server before the
      * statements queued after it run (the id before a COMMIT). */
@@ -69,6 +69,9 @@ int conn_probe(pgs_conn *c);
 /* Reusable as it is, or free for a transaction guard: connected, no owner, no cancel, nothing
  * in flight but resets, and idle (no transaction) or about to be (after a reset)? */
 int conn_clean(pgs_conn *c);
+/* Has SQL PREPARE run on this session (a statement tagged PREPARE came back) since every
+ * prepared statement was last dropped (DISCARD ALL, DEALLOCATE ALL)? */
+int conn_user_prepared(pgs_conn *c);
 
 /* Send a cancel request for what the backend runs, without closing: its answer (57014, and
  * skipped statements after it) arrives as usual. Callbacks still wait for it as for a close. */

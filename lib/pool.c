@@ -472,17 +472,58 @@ static void slot_available(slot *s)
 
 static void reset_done(pgs_conn *conn, const PGresult *res, const pgs_error *err, void *arg)
 {
-    (void)conn;
     (void)res;
     slot *s = arg;
     pgs_pool *p = s->pool;
-    /* The reset is pipelined ahead of whoever has the guard now. If it failed while the guard
-     * sits idle, replace it; if someone is using it, their own statements report the loss. */
-    if (err && s->state == SL_IDLE) {
+    if (!err)
+        return;
+    /* The reset failed (or the connection went). Idle: replace it. Already handed out: its
+     * new user's statements are queued behind the reset, on a session that may still hold
+     * the last user's state, so close it now; they hear why instead of running on it. */
+    if (s->state == SL_IDLE) {
         p->counters.replaced++;
         retire(s);
         dispatch(p);
+    } else if (conn_ready(conn)) {
+        char msg[sizeof err->message + 64];
+        snprintf(msg, sizeof msg, "the pool's session reset failed: %s", err->message);
+        conn_kill(conn, PGS_ECONN, msg, 0);
     }
+}
+
+static void reset_step(pgs_conn *conn, const PGresult *res, const pgs_error *err, void *arg)
+{
+    /* An error here aborts the rest of the reset, whose last statement reports it. */
+    (void)conn;
+    (void)res;
+    (void)err;
+    (void)arg;
+}
+
+/* Everything DISCARD ALL resets except prepared statements (and cached plans), so the
+ * statement cache stays warm: settings (RESET ALL leaves the role and session user, hence
+ * SET SESSION AUTHORIZATION DEFAULT), cursors, LISTENs, advisory locks, temporary tables,
+ * sequence state. One pipeline segment, answered before the next user's statements. */
+static const char *const session_reset[] = {
+    "RESET ALL",    "SET SESSION AUTHORIZATION DEFAULT", "CLOSE ALL",         "UNLISTEN *",
+    "SELECT pg_advisory_unlock_all()", "DISCARD TEMP", "DISCARD SEQUENCES",
+};
+
+static int send_reset(pgs_pool *p, slot *s, pgs_conn *conn)
+{
+    /* DISCARD ALL when asked, or when the user's own SQL PREPARE left statements behind. */
+    if (p->opts.reset == PGS_RESET_ALL || conn_user_prepared(conn))
+        return conn_query(conn, "DISCARD ALL", 0, NULL, CONN_RESET, reset_done, s);
+    enum { N = sizeof session_reset / sizeof *session_reset };
+    for (int i = 0; i < N; i++) {
+        int last = i == N - 1;
+        int rc = conn_query(conn, session_reset[i], 0, NULL,
+                            CONN_RESET | (last ? 0 : CONN_NO_SYNC),
+                            last ? reset_done : reset_step, s);
+        if (rc != PGS_OK)
+            return rc;
+    }
+    return PGS_OK;
 }
 
 static void slot_returned(void *arg, pgs_conn *conn)
@@ -496,15 +537,14 @@ static void slot_returned(void *arg, pgs_conn *conn)
         retire(s);
         return;
     }
-    /* The next user gets a clean session: settings, LISTENs, temporary tables, prepared
-     * statements, advisory locks and the like are all reset by DISCARD ALL. It goes into the
-     * pipeline ahead of the next user's statements, so it costs no round trip of its own. */
-    if (p->opts.no_reset) {
+    /* The next user gets a clean session. The reset goes into the pipeline ahead of the next
+     * user's statements, so it costs no round trip of its own. */
+    if (p->opts.reset == PGS_RESET_NONE) {
         slot_available(s);
         return;
     }
     p->counters.reset++;
-    if (conn_query(conn, "DISCARD ALL", 0, NULL, CONN_RESET, reset_done, s) != PGS_OK) {
+    if (send_reset(p, s, conn) != PGS_OK) {
         p->counters.replaced++;
         retire(s);
         dispatch(p);
@@ -554,7 +594,8 @@ int pgs_pool_new(struct event_base *base, const char *conninfo, const pgs_pool_o
     pgs_pool_opts o = opts ? *opts : (pgs_pool_opts){0};
     if (o.max_size == 0)
         o.max_size = DEFAULT_MAX_SIZE;
-    if (o.min_size < 0 || o.max_size < 0 || o.min_size > o.max_size || o.max_waiting < 0)
+    if (o.min_size < 0 || o.max_size < 0 || o.min_size > o.max_size || o.max_waiting < 0 ||
+        o.reset < PGS_RESET_SESSION || o.reset > PGS_RESET_NONE)
         return PGS_EINVAL;
     if (o.acquire_timeout_ms == 0)
         o.acquire_timeout_ms = DEFAULT_ACQUIRE_TIMEOUT_MS;

@@ -234,6 +234,53 @@ static void count_release(pgs_conn *c, void *arg)
     releases++;
 }
 
+static th_call *query_call(struct event_base *b, pgs_conn *c, const char *sql)
+{
+    static th_call k;
+    memset(&k, 0, sizeof k);
+    ck_assert_int_eq(pgs_query(c, sql, 0, NULL, th_record, &k), PGS_OK);
+    th_run_until(b, &k.fired, 10);
+    return &k;
+}
+
+static const char *cached_select_42 =
+    "SELECT count(*) FROM pg_prepared_statements WHERE statement = 'SELECT 42'";
+
+/* Leave every kind of session state the default reset covers. */
+static void dirty_the_session(struct event_base *b, pgs_conn *c)
+{
+    free(th_scalar("DO $$BEGIN CREATE ROLE pgs_pool_role; EXCEPTION WHEN duplicate_object "
+                   "THEN NULL; END$$",
+                   0, NULL));
+    free(th_scalar("CREATE SEQUENCE IF NOT EXISTS pgs_pool_seq", 0, NULL));
+    free(th_scalar("GRANT USAGE ON SEQUENCE pgs_pool_seq TO pgs_pool_role", 0, NULL));
+    query_value(b, c, "SET search_path TO pg_catalog");
+    query_value(b, c, "SET ROLE pgs_pool_role");
+    query_value(b, c, "LISTEN pgs_pool_chan");
+    query_value(b, c, "CREATE TEMP TABLE pgs_pool_tmp (x int)");
+    query_value(b, c, "SELECT pg_advisory_lock(4242)");
+    query_value(b, c, "DECLARE pgs_pool_cur CURSOR WITH HOLD FOR SELECT 1");
+    query_value(b, c, "SELECT nextval('public.pgs_pool_seq')");
+    query_value(b, c, "SELECT 42"); /* into the statement cache */
+    query_value(b, c, "SET default_transaction_read_only = on"); /* the reset must still run */
+}
+
+static void assert_clean_session(struct event_base *b, pgs_conn *c)
+{
+    ck_assert_str_eq(query_value(b, c, "SHOW search_path"), "\"$user\", public");
+    ck_assert_str_eq(query_value(b, c, "SHOW default_transaction_read_only"), "off");
+    ck_assert_str_eq(query_value(b, c, "SELECT current_user = session_user"), "t");
+    ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_listening_channels()"), "0");
+    ck_assert_str_eq(query_value(b, c, "SELECT to_regclass('pg_temp.pgs_pool_tmp') IS NULL"),
+                     "t");
+    ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_locks WHERE locktype = "
+                                       "'advisory' AND pid = pg_backend_pid()"),
+                     "0");
+    ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_cursors WHERE name <> ''"), "0");
+    th_call *k = query_call(b, c, "SELECT currval('pgs_pool_seq')");
+    ck_assert_str_eq(k->sqlstate, "55000"); /* currval not yet defined in this session */
+}
+
 START_TEST(test_next_user_sees_a_clean_session)
 {
     struct event_base *b = th_loop_begin();
@@ -242,25 +289,28 @@ START_TEST(test_next_user_sees_a_clean_session)
     pgs_pool *p = new_pool(b, "pgs_pool_reset", o);
     pgs_conn *c = acquire(b, p);
     int pid = th_backend_pid(c);
-    query_value(b, c, "SET search_path TO pg_catalog");
-    query_value(b, c, "LISTEN pgs_pool_chan");
-    query_value(b, c, "CREATE TEMP TABLE pgs_pool_tmp (x int)");
-    query_value(b, c, "PREPARE pgs_pool_p AS SELECT 1");
-    query_value(b, c, "SELECT pg_advisory_lock(4242)");
+    dirty_the_session(b, c);
     release(b, c);
     c = acquire(b, p);
     ck_assert_int_eq(th_backend_pid(c), pid); /* the same session, reused */
-    ck_assert_str_eq(query_value(b, c, "SHOW search_path"), "\"$user\", public");
-    ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_listening_channels()"), "0");
-    ck_assert_str_eq(query_value(b, c, "SELECT to_regclass('pg_temp.pgs_pool_tmp') IS NULL"),
-                     "t");
-    /* the user's own PREPARE is gone (pgscope's statement cache names its own pgs_s_N) */
+    assert_clean_session(b, c);
+    /* but the statement cache was kept: SELECT 42 is still prepared, and runs by name */
+    ck_assert_str_eq(query_value(b, c, cached_select_42), "1");
+    ck_assert_str_eq(query_value(b, c, "SELECT 42"), "42");
+    /* the user's own PREPARE: then DISCARD ALL, which takes the cache with it */
+    query_value(b, c, "PREPARE pgs_pool_p AS SELECT 1");
+    release(b, c);
+    c = acquire(b, p);
+    ck_assert_int_eq(th_backend_pid(c), pid);
     ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_prepared_statements "
-                                       "WHERE name NOT LIKE 'pgs\\_s\\_%'"),
+                                       "WHERE name = 'pgs_pool_p'"),
                      "0");
-    ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_locks WHERE locktype = "
-                                       "'advisory' AND pid = pg_backend_pid()"),
-                     "0");
+    ck_assert_str_eq(query_value(b, c, cached_select_42), "0");
+    ck_assert_str_eq(query_value(b, c, "SELECT 42"), "42"); /* parsed again, and cached */
+    /* and after that, the light reset again: the cache stays */
+    release(b, c);
+    c = acquire(b, p);
+    ck_assert_str_eq(query_value(b, c, cached_select_42), "1");
     /* returned inside a transaction: never handed out again */
     query_value(b, c, "BEGIN");
     release(b, c);
@@ -275,11 +325,36 @@ START_TEST(test_next_user_sees_a_clean_session)
     ck_assert_int_ne(th_backend_pid(c), pid2);
     pgs_pool_counts st;
     pgs_pool_stats(p, &st);
-    ck_assert_int_eq(st.reset, 1);
+    ck_assert_int_eq(st.reset, 3);
     ck_assert_int_eq(st.replaced, 2);
     ck_assert_int_eq(connects, 3);  /* the first, and one replacement for each dirty return */
-    ck_assert_int_eq(releases, 1); /* only the clean return came back */
+    ck_assert_int_eq(releases, 3); /* only the clean returns came back */
     release(b, c);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
+START_TEST(test_reset_all_discards_everything_cache_included)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 1, .reset = PGS_RESET_ALL};
+    pgs_pool *p = new_pool(b, "pgs_pool_reset_all", o);
+    pgs_conn *c = acquire(b, p);
+    int pid = th_backend_pid(c);
+    dirty_the_session(b, c);
+    release(b, c);
+    c = acquire(b, p);
+    ck_assert_int_eq(th_backend_pid(c), pid);
+    assert_clean_session(b, c);
+    ck_assert_str_eq(query_value(b, c, cached_select_42), "0");
+    ck_assert_str_eq(query_value(b, c, "SELECT 42"), "42");
+    release(b, c);
+    /* a reset that is not one of the three is refused */
+    pgs_pool *bad = NULL;
+    pgs_pool_opts wrong = {.reset = (pgs_pool_reset)7};
+    ck_assert_int_eq(pgs_pool_new(b, th_conninfo(NULL), &wrong, &bad), PGS_EINVAL);
+    ck_assert_ptr_null(bad);
     close_pool(b, p);
     th_loop_end(b);
 }
@@ -288,7 +363,7 @@ END_TEST
 START_TEST(test_no_reset_keeps_the_session_but_still_refuses_dirty_guards)
 {
     struct event_base *b = th_loop_begin();
-    pgs_pool_opts o = {.max_size = 1, .no_reset = 1};
+    pgs_pool_opts o = {.max_size = 1, .reset = PGS_RESET_NONE};
     pgs_pool *p = new_pool(b, "pgs_pool_noreset", o);
     pgs_conn *c = acquire(b, p);
     int pid = th_backend_pid(c);
@@ -299,9 +374,7 @@ START_TEST(test_no_reset_keeps_the_session_but_still_refuses_dirty_guards)
     ck_assert_int_eq(th_backend_pid(c), pid);
     /* as documented: the session is as the last user left it, cache included */
     ck_assert_str_eq(query_value(b, c, "SHOW search_path"), "pg_catalog");
-    ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_prepared_statements "
-                                       "WHERE statement = 'SELECT 42'"),
-                     "1");
+    ck_assert_str_eq(query_value(b, c, cached_select_42), "1");
     query_value(b, c, "BEGIN"); /* but a guard left inside a transaction is never reused */
     release(b, c);
     c = acquire(b, p);
@@ -594,6 +667,7 @@ static Suite *pool_suite(int restart_only)
         tcase_add_test(t, test_thousand_transactions_on_a_pool_of_four);
         tcase_add_test(t, test_acquire_timeout_and_waiter_bound_have_their_own_codes);
         tcase_add_test(t, test_next_user_sees_a_clean_session);
+        tcase_add_test(t, test_reset_all_discards_everything_cache_included);
         tcase_add_test(t, test_no_reset_keeps_the_session_but_still_refuses_dirty_guards);
         tcase_add_test(t, test_terminated_idle_backends_replaced);
         tcase_add_test(t, test_cancelled_waiter_and_fifo_handover);

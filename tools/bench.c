@@ -429,17 +429,17 @@ static void wait_pool_full(pgs_pool *p, int n)
     }
 }
 
-static void bench_tx(const char *conninfo, int n, double seconds, int plain, int no_reset,
-                     const char *name)
+static void bench_tx(const char *conninfo, int n, double seconds, int plain, pgs_pool_reset reset,
+                     int resolvable, const char *name)
 {
     if (skipped(name))
         return;
-    pgs_pool_opts po = {.min_size = n, .max_size = n, .no_reset = no_reset};
+    pgs_pool_opts po = {.min_size = n, .max_size = n, .reset = reset};
     pgs_pool *pool;
     if (pgs_pool_new(base, conninfo, &po, &pool) != PGS_OK)
         die("pgscope: cannot create a pool");
     wait_pool_full(pool, n);
-    pgs_tx_opts opts = {.begin_alone = plain};
+    pgs_tx_opts opts = {.begin_alone = plain, .resolvable = resolvable};
     tx_client *ts = calloc((size_t)n, sizeof *ts);
     run r = {0};
     for (int i = 0; i < n; i++)
@@ -769,6 +769,10 @@ static void ratio(const char *what, const char *a, const char *b, double target)
     double x = tps_of(a), y = tps_of(b);
     if (x <= 0 || y <= 0)
         return;
+    if (target <= 0) { /* for information: no target */
+        printf("  %-66s %5.2fx\n", what, x / y);
+        return;
+    }
     printf("  %-66s %5.2fx  (target >= %.2fx: %s)\n", what, x / y, target,
            x / y >= target ? "met" : "NOT met");
 }
@@ -782,10 +786,12 @@ static const char *const usage_text =
     "\n"
     "  --tcp S          conninfo over TCP loopback (default: $PGSCOPE_TEST_CONNINFO)\n"
     "  --unix S         conninfo over the Unix socket (default: $PGSCOPE_SOCKET_CONNINFO)\n"
-    "  --seconds N      duration of each measured run (default 2)\n"
+    "  --seconds N      duration of each measured run (default 1: all of it in under a minute)\n"
     "  --clients LIST   connection counts (default 1,8,32)\n"
     "  --requests N     the scale run's queued requests (default 10000)\n"
     "  --no-pgbench     skip pgbench\n"
+    "  --variants       also run the baseline with unnamed statements, and pooled transactions\n"
+    "                   without a reset, with DISCARD ALL and with pgs_tx_opts.resolvable\n"
     "  --only LIST      run only the workloads whose names contain one of these (comma-separated)\n"
     "  --instructions raw|guard [--count N]\n"
     "                   only run N statements one way (for callgrind; see tools/run-bench)\n";
@@ -797,14 +803,14 @@ int main(int argc, char **argv)
         {"seconds", required_argument, 0, 's'},  {"clients", required_argument, 0, 'c'},
         {"requests", required_argument, 0, 'r'}, {"no-pgbench", no_argument, 0, 'P'},
         {"instructions", required_argument, 0, 'i'}, {"count", required_argument, 0, 'n'},
-        {"only", required_argument, 0, 'o'},
+        {"only", required_argument, 0, 'o'},    {"variants", no_argument, 0, 'V'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     const char *instructions = NULL;
     long count = 20000;
     const char *tcp = getenv("PGSCOPE_TEST_CONNINFO"), *unix_ci = getenv("PGSCOPE_SOCKET_CONNINFO");
-    double seconds = 2;
+    double seconds = 1;
     char clients_list[64] = "1,8,32";
-    int requests = 10000, use_pgbench = 1;
+    int requests = 10000, use_pgbench = 1, variants = 0;
     for (int ch; (ch = getopt_long(argc, argv, "h", longopts, NULL)) != -1;) {
         switch (ch) {
         case 't': tcp = optarg; break;
@@ -816,6 +822,7 @@ int main(int argc, char **argv)
         case 'i': instructions = optarg; break;
         case 'n': count = atol(optarg); break;
         case 'o': only = optarg; break;
+        case 'V': variants = 1; break;
         case 'h': fputs(usage_text, stdout); return 0;
         default: fputs(usage_text, stderr); return 2;
         }
@@ -849,19 +856,21 @@ int main(int argc, char **argv)
 #define NAME(fmt) (snprintf(name, sizeof name, fmt " %s %d", nets[ni].label, n), name)
             const char *ci = nets[ni].conninfo;
             bench_raw(ci, W_SELECT, 1, n, seconds, NAME("raw libpq SELECT 1"));
-            bench_raw(ci, W_SELECT, 0, n, seconds, NAME("raw libpq unnamed SELECT 1"));
+            if (variants)
+                bench_raw(ci, W_SELECT, 0, n, seconds, NAME("raw libpq unnamed SELECT 1"));
             bench_guard(ci, n, seconds, NAME("pgscope guard SELECT 1"));
             bench_raw(ci, W_TX3, 1, n, seconds, NAME("raw libpq tx 3 round trips"));
             bench_raw(ci, W_TXPIPE, 1, n, seconds, NAME("raw libpq tx pipelined"));
-            bench_tx(nets[ni].conninfo, n, seconds, 1, 0, NAME("pgscope pool tx 3 round trips"));
-            bench_tx(nets[ni].conninfo, n, seconds, 0, 0, NAME("pgscope pool tx one round trip"));
-            bench_tx(nets[ni].conninfo, n, seconds, 1, 1, NAME("pgscope tx no reset, 3 round trips"));
-            bench_tx(nets[ni].conninfo, n, seconds, 0, 1, NAME("pgscope tx no reset, one round trip"));
+            bench_tx(ci, n, seconds, 1, PGS_RESET_SESSION, 0, NAME("pgscope pool tx 3 round trips"));
+            bench_tx(ci, n, seconds, 0, PGS_RESET_SESSION, 0, NAME("pgscope pool tx one round trip"));
+            if (variants) {
+                bench_tx(ci, n, seconds, 0, PGS_RESET_NONE, 0, NAME("pgscope tx no reset"));
+                bench_tx(ci, n, seconds, 0, PGS_RESET_ALL, 0, NAME("pgscope tx DISCARD ALL"));
+                bench_tx(ci, n, seconds, 0, PGS_RESET_SESSION, 1, NAME("pgscope tx resolvable"));
+            }
             if (pgbench) {
-                bench_pgbench(pgbench, nets[ni].conninfo, n, seconds, 0,
-                              NAME("pgbench tx 3 round trips"));
-                bench_pgbench(pgbench, nets[ni].conninfo, n, seconds, 1,
-                              NAME("pgbench tx pipelined"));
+                bench_pgbench(pgbench, ci, n, seconds, 0, NAME("pgbench tx 3 round trips"));
+                bench_pgbench(pgbench, ci, n, seconds, 1, NAME("pgbench tx pipelined"));
             }
         }
     }
@@ -884,12 +893,19 @@ int main(int argc, char **argv)
             snprintf(b, sizeof b, "pgbench tx pipelined %s %d", l, n);
             snprintf(what, sizeof what, "pgscope tx one round trip / pgbench pipelined, %s, %d conn", l, n);
             ratio(what, a, b, 1.0);
-            snprintf(a, sizeof a, "pgscope tx no reset, one round trip %s %d", l, n);
-            snprintf(what, sizeof what, "  the same without the pool's reset, %s, %d conn", l, n);
-            ratio(what, a, b, 1.0);
-            snprintf(b, sizeof b, "pgscope tx no reset, 3 round trips %s %d", l, n);
-            snprintf(what, sizeof what, "  no reset: one round trip / 3 round trips, %s, %d conn", l, n);
-            ratio(what, a, b, 1.4);
+            snprintf(b, sizeof b, "raw libpq tx pipelined %s %d", l, n);
+            snprintf(what, sizeof what, "  pgscope tx one round trip / raw libpq pipelined, %s, %d conn", l, n);
+            ratio(what, a, b, 0);
+            snprintf(b, sizeof b, "pgbench tx pipelined %s %d", l, n);
+            if (!variants)
+                continue;
+            static const char *const variant[] = {"no reset", "DISCARD ALL", "resolvable"};
+            for (int vi = 0; vi < 3; vi++) {
+                snprintf(a, sizeof a, "pgscope tx %s %s %d", variant[vi], l, n);
+                snprintf(what, sizeof what, "  one round trip, %s / pgbench pipelined, %s, %d conn",
+                         variant[vi], l, n);
+                ratio(what, a, b, 0);
+            }
         }
     }
     printf("\n");
