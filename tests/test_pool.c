@@ -281,18 +281,27 @@ static void assert_clean_session(struct event_base *b, pgs_conn *c)
     ck_assert_str_eq(k->sqlstate, "55000"); /* currval not yet defined in this session */
 }
 
+/* Acquire, leave state with dirty(), give it back, acquire again: the same session. */
+static pgs_conn *dirty_then_reacquire(struct event_base *b, pgs_pool *p, int *pid,
+                                      void (*dirty)(struct event_base *, pgs_conn *))
+{
+    pgs_conn *c = acquire(b, p);
+    *pid = th_backend_pid(c);
+    dirty(b, c);
+    release(b, c);
+    c = acquire(b, p);
+    ck_assert_int_eq(th_backend_pid(c), *pid); /* the same session, reused */
+    return c;
+}
+
 START_TEST(test_next_user_sees_a_clean_session)
 {
     struct event_base *b = th_loop_begin();
     pgs_pool_opts o = {.max_size = 1, .on_connect = count_connect, .on_release = count_release,
                        .cb_arg = &connects};
     pgs_pool *p = new_pool(b, "pgs_pool_reset", o);
-    pgs_conn *c = acquire(b, p);
-    int pid = th_backend_pid(c);
-    dirty_the_session(b, c);
-    release(b, c);
-    c = acquire(b, p);
-    ck_assert_int_eq(th_backend_pid(c), pid); /* the same session, reused */
+    int pid;
+    pgs_conn *c = dirty_then_reacquire(b, p, &pid, dirty_the_session);
     assert_clean_session(b, c);
     /* but the statement cache was kept: SELECT 42 is still prepared, and runs by name */
     ck_assert_str_eq(query_value(b, c, cached_select_42), "1");
@@ -340,12 +349,8 @@ START_TEST(test_reset_all_discards_everything_cache_included)
     struct event_base *b = th_loop_begin();
     pgs_pool_opts o = {.max_size = 1, .reset = PGS_RESET_ALL};
     pgs_pool *p = new_pool(b, "pgs_pool_reset_all", o);
-    pgs_conn *c = acquire(b, p);
-    int pid = th_backend_pid(c);
-    dirty_the_session(b, c);
-    release(b, c);
-    c = acquire(b, p);
-    ck_assert_int_eq(th_backend_pid(c), pid);
+    int pid;
+    pgs_conn *c = dirty_then_reacquire(b, p, &pid, dirty_the_session);
     assert_clean_session(b, c);
     ck_assert_str_eq(query_value(b, c, cached_select_42), "0");
     ck_assert_str_eq(query_value(b, c, "SELECT 42"), "42");
@@ -360,18 +365,19 @@ START_TEST(test_reset_all_discards_everything_cache_included)
 }
 END_TEST
 
+static void set_path_and_cache(struct event_base *b, pgs_conn *c)
+{
+    query_value(b, c, "SET search_path TO pg_catalog");
+    query_value(b, c, "SELECT 42");
+}
+
 START_TEST(test_no_reset_keeps_the_session_but_still_refuses_dirty_guards)
 {
     struct event_base *b = th_loop_begin();
     pgs_pool_opts o = {.max_size = 1, .reset = PGS_RESET_NONE};
     pgs_pool *p = new_pool(b, "pgs_pool_noreset", o);
-    pgs_conn *c = acquire(b, p);
-    int pid = th_backend_pid(c);
-    query_value(b, c, "SET search_path TO pg_catalog");
-    query_value(b, c, "SELECT 42");
-    release(b, c);
-    c = acquire(b, p);
-    ck_assert_int_eq(th_backend_pid(c), pid);
+    int pid;
+    pgs_conn *c = dirty_then_reacquire(b, p, &pid, set_path_and_cache);
     /* as documented: the session is as the last user left it, cache included */
     ck_assert_str_eq(query_value(b, c, "SHOW search_path"), "pg_catalog");
     ck_assert_str_eq(query_value(b, c, cached_select_42), "1");
