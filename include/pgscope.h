@@ -121,8 +121,8 @@ typedef struct pgs_conn_opts {
     void *lost_arg;
     /* The statement cache: each distinct statement text is parsed once per connection as a
      * prepared statement named pgs_s_N, then executed by name (no extra round trip: the
-     * Parse is pipelined in front of the first use). DISCARD / DEALLOCATE, and the pool's
-     * reset, empty it; a statement whose table changed under it (SQLSTATE 0A000) or whose
+     * Parse is pipelined in front of the first use). DEALLOCATE and DISCARD ALL (and so the
+     * pool's PGS_RESET_ALL) empty it; a statement whose table changed under it (SQLSTATE 0A000) or whose
      * prepared statement was dropped by hand (26000) fails once and is parsed anew next time.
      * How many distinct statements it keeps: the first N, no eviction (0: 256; < 0: off, e.g.
      * behind a pooler in transaction mode that cannot keep prepared statements). */
@@ -363,8 +363,10 @@ PGS_API int pgs_tx_resolve(struct event_base *base, const char *conninfo, const 
  *    sequence state; prepared statements too, with DISCARD ALL, once the user ran SQL
  *    PREPARE). The reset is pipelined ahead of the next user's statements, so it runs first
  *    and costs that user no round trip (until it is answered, PQtransactionStatus on the new
- *    guard says PQTRANS_ACTIVE). Should it fail, the guard is closed before anyone's
- *    statements run on it (its new user's callbacks get PGS_ECONN with the reason).
+ *    guard says PQTRANS_ACTIVE). Should it fail (it has no known way to, short of losing the
+ *    connection), the guard is closed as soon as its answer comes: the new user's statements
+ *    already sent behind it may have run by then; their callbacks get PGS_ECONN with the
+ *    reason, and a COMMIT among them PGS_ECOMMIT_UNKNOWN.
  *    Anything else (closed inside a transaction, with statements running, after a cancel or
  *    a lost connection) is closed, and the pool opens a replacement.
  *  - Connections that die while idle (backend terminated, server restarted) are noticed at
@@ -426,7 +428,7 @@ typedef struct pgs_pool_stats {
 
 /* Create a pool on `base` for `conninfo` (copied). opts may be NULL. min_size connections start
  * opening at once. Returns PGS_OK and *out, or PGS_EINVAL (NULL base/conninfo/out,
- * min_size > max_size, negative sizes), PGS_ENOMEM. */
+ * min_size > max_size, negative sizes, a reset that is not a pgs_pool_reset), PGS_ENOMEM. */
 PGS_API int pgs_pool_new(struct event_base *base, const char *conninfo,
                          const pgs_pool_opts *opts, pgs_pool **out);
 

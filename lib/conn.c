@@ -545,9 +545,13 @@ static int deliver(pgs_conn *c, op *o)
     ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
     switch (st) {
     case PGRES_COMMAND_OK:
-        /* The user's own SQL PREPARE: the pool's reset must then drop prepared statements. */
+        /* The user's own SQL PREPARE: the pool's reset must then drop prepared statements,
+         * until one of these commands has dropped them all (counted once it succeeded). */
         if (!c->user_prepared && strcmp(PQcmdStatus(res), "PREPARE") == 0)
             c->user_prepared = 1;
+        else if (c->user_prepared && (strcmp(PQcmdStatus(res), "DISCARD ALL") == 0 ||
+                                      strcmp(PQcmdStatus(res), "DEALLOCATE ALL") == 0))
+            c->user_prepared = 0;
         break;
     case PGRES_TUPLES_OK:
     case PGRES_EMPTY_QUERY:
@@ -768,17 +772,12 @@ static int starts_with_words(const char *sql, const char *const *words)
 }
 
 /* Statements that deallocate prepared statements empty the cache (and are not cached):
- * DEALLOCATE, and DISCARD ALL. Returns 2 when they drop every prepared statement. */
+ * DEALLOCATE, and DISCARD ALL (not DISCARD TEMP and the like). */
 static int cache_buster(const char *sql)
 {
     static const char *const discard_all[] = {"DISCARD", "ALL", NULL};
-    static const char *const deallocate_all[] = {"DEALLOCATE", "ALL", NULL};
-    static const char *const deallocate_prepare_all[] = {"DEALLOCATE", "PREPARE", "ALL", NULL};
     static const char *const deallocate[] = {"DEALLOCATE", NULL};
-    if (starts_with_words(sql, discard_all) || starts_with_words(sql, deallocate_all) ||
-        starts_with_words(sql, deallocate_prepare_all))
-        return 2;
-    return starts_with_words(sql, deallocate);
+    return starts_with_words(sql, discard_all) || starts_with_words(sql, deallocate);
 }
 
 /* The cached statement for sql, or a new entry (*fresh set: it must be prepared first), or
@@ -826,11 +825,8 @@ static int send_statement(pgs_conn *c, op *o, const char *sql, const char *const
         e = NULL;
     }
     if (!e) {
-        if (buster) {
+        if (buster)
             cache_clear(c); /* the server forgets (some of) our prepared statements */
-            if (buster == 2)
-                c->user_prepared = 0;
-        }
         return PQsendQueryParams(c->pg, sql, o->nparams, NULL, values, NULL, NULL, 0) ? 0 : -1;
     }
     if (fresh) {
@@ -886,10 +882,10 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
 flush:
     if (!c->flush_due) {
         c->flush_due = 1;
-        /* One flush for everything queued in this loop turn (libpq before 17 also writes at
-         * each pipeline sync by itself): at the end of the socket handler when a result
-         * callback queued it (the common closed loop, no extra event), otherwise from a
-         * deferred call. */
+        /* One flush for everything queued in this loop turn (PQpipelineSync also writes by
+         * itself, so this matters for statements without a sync): at the end of the socket
+         * handler when a result callback queued it (the common closed loop, no extra event),
+         * otherwise from a deferred call. */
         if (!c->in_io)
             loop_ev_post(c->defer);
     }

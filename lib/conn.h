@@ -70,7 +70,7 @@ int conn_probe(pgs_conn *c);
  * in flight but resets, and idle (no transaction) or about to be (after a reset)? */
 int conn_clean(pgs_conn *c);
 /* Has SQL PREPARE run on this session (a statement tagged PREPARE came back) since every
- * prepared statement was last dropped (DISCARD ALL, DEALLOCATE ALL)? */
+ * prepared statement was last dropped (a DISCARD ALL or DEALLOCATE ALL that succeeded)? */
 int conn_user_prepared(pgs_conn *c);
 
 /* Send a cancel request for what the backend runs, without closing: its answer (57014, and

@@ -491,22 +491,16 @@ static void reset_done(pgs_conn *conn, const PGresult *res, const pgs_error *err
     }
 }
 
-static void reset_step(pgs_conn *conn, const PGresult *res, const pgs_error *err, void *arg)
-{
-    /* An error here aborts the rest of the reset, whose last statement reports it. */
-    (void)conn;
-    (void)res;
-    (void)err;
-    (void)arg;
-}
-
 /* Everything DISCARD ALL resets except prepared statements (and cached plans), so the
- * statement cache stays warm: settings (RESET ALL leaves the role and session user, hence
- * SET SESSION AUTHORIZATION DEFAULT), cursors, LISTENs, advisory locks, temporary tables,
- * sequence state. One pipeline segment, answered before the next user's statements. */
+ * statement cache stays warm, in DISCARD ALL's order. Two pipeline segments: first the
+ * cursors (closing one can run user code), the role and the settings, each of which runs
+ * without a snapshot; then the rest, whose implicit transaction so starts with the default
+ * isolation and read-only settings rather than whatever the last user left (serializable on
+ * a hot standby would fail, serializable deferrable could wait). RESET ALL leaves the role
+ * and session user, hence SET SESSION AUTHORIZATION DEFAULT. */
 static const char *const session_reset[] = {
-    "RESET ALL",    "SET SESSION AUTHORIZATION DEFAULT", "CLOSE ALL",         "UNLISTEN *",
-    "SELECT pg_advisory_unlock_all()", "DISCARD TEMP", "DISCARD SEQUENCES",
+    "CLOSE ALL",  "SET SESSION AUTHORIZATION DEFAULT", "RESET ALL", NULL,
+    "UNLISTEN *", "SELECT pg_advisory_unlock_all()",   "DISCARD TEMP", "DISCARD SEQUENCES", NULL,
 };
 
 static int send_reset(pgs_pool *p, slot *s, pgs_conn *conn)
@@ -516,10 +510,12 @@ static int send_reset(pgs_pool *p, slot *s, pgs_conn *conn)
         return conn_query(conn, "DISCARD ALL", 0, NULL, CONN_RESET, reset_done, s);
     enum { N = sizeof session_reset / sizeof *session_reset };
     for (int i = 0; i < N; i++) {
-        int last = i == N - 1;
+        if (!session_reset[i])
+            continue;
+        int synced = !session_reset[i + 1]; /* the last of its segment */
+        /* Each reports to reset_done: a failure, or the skip it caused, is handled once. */
         int rc = conn_query(conn, session_reset[i], 0, NULL,
-                            CONN_RESET | (last ? 0 : CONN_NO_SYNC),
-                            last ? reset_done : reset_step, s);
+                            CONN_RESET | (synced ? 0 : CONN_NO_SYNC), reset_done, s);
         if (rc != PGS_OK)
             return rc;
     }

@@ -281,6 +281,11 @@ static void commit_replied(pgs_tx *tx, const PGresult *res, const pgs_error *err
              * transaction; roll it back (its error is already noted). */
             note_failure(tx, err);
             send_rollback(tx);
+        } else if (tx->cancel_code != PGS_OK && strcmp(err->sqlstate, "57014") == 0) {
+            /* The cancel request for statements ahead reached COMMIT's pre-commit work. */
+            tx->outcome = PGS_TX_ROLLED_BACK;
+            note_failure_code(tx, tx->cancel_code,
+                              "the transaction was canceled while COMMIT ran, before it committed");
         } else {
             tx->outcome = PGS_TX_ROLLED_BACK; /* COMMIT itself failed (40001, a deferred check) */
             note_failure(tx, err);

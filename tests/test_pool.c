@@ -262,6 +262,7 @@ static void dirty_the_session(struct event_base *b, pgs_conn *c)
     query_value(b, c, "DECLARE pgs_pool_cur CURSOR WITH HOLD FOR SELECT 1");
     query_value(b, c, "SELECT nextval('public.pgs_pool_seq')");
     query_value(b, c, "SELECT 42"); /* into the statement cache */
+    query_value(b, c, "SET default_transaction_isolation = serializable");
     query_value(b, c, "SET default_transaction_read_only = on"); /* the reset must still run */
 }
 
@@ -269,6 +270,7 @@ static void assert_clean_session(struct event_base *b, pgs_conn *c)
 {
     ck_assert_str_eq(query_value(b, c, "SHOW search_path"), "\"$user\", public");
     ck_assert_str_eq(query_value(b, c, "SHOW default_transaction_read_only"), "off");
+    ck_assert_str_eq(query_value(b, c, "SHOW default_transaction_isolation"), "read committed");
     ck_assert_str_eq(query_value(b, c, "SELECT current_user = session_user"), "t");
     ck_assert_str_eq(query_value(b, c, "SELECT count(*) FROM pg_listening_channels()"), "0");
     ck_assert_str_eq(query_value(b, c, "SELECT to_regclass('pg_temp.pgs_pool_tmp') IS NULL"),

@@ -69,7 +69,8 @@ typedef struct result {
     long errors;
 } result;
 
-static result results[128];
+enum { MAX_RESULTS = 256 };
+static result results[MAX_RESULTS];
 static int nresults;
 static const char *only; /* --only: comma-separated parts of workload names to run */
 
@@ -92,9 +93,16 @@ static int skipped(const char *name)
     return 1;
 }
 
+static result *new_result(void)
+{
+    if (nresults == MAX_RESULTS)
+        die("too many workloads for one run (at most %d)", MAX_RESULTS);
+    return &results[nresults++];
+}
+
 static result *finish_run(run *r, const char *name, double seconds)
 {
-    result *res = &results[nresults++];
+    result *res = new_result();
     snprintf(res->name, sizeof res->name, "%s", name);
     qsort(r->lat, r->nlat, sizeof *r->lat, cmp_double);
     res->tps = (double)r->nlat / seconds;
@@ -155,9 +163,9 @@ static int raw_stmt(raw *c, int which)
     return PQsendQueryParams(c->pg, raw_sql[which], np, NULL, np ? v : NULL, NULL, NULL, 0);
 }
 
-static void raw_prepare(PGconn *pg)
+static void raw_prepare(PGconn *pg, int count)
 {
-    for (int i = 0; i < RS_COUNT; i++) {
+    for (int i = 0; i < count; i++) {
         char name[8];
         snprintf(name, sizeof name, "s%d", i);
         PGresult *res = PQprepare(pg, name, raw_sql[i], i == RS_UPDATE, NULL);
@@ -252,7 +260,7 @@ static void bench_raw(const char *conninfo, workload w, int prepared, int n, dou
         if (PQstatus(cs[i].pg) != CONNECTION_OK)
             die("raw libpq: %s", PQerrorMessage(cs[i].pg));
         if (prepared)
-            raw_prepare(cs[i].pg);
+            raw_prepare(cs[i].pg, RS_COUNT);
         PQsetnonblocking(cs[i].pg, 1);
         cs[i].prepared = prepared;
         if (w == W_TXPIPE)
@@ -504,7 +512,7 @@ static void bench_pgbench(const char *pgbench, const char *conninfo, int n, doub
     if (out)
         pclose(out);
     unlink(script);
-    result *res = &results[nresults++];
+    result *res = new_result();
     snprintf(res->name, sizeof res->name, "%s", name);
     res->tps = tps;
     res->p50_ms = lat; /* pgbench reports the average; shown in the p50 column, marked */
@@ -710,7 +718,7 @@ static void instructions_mode(const char *conninfo, const char *mode, long count
         PGconn *pg = PQconnectdb(conninfo);
         if (PQstatus(pg) != CONNECTION_OK)
             die("raw libpq: %s", PQerrorMessage(pg));
-        raw_prepare(pg); /* s0 is SELECT 1: executed by name, as the guard's cache does */
+        raw_prepare(pg, 1); /* s0 is SELECT 1: executed by name, as the guard's cache does */
         PQsetnonblocking(pg, 1);
         struct event *ev = event_new(base, PQsocket(pg), EV_READ | EV_PERSIST, fixed_raw_readable, pg);
         event_add(ev, NULL);
