@@ -197,6 +197,9 @@ PGS_API PGconn *pgs_conn_pgconn(pgs_conn *conn);
  *  - Once a statement fails the transaction cannot commit: the end rolls back and reports
  *    the first error with its SQLSTATE, whatever `ok` said. Statements queued after a failure
  *    get the error that aborted them.
+ *  - Statements queued in one loop turn leave in one write, and their results come back once
+ *    the server has run all of them (one flush request after the last, or COMMIT's sync), so
+ *    a result callback cannot be what a later statement of the same turn waits for.
  *  - A transaction guard owns its connection while open: pgs_query on that connection returns
  *    PGS_EMISUSE; use pgs_tx_query.
  *  - Nesting: pgs_tx_savepoint opens a child as a SAVEPOINT. Children end in LIFO order. A
