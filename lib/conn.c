@@ -4,6 +4,7 @@
 #include "conn.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -17,13 +18,13 @@ enum { DEFAULT_CONNECT_TIMEOUT_MS = 30000, DEFAULT_CANCEL_TIMEOUT_MS = 5000 };
 
 typedef enum conn_state {
     CS_CONNECTING, /* PQconnectPoll handshake in progress */
-    CS_READY,      /* connected, in pipeline mode */
+    CS_READY,      /* connected (in pipeline mode while statements are pipelined) */
     CS_DEAD,       /* the PGconn is gone (failed, lost or cancelled); awaiting pgs_conn_close */
     CS_CLOSING,    /* pgs_conn_close called: deliver what is pending, then done, then free */
 } conn_state;
 
 typedef enum op_phase {
-    OP_UNSENT,  /* queued while connecting or held behind a plug: sql and values in op->copy */
+    OP_UNSENT,  /* not sent yet (connecting, plugged, waiting or held): values in op->copy */
     OP_RESULTS, /* sent: collecting the statement's results up to libpq's NULL */
     OP_SYNC,    /* results in (kept in op->res): the PGRES_PIPELINE_SYNC after it completes it */
 } op_phase;
@@ -31,8 +32,12 @@ typedef enum op_phase {
 enum {
     OP_MARKER = 1 << 16,  /* a plug marker in `unsent` (not a statement) */
     OP_PREPARE = 1 << 17, /* the cache's own Parse of a statement (no callback) */
-    OP_PREPARED = 1 << 18 /* executed by name; its Parse went just before it */
+    OP_PREPARED = 1 << 18, /* executed by name; its Parse went just before it */
+    OP_SOLO = 1 << 19      /* sent on its own, outside pipeline mode */
 };
+
+/* send_op's answers besides 0 (accepted): not accepted, and why */
+enum { SEND_LOST = -1, SEND_NOMEM = -2 };
 
 typedef struct op {
     struct op *next;
@@ -41,6 +46,7 @@ typedef struct op {
     pgs_result_cb cb; /* NULL once it has fired */
     void *arg;
     PGresult *res; /* the statement's result, once it came */
+    ExecStatusType status; /* PQresultStatus(res), read once */
     /* OP_UNSENT only: one block holding the value pointers, then the strings */
     int nparams;
     char **copy;
@@ -51,13 +57,19 @@ typedef struct op {
  * prepared statement, and then executed by name (what asyncpg and psycopg do). */
 typedef struct stmt {
     struct stmt *next;
-    unsigned long hash;
+    uint64_t hash;
+    size_t len;
     int nparams;
     char name[24];
     char sql[]; /* the text it was prepared from */
 } stmt;
 
 enum { CACHE_BUCKETS = 64, DEFAULT_CACHE_SIZE = 256 };
+
+/* With no on_notify nobody takes notifications, and libpq keeps each that comes (after a
+ * LISTEN) until it is taken: they are dropped every this many socket reads rather than on each
+ * (a libpq call and parse per statement, as the benchmark's instruction count showed). */
+enum { NOTIFY_DRAIN_EVERY = 64 };
 
 typedef struct cancel_req cancel_req;
 
@@ -88,6 +100,12 @@ struct pgs_conn {
 
     op_list sent;   /* in flight, in the order sent: results map to it one by one */
     op_list unsent; /* queued while connecting, or held behind a plug marker */
+    op_list waiting; /* came while a statement runs on its own (solo): libpq takes no more */
+    op *held;       /* a lone statement on an idle connection, until the end of the loop turn:
+                       alone then, it goes out on its own, else pipelined with what came */
+    int solo;       /* a statement sent outside pipeline mode is in flight */
+    int pipelined;  /* libpq is in pipeline mode */
+    int open_segment; /* pipelined statements sent since the last sync (no leaving the mode) */
     op_list failed; /* to be told dead_err from the loop */
     op *spare;      /* recycled statement records */
     int nspare;
@@ -107,6 +125,10 @@ struct pgs_conn {
     int in_io;      /* inside the socket handler: it flushes on its way out */
     int lost_due;   /* on_lost is to fire */
     stmt **cache;        /* CACHE_BUCKETS chains, allocated at the first statement */
+    stmt *last;          /* the entry found last, and the address of the text it was found
+                            for: the same text at the same address skips hashing */
+    uintptr_t last_sql;
+    int reads_undrained; /* socket reads since notifications were last taken */
     int cached;          /* entries */
     unsigned next_stmt;  /* names are never reused: the server may still hold old ones */
     int segment_from_prepare; /* segment_err came from the cache's own Parse */
@@ -170,8 +192,10 @@ static op *op_new(pgs_conn *c)
 
 static void op_release(pgs_conn *c, op *o)
 {
-    PQclear(o->res);
-    free(o->copy);
+    if (o->res) /* the checks save a call per statement: both are NULL by now as a rule */
+        PQclear(o->res);
+    if (o->copy)
+        free(o->copy);
     if (c->nspare < SPARE_OPS) {
         o->res = NULL;
         o->copy = NULL;
@@ -212,13 +236,19 @@ static void drop_pgconn(pgs_conn *c)
     PQfinish(c->pg);
     c->pg = NULL;
     c->want_write = c->flush_due = c->flush_req = 0;
+    c->solo = c->pipelined = c->open_segment = 0;
 }
 
 /* Every statement still owed a callback goes to the failed list, to hear dead_err. */
 static void fail_pending(pgs_conn *c)
 {
     c->plugged = 0; /* the markers go with the rest */
+    if (c->held) {
+        list_push(&c->sent, c->held);
+        c->held = NULL;
+    }
     list_append(&c->failed, &c->sent);
+    list_append(&c->failed, &c->waiting);
     list_append(&c->failed, &c->unsent);
     loop_ev_post(c->defer);
 }
@@ -401,11 +431,18 @@ static int flush_output(pgs_conn *c)
     return 0;
 }
 
-/* The end of a loop turn's sending: the flush request owed by CONN_FLUSH statements (one for
- * all of them, and none when a sync came after them), then out to the socket. */
+static int send_held(pgs_conn *c, int alone);
+
+/* The end of a loop turn's sending: a statement held because it came alone goes out on its
+ * own; the flush request owed by CONN_FLUSH statements (one for all of them, and none when a
+ * sync came after them); then out to the socket. */
 static int push_output(pgs_conn *c)
 {
     c->flush_due = 0;
+    if (c->held && send_held(c, 1) != 0) {
+        lost_from_libpq(c);
+        return -1;
+    }
     if (c->flush_req) {
         c->flush_req = 0;
         if (!PQsendFlushRequest(c->pg)) {
@@ -487,8 +524,8 @@ not_ready:
         cb(c, c->dead_err, c->open_arg);
     }
     for (op *o; (o = list_pop(&c->failed));) {
-        if (o->cb && o->phase == OP_SYNC && o->res) {
-            deliver(c, o); /* its result came; only the sync after it was lost */
+        if (o->cb && (o->phase == OP_SYNC || (o->flags & OP_SOLO)) && o->res) {
+            deliver(c, o); /* its result came; only the sync (ReadyForQuery) was lost */
         } else if (o->cb) {
             pgs_result_cb cb = o->cb;
             o->cb = NULL;
@@ -542,7 +579,7 @@ static int deliver(pgs_conn *c, op *o)
     const pgs_error *err = NULL;
     PGresult *res = o->res;
     o->res = NULL;
-    ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+    ExecStatusType st = res ? o->status : PGRES_FATAL_ERROR;
     switch (st) {
     case PGRES_COMMAND_OK:
         /* The user's own SQL PREPARE: the pool's reset must then drop prepared statements,
@@ -628,6 +665,8 @@ static void prepare_done(pgs_conn *c, op *o)
     cache_drop(c, o->stmt);
 }
 
+static void send_waiting(pgs_conn *c);
+
 /* Map every result through the FIFO of what was sent (libpq pipeline mode: each statement's
  * results end with NULL; each sync yields PGRES_PIPELINE_SYNC). */
 static void read_results(pgs_conn *c)
@@ -658,8 +697,10 @@ static void read_results(pgs_conn *c)
         }
         if (res) {
             ExecStatusType st = PQresultStatus(res);
-            if (!o->res)
+            if (!o->res) {
                 o->res = res;
+                o->status = st;
+            }
             else
                 PQclear(res);
             /* A COPY result has no terminating NULL the pipeline can reach: end here. */
@@ -675,6 +716,23 @@ static void read_results(pgs_conn *c)
             list_pop(&c->sent);
             prepare_done(c, o);
             op_release(c, o);
+            continue;
+        }
+        if (o->flags & OP_SOLO) {
+            /* Outside pipeline mode libpq's NULL comes after ReadyForQuery: complete. What
+             * waited behind it goes out first, so statements its callback queues follow. */
+            list_pop(&c->sent);
+            c->solo = 0;
+            if (c->waiting.head)
+                send_waiting(c);
+            int alive = o->cb ? deliver(c, o) : 1;
+            op_release(c, o);
+            if (!alive)
+                return;
+            if (c->segment_err) {
+                free(c->segment_err);
+                c->segment_err = NULL;
+            }
             continue;
         }
         if (o->flags & CONN_NO_SYNC) {
@@ -711,21 +769,34 @@ static void on_socket_ready(pgs_conn *c, int what)
      * only read ours once we have read its (libpq docs, Asynchronous Command Processing). */
     if (c->want_write && flush_output(c) != 0)
         return;
-    read_notifies(c);
+    /* Notifications after the results: libpq parses them while results are read, and one
+     * that arrives after a result is parsed only then. */
     read_results(c);
-    read_notifies(c);
+    if (c->opts.on_notify || ++c->reads_undrained >= NOTIFY_DRAIN_EVERY) {
+        c->reads_undrained = 0;
+        read_notifies(c);
+    }
     if (c->state == CS_READY && PQstatus(c->pg) == CONNECTION_BAD)
         lost_from_libpq(c);
 }
 
 /* ---- sending ---- */
 
-static unsigned long hash_sql(const char *s)
+/* The cache's key: a hash of the text, eight bytes at a time (each statement is looked up, so
+ * a byte-at-a-time hash costs in proportion to the SQL's length on every call). */
+static uint64_t hash_sql(const char *s, size_t len)
 {
-    unsigned long h = 1469598103934665603ul; /* FNV-1a */
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ul;
-    return h;
+    uint64_t h = 0x9e3779b97f4a7c15u ^ len, w;
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        memcpy(&w, s + i, 8);
+        h = (h ^ w) * 0xbf58476d1ce4e5b9u;
+        h ^= h >> 31;
+    }
+    w = 0;
+    memcpy(&w, s + i, len - i);
+    h = (h ^ w) * 0x94d049bb133111ebu;
+    return h ^ (h >> 29);
 }
 
 static void cache_clear(pgs_conn *c)
@@ -740,6 +811,7 @@ static void cache_clear(pgs_conn *c)
     free(c->cache);
     c->cache = NULL;
     c->cached = 0;
+    c->last = NULL;
 }
 
 static void cache_drop(pgs_conn *c, stmt *gone)
@@ -748,6 +820,8 @@ static void cache_drop(pgs_conn *c, stmt *gone)
         return;
     for (stmt **pp = &c->cache[gone->hash % CACHE_BUCKETS]; *pp; pp = &(*pp)->next)
         if (*pp == gone) {
+            if (c->last == gone)
+                c->last = NULL;
             *pp = gone->next;
             free(gone);
             c->cached--;
@@ -790,19 +864,28 @@ static stmt *cache_get(pgs_conn *c, const char *sql, int nparams, int *fresh)
         return NULL;
     if (size == 0)
         size = DEFAULT_CACHE_SIZE;
+    stmt *e = c->last;
+    /* The text may have changed at the same address (a reused buffer): strcmp tells. */
+    if (e && (uintptr_t)sql == c->last_sql && e->nparams == nparams && strcmp(e->sql, sql) == 0)
+        return e;
     if (!c->cache && !(c->cache = calloc(CACHE_BUCKETS, sizeof *c->cache)))
         return NULL;
-    unsigned long h = hash_sql(sql);
-    for (stmt *e = c->cache[h % CACHE_BUCKETS]; e; e = e->next)
-        if (e->hash == h && e->nparams == nparams && strcmp(e->sql, sql) == 0)
+    size_t len = strlen(sql);
+    uint64_t h = hash_sql(sql, len);
+    for (e = c->cache[h % CACHE_BUCKETS]; e; e = e->next)
+        if (e->hash == h && e->len == len && e->nparams == nparams &&
+            memcmp(e->sql, sql, len) == 0) {
+            c->last = e;
+            c->last_sql = (uintptr_t)sql;
             return e;
+        }
     if (c->cached >= size)
         return NULL;
-    size_t len = strlen(sql);
-    stmt *e = malloc(sizeof *e + len + 1);
+    e = malloc(sizeof *e + len + 1);
     if (!e)
         return NULL;
     e->hash = h;
+    e->len = len;
     e->nparams = nparams;
     snprintf(e->name, sizeof e->name, "pgs_s_%u", ++c->next_stmt);
     memcpy(e->sql, sql, len + 1);
@@ -813,105 +896,11 @@ static stmt *cache_get(pgs_conn *c, const char *sql, int nparams, int *fresh)
     return e;
 }
 
-/* Send the statement, through the cache when it can: Parse once (a pipelined Prepare with its
- * own entry in the FIFO), then Bind/Execute by name. */
-static int send_statement(pgs_conn *c, op *o, const char *sql, const char *const *values)
-{
-    int fresh = 0;
-    stmt *e = cache_get(c, sql, o->nparams, &fresh);
-    int buster = fresh || !e ? cache_buster(sql) : 0;
-    if (fresh && buster) { /* never cached: a hit cannot be one */
-        cache_drop(c, e);
-        e = NULL;
-    }
-    if (!e) {
-        if (buster)
-            cache_clear(c); /* the server forgets (some of) our prepared statements */
-        return PQsendQueryParams(c->pg, sql, o->nparams, NULL, values, NULL, NULL, 0) ? 0 : -1;
-    }
-    if (fresh) {
-        op *p = op_new(c);
-        if (!p || !PQsendPrepare(c->pg, e->name, sql, o->nparams, NULL)) {
-            free(p);
-            cache_drop(c, e);
-            return -1;
-        }
-        p->flags = CONN_NO_SYNC | OP_PREPARE | (o->flags & CONN_RESET);
-        p->phase = OP_RESULTS;
-        p->stmt = e;
-        list_push(&c->sent, p);
-    }
-    o->flags |= OP_PREPARED;
-    o->stmt = e;
-    return PQsendQueryPrepared(c->pg, e->name, o->nparams, values, NULL, NULL, 0) ? 0 : -1;
-}
-
-static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *values)
-{
-    if (!sql) { /* a lone sync: ends the pipeline segment (and any error's abort) */
-        if (!PQpipelineSync(c->pg))
-            return -1;
-        c->flush_req = 0;
-        o->phase = OP_SYNC;
-        list_push(&c->sent, o);
-        goto flush;
-    }
-    if (send_statement(c, o, sql, values) != 0)
-        return -1;
-    /* From here the statement may reach the server (libpq writes once its buffer fills), so
-     * it is in flight: if what follows fails, its callback hears of the loss, never "not sent". */
-    o->phase = OP_RESULTS;
-    list_push(&c->sent, o);
-    /* Without a sync the server holds its replies; a flush request makes it send them. One
-     * request at the end of the loop turn serves every statement before it, and a sync
-     * serves them too; CONN_FLUSH_NOW puts one right here. */
-    int ok = 1;
-    if (!(o->flags & CONN_NO_SYNC)) {
-        ok = PQpipelineSync(c->pg);
-        c->flush_req = 0;
-    } else if (o->flags & CONN_FLUSH_NOW) {
-        ok = PQsendFlushRequest(c->pg);
-        c->flush_req = 0;
-    } else if (o->flags & CONN_FLUSH) {
-        c->flush_req = 1;
-    }
-    if (!ok) {
-        lost_from_libpq(c);
-        return 0;
-    }
-flush:
-    if (!c->flush_due) {
-        c->flush_due = 1;
-        /* One flush for everything queued in this loop turn (PQpipelineSync also writes by
-         * itself, so this matters for statements without a sync): at the end of the socket
-         * handler when a result callback queued it (the common closed loop, no extra event),
-         * otherwise from a deferred call. */
-        if (!c->in_io)
-            loop_ev_post(c->defer);
-    }
-    return 0;
-}
-
-/* Send what waits in `unsent`, in order, up to the first plug marker. */
-static void send_unsent(pgs_conn *c)
-{
-    for (op *o; c->state == CS_READY && c->unsent.head && !(c->unsent.head->flags & OP_MARKER);) {
-        o = list_pop(&c->unsent);
-        const char *sql = o->copy ? o->copy[o->nparams] : NULL;
-        if (send_op(c, o, sql, (const char *const *)o->copy) != 0) {
-            list_push(&c->sent, o);
-            lost_from_libpq(c);
-        } else {
-            free(o->copy);
-            o->copy = NULL;
-        }
-    }
-}
-
-/* Keep sql and values for a statement queued before the connection is up. */
+/* Keep the values (v[0..nparams-1]) and sql (v[nparams]; NULL when the cache has the text) of
+ * a statement that is not sent at once: one block, freed with free(). */
 static char **copy_statement(const char *sql, int nparams, const char *const *values)
 {
-    size_t size = (size_t)(nparams + 1) * sizeof(char *) + strlen(sql) + 1;
+    size_t size = (size_t)(nparams + 1) * sizeof(char *) + (sql ? strlen(sql) + 1 : 0);
     for (int i = 0; i < nparams; i++)
         size += values[i] ? strlen(values[i]) + 1 : 0;
     char **v = malloc(size);
@@ -931,20 +920,216 @@ static char **copy_statement(const char *sql, int nparams, const char *const *va
     return v;
 }
 
+/* Which cache entry the statement runs by (o->stmt, executed by name), and whether it is new
+ * (*fresh: its Parse must go first). None when the cache is off or full; a statement that
+ * deallocates prepared statements is never cached and empties the cache. */
+static void resolve_statement(pgs_conn *c, op *o, const char *sql, int *fresh)
+{
+    stmt *e = cache_get(c, sql, o->nparams, fresh);
+    int buster = *fresh || !e ? cache_buster(sql) : 0;
+    if (*fresh && buster) { /* never cached: a hit cannot be one */
+        cache_drop(c, e);
+        e = NULL;
+        *fresh = 0;
+    }
+    if (!e && buster)
+        cache_clear(c); /* the server forgets (some of) our prepared statements */
+    o->stmt = e;
+    if (e)
+        o->flags |= OP_PREPARED;
+}
+
+/* Put the statement into libpq's buffer: Parse first when fresh (a pipelined Prepare with its
+ * own entry in the FIFO), then Bind/Execute by name, or unnamed when not cached. */
+static int emit_statement(pgs_conn *c, op *o, const char *sql, const char *const *values,
+                          int fresh)
+{
+    stmt *e = o->stmt;
+    if (!e)
+        return PQsendQueryParams(c->pg, sql, o->nparams, NULL, values, NULL, NULL, 0) ? 0 : -1;
+    if (fresh) {
+        op *p = op_new(c);
+        if (!p || !PQsendPrepare(c->pg, e->name, sql, o->nparams, NULL)) {
+            free(p);
+            cache_drop(c, e);
+            o->stmt = NULL;
+            return -1;
+        }
+        p->flags = CONN_NO_SYNC | OP_PREPARE | (o->flags & CONN_RESET);
+        p->phase = OP_RESULTS;
+        p->stmt = e;
+        list_push(&c->sent, p);
+    }
+    return PQsendQueryPrepared(c->pg, e->name, o->nparams, values, NULL, NULL, 0) ? 0 : -1;
+}
+
+/* Pipeline mode for what follows; libpq allows entering it only when idle (no solo). */
+static int enter_pipeline(pgs_conn *c)
+{
+    if (!c->pipelined) {
+        if (!PQenterPipelineMode(c->pg))
+            return -1;
+        c->pipelined = 1;
+    }
+    return 0;
+}
+
+/* One flush for everything queued in this loop turn: at the end of the socket handler when a
+ * result callback queued it (the common closed loop, no extra event), otherwise from a
+ * deferred call. */
+static void flush_later(pgs_conn *c)
+{
+    if (!c->flush_due) {
+        c->flush_due = 1;
+        if (!c->in_io)
+            loop_ev_post(c->defer);
+    }
+}
+
+/* The held statement goes out: on its own outside pipeline mode when it stayed alone to the
+ * end of the loop turn (no sync of its own to send and no PIPELINE_SYNC result to read, which
+ * is most of the pipeline's cost per statement), or pipelined when another came after it. */
+static int send_held(pgs_conn *c, int alone)
+{
+    op *o = c->held;
+    c->held = NULL;
+    const char *sql = o->stmt ? o->stmt->sql : o->copy[o->nparams];
+    const char *const *values = (const char *const *)o->copy;
+    /* Leaving pipeline mode needs every result read: true, since nothing was in flight. */
+    if (alone && c->pipelined && PQexitPipelineMode(c->pg))
+        c->pipelined = 0;
+    int ok;
+    if (alone && !c->pipelined) {
+        ok = o->stmt ? PQsendQueryPrepared(c->pg, o->stmt->name, o->nparams, values, NULL, NULL, 0)
+                     : emit_statement(c, o, sql, values, 0) == 0;
+        o->flags |= OP_SOLO;
+        c->solo = 1;
+    } else {
+        ok = enter_pipeline(c) == 0 && emit_statement(c, o, sql, values, 0) == 0 &&
+             PQpipelineSync(c->pg);
+        c->flush_req = 0;
+    }
+    /* In flight from here, even on failure: its callback hears of the loss, never "not sent". */
+    o->phase = OP_RESULTS;
+    list_push(&c->sent, o);
+    if (o->copy) {
+        free(o->copy);
+        o->copy = NULL;
+    }
+    return ok ? 0 : -1; /* the caller flushes: push_output at once, send_op with its own */
+}
+
+/* Send a statement (sql != NULL) or a lone sync, or keep it for later. Returns 0 when the
+ * connection took it (sent, held, waiting, or a sync not needed: o may be gone), SEND_LOST
+ * when libpq failed (the caller reports the loss), SEND_NOMEM when it could not be kept. */
+static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *values)
+{
+    if (c->solo) { /* libpq takes nothing more until the statement on its own is answered */
+        if (sql && !o->copy && !(o->copy = copy_statement(sql, o->nparams, values)))
+            return SEND_NOMEM;
+        o->phase = OP_UNSENT;
+        list_push(&c->waiting, o);
+        return 0;
+    }
+    if (c->held && send_held(c, 0) != 0)
+        return SEND_LOST;
+    if (!sql) { /* a lone sync: ends the pipeline segment (and any error's abort) */
+        if (!c->pipelined) {
+            op_release(c, o); /* outside pipeline mode every statement ended with its own */
+            return 0;
+        }
+        if (!PQpipelineSync(c->pg))
+            return SEND_LOST;
+        c->flush_req = 0;
+        c->open_segment = 0;
+        o->phase = OP_SYNC;
+        list_push(&c->sent, o);
+        flush_later(c);
+        return 0;
+    }
+    int fresh = 0;
+    resolve_statement(c, o, sql, &fresh);
+    if (!fresh && !(o->flags & CONN_NO_SYNC) && !c->sent.head && !c->open_segment) {
+        /* Alone on an idle connection so far: held to the end of the loop turn. Its values
+         * are the caller's only during this call, so they are copied (the text is the
+         * cache's), unless it has none. */
+        if (!o->copy && (o->nparams > 0 || !o->stmt) &&
+            !(o->copy = copy_statement(o->stmt ? NULL : sql, o->nparams, values)))
+            return SEND_NOMEM;
+        o->phase = OP_UNSENT;
+        c->held = o;
+        flush_later(c);
+        return 0;
+    }
+    if (enter_pipeline(c) != 0 || emit_statement(c, o, sql, values, fresh) != 0)
+        return SEND_LOST;
+    /* From here the statement may reach the server (libpq writes once its buffer fills), so
+     * it is in flight: if what follows fails, its callback hears of the loss, never "not sent". */
+    o->phase = OP_RESULTS;
+    list_push(&c->sent, o);
+    /* Without a sync the server holds its replies; a flush request makes it send them. One
+     * request at the end of the loop turn serves every statement before it, and a sync
+     * serves them too; CONN_FLUSH_NOW puts one right here. */
+    int ok = 1;
+    if (!(o->flags & CONN_NO_SYNC)) {
+        ok = PQpipelineSync(c->pg);
+        c->flush_req = 0;
+        c->open_segment = 0;
+    } else {
+        c->open_segment = 1;
+        if (o->flags & CONN_FLUSH_NOW) {
+            ok = PQsendFlushRequest(c->pg);
+            c->flush_req = 0;
+        } else if (o->flags & CONN_FLUSH) {
+            c->flush_req = 1;
+        }
+    }
+    if (o->copy) { /* libpq has its own copy now (sql and values may have pointed here) */
+        free(o->copy);
+        o->copy = NULL;
+    }
+    if (!ok) {
+        lost_from_libpq(c);
+        return 0;
+    }
+    flush_later(c); /* PQpipelineSync also writes by itself in libpq 15; the rest waits */
+    return 0;
+}
+
+/* Send what waits in `list`, in order, up to the first plug marker. */
+static void send_list(pgs_conn *c, op_list *list)
+{
+    for (op *o; c->state == CS_READY && list->head && !(list->head->flags & OP_MARKER);) {
+        o = list_pop(list);
+        const char *sql = o->copy ? o->copy[o->nparams] : NULL;
+        if (send_op(c, o, sql, (const char *const *)o->copy) != 0) {
+            /* (not SEND_NOMEM: it has its copy) */
+            list_push(&c->sent, o);
+            lost_from_libpq(c);
+        }
+    }
+}
+
+static void send_unsent(pgs_conn *c)
+{
+    send_list(c, &c->unsent);
+}
+
+/* What came while a statement ran on its own, now that it is answered. */
+static void send_waiting(pgs_conn *c)
+{
+    send_list(c, &c->waiting);
+}
+
 /* Queue a statement (sql != NULL) or a lone sync (sql == NULL, cb may be NULL). */
 static int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const *values,
                    int flags, pgs_result_cb cb, void *arg)
 {
-    if (c->returning)
-        return PGS_EMISUSE;
-    switch (c->state) {
-    case CS_CLOSING:
-        return PGS_EMISUSE;
-    case CS_DEAD:
-        return c->dead_err->code;
-    case CS_CONNECTING:
-    case CS_READY:
-        break;
+    if (c->state != CS_READY || c->returning) {
+        if (c->returning || c->state == CS_CLOSING)
+            return PGS_EMISUSE;
+        if (c->state == CS_DEAD)
+            return c->dead_err->code;
     }
     op *o = op_new(c);
     if (!o)
@@ -965,9 +1150,13 @@ static int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const 
         list_push(&c->unsent, o);
         return PGS_OK;
     }
-    if (send_op(c, o, sql, values) != 0) {
-        /* Not accepted, so its callback never fires; the others hear of the loss. */
+    int r = send_op(c, o, sql, values);
+    if (r != 0) {
+        /* Not accepted, so its callback never fires; after a libpq failure the others hear
+         * of the loss. */
         free(o);
+        if (r == SEND_NOMEM)
+            return PGS_ENOMEM;
         lost_from_libpq(c);
         return PGS_ECONN;
     }
@@ -1034,7 +1223,7 @@ void conn_set_owner(pgs_conn *c, void *owner, void (*freed)(void *owner))
 
 int conn_in_flight(pgs_conn *c)
 {
-    return c->sent.head != NULL || c->unsent.head != NULL;
+    return c->sent.head || c->held || c->waiting.head || c->unsent.head;
 }
 
 struct event_base *conn_base(pgs_conn *c)
@@ -1091,7 +1280,7 @@ static void connected(pgs_conn *c)
 {
     loop_ev_stop(c->timer);
     PQsetErrorVerbosity(c->pg, PQERRORS_DEFAULT);
-    if (PQsetnonblocking(c->pg, 1) != 0 || !PQenterPipelineMode(c->pg)) {
+    if (PQsetnonblocking(c->pg, 1) != 0) {
         pgs_error e;
         set_error(c, &e, PGS_ECONNECT, NULL, PQerrorMessage(c->pg));
         go_dead(c, &e);
@@ -1484,8 +1673,14 @@ int conn_clean(pgs_conn *c)
     if (c->state != CS_READY || c->owner || c->cancel || c->returning)
         return 0;
     int resets = 0;
-    for (op_list *l = &c->sent; l; l = l == &c->sent ? &c->unsent : NULL)
-        for (op *o = l->head; o; o = o->next) {
+    if (c->held) {
+        if (!(c->held->flags & CONN_RESET))
+            return 0;
+        resets++;
+    }
+    op_list *lists[] = {&c->sent, &c->waiting, &c->unsent};
+    for (size_t i = 0; i < sizeof lists / sizeof *lists; i++)
+        for (op *o = lists[i]->head; o; o = o->next) {
             if (!(o->flags & CONN_RESET))
                 return 0;
             resets++;
