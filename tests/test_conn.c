@@ -733,6 +733,209 @@ START_TEST(test_terminated_idle_backend_reported_by_on_lost)
 }
 END_TEST
 
+/* ---- a lone statement and what comes while it runs ---- */
+
+/* Run a statement once, so the guard's cache holds it (the next use is executed by name). */
+static void warm(struct event_base *b, pgs_conn *c, const char *sql, int nparams,
+                 const char *const *values)
+{
+    th_call k = {0};
+    ck_assert_int_eq(pgs_query(c, sql, nparams, values, th_record, &k), PGS_OK);
+    th_run_until(b, &k.fired, 10);
+    ck_assert_int_eq(k.code, PGS_OK);
+}
+
+typedef struct mode_call {
+    th_call k;
+    int pipeline; /* PQpipelineStatus when the callback ran */
+} mode_call;
+
+static void record_mode(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    mode_call *m = arg;
+    m->pipeline = PQpipelineStatus(pgs_conn_pgconn(c));
+    th_record(c, res, err, &m->k);
+}
+
+typedef struct later {
+    pgs_conn *c;
+    const char *sql[3];
+    char value[3][8];
+    th_call k[3];
+} later;
+
+static void queue_three(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    later *l = arg;
+    for (int i = 0; i < 3; i++) {
+        const char *v[] = {l->value[i]};
+        ck_assert_int_eq(pgs_query(l->c, l->sql[i], 1, v, th_record, &l->k[i]), PGS_OK);
+        strcpy(l->value[i], "0"); /* the guard kept its own copy */
+    }
+}
+
+START_TEST(test_lone_statement_goes_alone_and_a_burst_in_one_round_trip)
+{
+    struct event_base *b = th_loop_begin();
+    th_proxy *p = th_proxy_start(atoi(th_conninfo_value("port")));
+    pgs_conn *c = th_open_at(b, th_proxy_conninfo(p), NULL);
+    const char *sql = "SELECT $1::int + 1";
+    const char *v0[] = {"0"};
+    warm(b, c, sql, 1, v0);
+
+    /* Alone: outside pipeline mode, with the value as it was when queued. */
+    char buf[8] = "41";
+    const char *v[] = {buf};
+    mode_call lone = {0};
+    th_proxy_reset_turns(p);
+    ck_assert_int_eq(pgs_query(c, sql, 1, v, record_mode, &lone), PGS_OK);
+    strcpy(buf, "99"); /* the caller's buffer changes before the loop runs */
+    th_run_until(b, &lone.k.fired, 10);
+    ck_assert_int_eq(lone.k.code, PGS_OK);
+    ck_assert_str_eq(lone.k.value, "42");
+    ck_assert_int_eq(lone.pipeline, PQ_PIPELINE_OFF);
+    ck_assert_int_eq(th_proxy_turns(p), 1);
+
+    /* Three in one loop turn: pipelined, one round trip, in order. */
+    mode_call k[3];
+    memset(k, 0, sizeof k);
+    char vals[3][8] = {"1", "2", "3"};
+    th_fire_seq = 0;
+    th_proxy_reset_turns(p);
+    for (int i = 0; i < 3; i++) {
+        const char *vi[] = {vals[i]};
+        ck_assert_int_eq(pgs_query(c, sql, 1, vi, record_mode, &k[i]), PGS_OK);
+    }
+    th_run_until(b, &k[2].k.fired, 10);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(k[i].k.fired, 1);
+        ck_assert_int_eq(k[i].k.seq, i);
+        ck_assert_int_eq(k[i].k.value[0], '2' + i);
+    }
+    ck_assert_int_eq(k[0].pipeline, PQ_PIPELINE_ON);
+    ck_assert_int_eq(th_proxy_turns(p), 1);
+
+    /* And alone again after the pipeline. */
+    mode_call again = {0};
+    ck_assert_int_eq(pgs_query(c, sql, 1, v, record_mode, &again), PGS_OK);
+    th_run_until(b, &again.k.fired, 10);
+    ck_assert_str_eq(again.k.value, "100");
+    ck_assert_int_eq(again.pipeline, PQ_PIPELINE_OFF);
+    th_close(b, c);
+    th_proxy_stop(p);
+    th_loop_end(b);
+}
+END_TEST
+
+START_TEST(test_statements_queued_while_one_runs_alone_follow_it_in_order)
+{
+    struct event_base *b = th_loop_begin();
+    th_proxy *p = th_proxy_start(atoi(th_conninfo_value("port")));
+    pgs_conn *c = th_open_at(b, th_proxy_conninfo(p), NULL);
+    const char *sleep_sql = "SELECT pg_sleep(0.3)::text || $1";
+    const char *v0[] = {"x"};
+    warm(b, c, sleep_sql, 1, v0);
+    later l = {.c = c,
+               .sql = {"SELECT $1::int * 2", "SELECT 1 / ($1::int - 5)", "SELECT $1::text"},
+               .value = {"21", "5", "last"}};
+    th_call first = {0};
+    th_fire_seq = 0;
+    th_proxy_reset_turns(p);
+    ck_assert_int_eq(pgs_query(c, sleep_sql, 1, v0, th_record, &first), PGS_OK);
+    /* A later loop turn, while the first runs on its own: these three wait for it. */
+    struct event *t = evtimer_new(b, queue_three, &l);
+    struct timeval tv = {0, 50000};
+    evtimer_add(t, &tv);
+    th_run_until(b, &l.k[2].fired, 10);
+    event_free(t);
+    ck_assert_int_eq(first.fired, 1);
+    ck_assert_int_eq(first.seq, 0);
+    ck_assert_int_eq(first.code, PGS_OK);
+    ck_assert_str_eq(first.value, "x");
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(l.k[i].fired, 1);
+        ck_assert_int_eq(l.k[i].seq, i + 1);
+    }
+    ck_assert_int_eq(l.k[0].code, PGS_OK);
+    ck_assert_str_eq(l.k[0].value, "42");
+    ck_assert_int_eq(l.k[1].code, PGS_ESQL); /* its own failure only */
+    ck_assert_str_eq(l.k[1].sqlstate, "22012");
+    ck_assert_int_eq(l.k[2].code, PGS_OK);
+    ck_assert_str_eq(l.k[2].value, "last");
+    /* the first alone, then the three together */
+    ck_assert_int_eq(th_proxy_turns(p), 2);
+    th_close(b, c);
+    th_proxy_stop(p);
+    th_loop_end(b);
+}
+END_TEST
+
+typedef struct terminator {
+    later l;
+    int pid;
+} terminator;
+
+static void queue_then_terminate(evutil_socket_t fd, short what, void *arg)
+{
+    terminator *t = arg;
+    queue_three(fd, what, &t->l);
+    terminate_from_timer(fd, what, &t->pid);
+}
+
+START_TEST(test_backend_lost_while_one_runs_alone_fails_the_waiting_once)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    const char *sleep_sql = "SELECT pg_sleep($1::float8)::text";
+    const char *short_sleep[] = {"0"}, *long_sleep[] = {"30"};
+    warm(b, c, sleep_sql, 1, short_sleep);
+    terminator t = {.l = {.c = c, .sql = {"SELECT $1::int", "SELECT $1::int", "SELECT $1::int"},
+                          .value = {"1", "2", "3"}},
+                    .pid = th_backend_pid(c)};
+    th_call first = {0};
+    ck_assert_int_eq(pgs_query(c, sleep_sql, 1, long_sleep, th_record, &first), PGS_OK);
+    struct event *ev = evtimer_new(b, queue_then_terminate, &t);
+    struct timeval tv = {0, 100000};
+    evtimer_add(ev, &tv);
+    th_run_until(b, &t.l.k[2].fired, 10);
+    event_free(ev);
+    ck_assert_int_eq(first.fired, 1);
+    ck_assert_int_eq(first.code, PGS_ECONN);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(t.l.k[i].fired, 1);
+        ck_assert_int_eq(t.l.k[i].code, PGS_ECONN);
+    }
+    th_close(b, c);
+    th_loop_end(b);
+    ck_assert_int_eq(first.fired, 1);
+}
+END_TEST
+
+START_TEST(test_close_in_the_same_turn_as_a_lone_statement)
+{
+    free(th_scalar("CREATE TABLE IF NOT EXISTS conn_held (x int)", 0, NULL));
+    free(th_scalar("TRUNCATE conn_held", 0, NULL));
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    const char *sql = "INSERT INTO conn_held VALUES ($1::int)";
+    const char *one[] = {"1"}, *two[] = {"2"};
+    warm(b, c, sql, 1, one);
+    th_call k = {0};
+    ck_assert_int_eq(pgs_query(c, sql, 1, two, th_record, &k), PGS_OK);
+    int done = 0;
+    ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_OK);
+    ck_assert_int_eq(k.fired, 0);
+    th_loop_end(b);
+    ck_assert_int_eq(k.fired, 1);
+    ck_assert_int_eq(k.code, PGS_ECLOSED);
+    ck_assert_int_eq(done, 1);
+    /* It was still held for the end of the loop turn: it never reached the server. */
+    ck_assert_int_eq(th_scalar_long("SELECT count(*) FROM conn_held", 0, NULL), 1);
+}
+END_TEST
+
 /* ---- notices and notifications ---- */
 
 typedef struct notify_rec {
@@ -842,6 +1045,10 @@ static Suite *conn_suite(void)
     tcase_add_test(t, test_cancel_while_connecting);
     tcase_add_test(t, test_terminated_backend_mid_statement_is_econn);
     tcase_add_test(t, test_terminated_idle_backend_reported_by_on_lost);
+    tcase_add_test(t, test_lone_statement_goes_alone_and_a_burst_in_one_round_trip);
+    tcase_add_test(t, test_statements_queued_while_one_runs_alone_follow_it_in_order);
+    tcase_add_test(t, test_backend_lost_while_one_runs_alone_fails_the_waiting_once);
+    tcase_add_test(t, test_close_in_the_same_turn_as_a_lone_statement);
     tcase_add_test(t, test_notify_from_another_connection_reaches_listener);
     tcase_add_test(t, test_notice_reaches_callback);
     suite_add_tcase(s, t);
