@@ -149,9 +149,12 @@ PGS_API int pgs_conn_open(struct event_base *base, const char *conninfo,
  * never spliced into the SQL, so any string is safe; a NULL entry in `values` is SQL NULL.
  * `sql` must be a single statement. `sql` and `values` are copied into libpq before return.
  *
- * Statements run in the order they were queued; the library pipelines them, and each one is
- * its own implicit transaction (an error in one does not affect the next). Statements queued
- * while the guard is still connecting are sent once it is up. `cb` fires exactly once with the
+ * Statements run in the order they were queued, and each one is its own implicit transaction
+ * (an error in one does not affect the next). Statements queued in one loop turn leave in one
+ * write (libpq pipeline mode); a statement queued alone on an idle guard goes out at the end
+ * of the loop turn on its own, outside pipeline mode (cheaper per statement), and statements
+ * queued while it runs follow together once it is answered. Statements queued while the guard
+ * is still connecting are sent once it is up. `cb` fires exactly once with the
  * result or the error (see pgs_result_cb); a statement that needs COPY fails with
  * PGS_EUNSUPPORTED.
  *
