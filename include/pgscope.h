@@ -84,7 +84,8 @@ typedef void (*pgs_conn_cb)(pgs_conn *conn, const pgs_error *err, void *arg);
  * transaction guard, a server error caused by its timeout or cancel is reported as
  * PGS_ETIMEDOUT / PGS_ECANCELED, still with the server's result. For every other failure
  * (PGS_ECONN, PGS_ECANCELED, PGS_ECLOSED, PGS_EUNSUPPORTED) res is NULL. The callback fires
- * once the statement is complete, so PQtransactionStatus already reflects it. */
+ * once the statement is complete, so PQtransactionStatus already reflects it (ACTIVE while
+ * statements queued after it are still in flight). */
 typedef void (*pgs_result_cb)(pgs_conn *conn, const PGresult *res, const pgs_error *err,
                               void *arg);
 
@@ -147,13 +148,15 @@ PGS_API int pgs_conn_open(struct event_base *base, const char *conninfo,
 
 /* Queue a statement with text-format parameters ($1 .. $n). Values travel as parameters,
  * never spliced into the SQL, so any string is safe; a NULL entry in `values` is SQL NULL.
- * `sql` must be a single statement. `sql` and `values` are copied into libpq before return.
+ * `sql` must be a single statement. `sql` and `values` are copied before return (into libpq,
+ * or the guard's own copy while the statement waits), so the caller may reuse them at once.
  *
  * Statements run in the order they were queued, and each one is its own implicit transaction
- * (an error in one does not affect the next). Statements queued in one loop turn leave in one
- * write (libpq pipeline mode); a statement queued alone on an idle guard goes out at the end
- * of the loop turn on its own, outside pipeline mode (cheaper per statement), and statements
- * queued while it runs follow together once it is answered. Statements queued while the guard
+ * (an error in one does not affect the next). Statements queued in one loop turn are
+ * pipelined (sent without waiting for each other's replies, libpq pipeline mode); a statement
+ * queued alone on an idle guard goes out at the end of the loop turn on its own, outside
+ * pipeline mode (cheaper per statement), and statements queued while it runs follow,
+ * pipelined, once it is answered. Statements queued while the guard
  * is still connecting are sent once it is up. `cb` fires exactly once with the
  * result or the error (see pgs_result_cb); a statement that needs COPY fails with
  * PGS_EUNSUPPORTED.
@@ -387,8 +390,8 @@ typedef struct pgs_pool_req pgs_pool_req;
 
 /* How the pool resets a session that comes back, before anyone else gets it. */
 typedef enum pgs_pool_reset {
-    /* The default: RESET ALL, SET SESSION AUTHORIZATION DEFAULT, CLOSE ALL, UNLISTEN *,
-     * pg_advisory_unlock_all(), DISCARD TEMP, DISCARD SEQUENCES, in one pipelined segment
+    /* The default: CLOSE ALL, SET SESSION AUTHORIZATION DEFAULT, RESET ALL, then UNLISTEN *,
+     * pg_advisory_unlock_all(), DISCARD TEMP, DISCARD SEQUENCES, in two pipelined segments
      * (asyncpg's reset, and more). Prepared statements stay, so the statement cache stays
      * warm; once the user has run SQL PREPARE on the session, DISCARD ALL instead. Not
      * covered: statements prepared inside a function (EXECUTE 'PREPARE ...'); use

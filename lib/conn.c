@@ -50,7 +50,9 @@ typedef struct op {
     /* OP_UNSENT only: one block holding the value pointers, then the strings */
     int nparams;
     char **copy;
-    struct stmt *stmt; /* OP_PREPARE / OP_PREPARED: the cache entry */
+    struct stmt *stmt; /* OP_PREPARE / OP_PREPARED: the cache entry (it may be gone since:
+                          cache_forget checks) */
+    unsigned stmt_no;  /* the entry's number, to tell it from a later one at that address */
 } op;
 
 /* The statement cache: each distinct statement text is parsed once per connection, as a named
@@ -60,6 +62,7 @@ typedef struct stmt {
     uint64_t hash;
     size_t len;
     int nparams;
+    unsigned no; /* its name's number: never reused, unlike its address */
     char name[24];
     char sql[]; /* the text it was prepared from */
 } stmt;
@@ -219,6 +222,7 @@ static void drop_lookups(pgs_conn *c);
 static int deliver(pgs_conn *c, struct op *o);
 static void cache_clear(pgs_conn *c);
 static void cache_drop(pgs_conn *c, stmt *gone);
+static void cache_forget(pgs_conn *c, op *o);
 
 /* Close the libpq connection. The socket watch goes first: the fd dies with PQfinish. */
 static void drop_pgconn(pgs_conn *c)
@@ -627,7 +631,7 @@ static int deliver(pgs_conn *c, op *o)
          * under it): parse afresh next time. */
         if ((o->flags & OP_PREPARED) && o->stmt &&
             (strcmp(e.sqlstate, "26000") == 0 || strcmp(e.sqlstate, "0A000") == 0))
-            cache_drop(c, o->stmt);
+            cache_forget(c, o);
         break;
     }
     pgs_result_cb cb = o->cb;
@@ -662,13 +666,14 @@ static void prepare_done(pgs_conn *c, op *o)
         c->segment_from_prepare = 1;
     }
     PQclear(res);
-    cache_drop(c, o->stmt);
+    cache_forget(c, o);
 }
 
 static void send_waiting(pgs_conn *c);
 
-/* Map every result through the FIFO of what was sent (libpq pipeline mode: each statement's
- * results end with NULL; each sync yields PGRES_PIPELINE_SYNC). */
+/* Map every result through the FIFO of what was sent: each statement's results end with NULL
+ * (outside pipeline mode after ReadyForQuery), and in pipeline mode each sync yields
+ * PGRES_PIPELINE_SYNC. */
 static void read_results(pgs_conn *c)
 {
     while (c->state == CS_READY && c->sent.head && !PQisBusy(c->pg)) {
@@ -719,12 +724,13 @@ static void read_results(pgs_conn *c)
             continue;
         }
         if (o->flags & OP_SOLO) {
-            /* Outside pipeline mode libpq's NULL comes after ReadyForQuery: complete. What
-             * waited behind it goes out first, so statements its callback queues follow. */
+            /* Outside pipeline mode libpq's NULL comes after ReadyForQuery: complete, and
+             * libpq is idle. Its callback runs before what waited behind it is sent (it
+             * sees the session idle, a cache entry it dropped is not used, and a failed
+             * pool reset closes the guard before the next user's statements leave); while
+             * statements wait, those its callback queues join them at the back. */
             list_pop(&c->sent);
-            c->solo = 0;
-            if (c->waiting.head)
-                send_waiting(c);
+            c->solo = c->waiting.head != NULL;
             int alive = o->cb ? deliver(c, o) : 1;
             op_release(c, o);
             if (!alive)
@@ -732,6 +738,11 @@ static void read_results(pgs_conn *c)
             if (c->segment_err) {
                 free(c->segment_err);
                 c->segment_err = NULL;
+                c->segment_from_prepare = 0;
+            }
+            if (c->solo) {
+                c->solo = 0;
+                send_waiting(c);
             }
             continue;
         }
@@ -759,6 +770,7 @@ static void read_notifies(pgs_conn *c)
 
 static void on_socket_ready(pgs_conn *c, int what)
 {
+    int idle = !c->sent.head; /* nothing was owed: what came is a notice, NOTIFY or goodbye */
     if (what & LOOP_READ) {
         if (!PQconsumeInput(c->pg)) {
             lost_from_libpq(c);
@@ -769,10 +781,13 @@ static void on_socket_ready(pgs_conn *c, int what)
      * only read ours once we have read its (libpq docs, Asynchronous Command Processing). */
     if (c->want_write && flush_output(c) != 0)
         return;
-    /* Notifications after the results: libpq parses them while results are read, and one
-     * that arrives after a result is parsed only then. */
+    /* Notifications before and after the results: libpq parses one that arrives after a
+     * result only while results are read. Nobody listening, they are only dropped (and
+     * parsing an idle connection's input shows a notice or the server's goodbye). */
+    if (c->opts.on_notify)
+        read_notifies(c); /* those that came before the results first */
     read_results(c);
-    if (c->opts.on_notify || ++c->reads_undrained >= NOTIFY_DRAIN_EVERY) {
+    if (c->opts.on_notify || idle || ++c->reads_undrained >= NOTIFY_DRAIN_EVERY) {
         c->reads_undrained = 0;
         read_notifies(c);
     }
@@ -827,6 +842,21 @@ static void cache_drop(pgs_conn *c, stmt *gone)
             c->cached--;
             return;
         }
+}
+
+/* Drop the entry a statement ran by, if the cache still has it: an earlier failure or a
+ * DEALLOCATE may have dropped it (and its address may hold a newer entry), so it is looked
+ * for by address and number, never read through the op's pointer. */
+static void cache_forget(pgs_conn *c, op *o)
+{
+    if (!c->cache)
+        return;
+    for (int i = 0; i < CACHE_BUCKETS; i++)
+        for (stmt *e = c->cache[i]; e; e = e->next)
+            if (e == o->stmt && e->no == o->stmt_no) {
+                cache_drop(c, e);
+                return;
+            }
 }
 
 /* Does `sql` start with these words (case-insensitive, any whitespace between them)? */
@@ -887,7 +917,8 @@ static stmt *cache_get(pgs_conn *c, const char *sql, int nparams, int *fresh)
     e->hash = h;
     e->len = len;
     e->nparams = nparams;
-    snprintf(e->name, sizeof e->name, "pgs_s_%u", ++c->next_stmt);
+    e->no = ++c->next_stmt;
+    snprintf(e->name, sizeof e->name, "pgs_s_%u", e->no);
     memcpy(e->sql, sql, len + 1);
     e->next = c->cache[h % CACHE_BUCKETS];
     c->cache[h % CACHE_BUCKETS] = e;
@@ -935,8 +966,10 @@ static void resolve_statement(pgs_conn *c, op *o, const char *sql, int *fresh)
     if (!e && buster)
         cache_clear(c); /* the server forgets (some of) our prepared statements */
     o->stmt = e;
-    if (e)
+    if (e) {
+        o->stmt_no = e->no;
         o->flags |= OP_PREPARED;
+    }
 }
 
 /* Put the statement into libpq's buffer: Parse first when fresh (a pipelined Prepare with its
@@ -958,6 +991,7 @@ static int emit_statement(pgs_conn *c, op *o, const char *sql, const char *const
         p->flags = CONN_NO_SYNC | OP_PREPARE | (o->flags & CONN_RESET);
         p->phase = OP_RESULTS;
         p->stmt = e;
+        p->stmt_no = e->no;
         list_push(&c->sent, p);
     }
     return PQsendQueryPrepared(c->pg, e->name, o->nparams, values, NULL, NULL, 0) ? 0 : -1;
@@ -1049,10 +1083,12 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
     }
     int fresh = 0;
     resolve_statement(c, o, sql, &fresh);
-    if (!fresh && !(o->flags & CONN_NO_SYNC) && !c->sent.head && !c->open_segment) {
+    if (!fresh && !(o->flags & (CONN_NO_SYNC | CONN_RESET)) && !c->sent.head &&
+        !c->open_segment) {
         /* Alone on an idle connection so far: held to the end of the loop turn. Its values
          * are the caller's only during this call, so they are copied (the text is the
-         * cache's), unless it has none. */
+         * cache's), unless it has none. (Never a pool reset: the next user's statements
+         * must follow it in the pipeline, not wait for its reply.) */
         if (!o->copy && (o->nparams > 0 || !o->stmt) &&
             !(o->copy = copy_statement(o->stmt ? NULL : sql, o->nparams, values)))
             return SEND_NOMEM;

@@ -30,7 +30,8 @@ enum {
 int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *values, int flags,
                pgs_result_cb cb, void *arg);
 /* Queue a lone pipeline sync: it ends the implicit transaction segment and, after an error,
- * the server's skipping of everything sent before it. */
+ * the server's skipping of everything sent before it. Outside pipeline mode (every statement
+ * sent so far had its own sync) there is nothing to end, and it is dropped. */
 int conn_sync(pgs_conn *c, int flags);
 
 /* Plug: statements queued after this point without CONN_BYPASS wait, in order, until the plug

@@ -190,6 +190,50 @@ START_TEST(test_statements_are_prepared_once_and_errors_stay_their_own)
 }
 END_TEST
 
+START_TEST(test_stale_statement_fails_once_per_use_then_parses_anew)
+{
+    struct event_base *b = th_loop_begin();
+    th_proxy *p = th_proxy_start(atoi(th_conninfo_value("port")));
+    pgs_conn *c = th_open_at(b, th_proxy_conninfo(p), NULL);
+    th_call q;
+    const char *sql = "SELECT * FROM pgs_stale_t";
+    value_of(b, c, "CREATE TEMP TABLE pgs_stale_t (a int)", &q);
+    value_of(b, c, sql, &q);
+    ck_assert_int_eq(q.code, PGS_OK);
+
+    /* Two uses in one write: both run the stale plan and fail; the next use parses anew. */
+    value_of(b, c, "ALTER TABLE pgs_stale_t ADD COLUMN b int", &q);
+    th_call k[2] = {0};
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(pgs_query(c, sql, 0, NULL, th_record, &k[i]), PGS_OK);
+    th_run_until(b, &k[1].fired, 10);
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(k[i].fired, 1);
+        ck_assert_str_eq(k[i].sqlstate, "0A000");
+    }
+    value_of(b, c, sql, &q);
+    ck_assert_int_eq(q.code, PGS_OK);
+
+    /* One use alone, and the same text queued while it is on the wire: the second waits,
+     * hears nothing of the first's failure and runs on a fresh Parse. */
+    value_of(b, c, "ALTER TABLE pgs_stale_t ADD COLUMN c int", &q);
+    th_call alone = {0}, behind = {0};
+    th_proxy_stall(p, 1);
+    ck_assert_int_eq(pgs_query(c, sql, 0, NULL, th_record, &alone), PGS_OK);
+    event_base_loop(b, EVLOOP_NONBLOCK); /* out on its own, held up in the proxy */
+    ck_assert_int_eq(pgs_query(c, sql, 0, NULL, th_record, &behind), PGS_OK);
+    th_proxy_stall(p, 0);
+    th_run_until(b, &behind.fired, 10);
+    ck_assert_int_eq(alone.fired, 1);
+    ck_assert_str_eq(alone.sqlstate, "0A000");
+    ck_assert_int_eq(behind.fired, 1);
+    ck_assert_int_eq(behind.code, PGS_OK);
+    th_close(b, c);
+    th_proxy_stop(p);
+    th_loop_end(b);
+}
+END_TEST
+
 START_TEST(test_statement_cache_can_be_turned_off)
 {
     struct event_base *b = th_loop_begin();
@@ -761,7 +805,7 @@ typedef struct later {
     pgs_conn *c;
     const char *sql[3];
     char value[3][8];
-    th_call k[3];
+    mode_call k[3];
 } later;
 
 static void queue_three(evutil_socket_t fd, short what, void *arg)
@@ -771,7 +815,7 @@ static void queue_three(evutil_socket_t fd, short what, void *arg)
     later *l = arg;
     for (int i = 0; i < 3; i++) {
         const char *v[] = {l->value[i]};
-        ck_assert_int_eq(pgs_query(l->c, l->sql[i], 1, v, th_record, &l->k[i]), PGS_OK);
+        ck_assert_int_eq(pgs_query(l->c, l->sql[i], 1, v, record_mode, &l->k[i]), PGS_OK);
         strcpy(l->value[i], "0"); /* the guard kept its own copy */
     }
 }
@@ -798,16 +842,20 @@ START_TEST(test_lone_statement_goes_alone_and_a_burst_in_one_round_trip)
     ck_assert_int_eq(lone.pipeline, PQ_PIPELINE_OFF);
     ck_assert_int_eq(th_proxy_turns(p), 1);
 
-    /* Three in one loop turn: pipelined, one round trip, in order. */
+    /* Three in one loop turn: pipelined, all sent before any reply (the proxy holds them
+     * until they are all there: one round trip), in order. */
     mode_call k[3];
     memset(k, 0, sizeof k);
     char vals[3][8] = {"1", "2", "3"};
     th_fire_seq = 0;
     th_proxy_reset_turns(p);
+    th_proxy_stall(p, 1);
     for (int i = 0; i < 3; i++) {
         const char *vi[] = {vals[i]};
         ck_assert_int_eq(pgs_query(c, sql, 1, vi, record_mode, &k[i]), PGS_OK);
     }
+    event_base_loop(b, EVLOOP_NONBLOCK);
+    th_proxy_stall(p, 0);
     th_run_until(b, &k[2].k.fired, 10);
     for (int i = 0; i < 3; i++) {
         ck_assert_int_eq(k[i].k.fired, 1);
@@ -848,24 +896,25 @@ START_TEST(test_statements_queued_while_one_runs_alone_follow_it_in_order)
     struct event *t = evtimer_new(b, queue_three, &l);
     struct timeval tv = {0, 50000};
     evtimer_add(t, &tv);
-    th_run_until(b, &l.k[2].fired, 10);
+    th_run_until(b, &l.k[2].k.fired, 10);
     event_free(t);
     ck_assert_int_eq(first.fired, 1);
     ck_assert_int_eq(first.seq, 0);
     ck_assert_int_eq(first.code, PGS_OK);
     ck_assert_str_eq(first.value, "x");
     for (int i = 0; i < 3; i++) {
-        ck_assert_int_eq(l.k[i].fired, 1);
-        ck_assert_int_eq(l.k[i].seq, i + 1);
+        ck_assert_int_eq(l.k[i].k.fired, 1);
+        ck_assert_int_eq(l.k[i].k.seq, i + 1);
     }
-    ck_assert_int_eq(l.k[0].code, PGS_OK);
-    ck_assert_str_eq(l.k[0].value, "42");
-    ck_assert_int_eq(l.k[1].code, PGS_ESQL); /* its own failure only */
-    ck_assert_str_eq(l.k[1].sqlstate, "22012");
-    ck_assert_int_eq(l.k[2].code, PGS_OK);
-    ck_assert_str_eq(l.k[2].value, "last");
-    /* the first alone, then the three together */
-    ck_assert_int_eq(th_proxy_turns(p), 2);
+    ck_assert_int_eq(l.k[0].k.code, PGS_OK);
+    ck_assert_str_eq(l.k[0].k.value, "42");
+    ck_assert_int_eq(l.k[1].k.code, PGS_ESQL); /* its own failure only */
+    ck_assert_str_eq(l.k[1].k.sqlstate, "22012");
+    ck_assert_int_eq(l.k[2].k.code, PGS_OK);
+    ck_assert_str_eq(l.k[2].k.value, "last");
+    /* the three went together, pipelined, once the first was answered */
+    ck_assert_int_eq(l.k[0].pipeline, PQ_PIPELINE_ON);
+    ck_assert_int_ge(th_proxy_turns(p), 2);
     th_close(b, c);
     th_proxy_stop(p);
     th_loop_end(b);
@@ -899,13 +948,13 @@ START_TEST(test_backend_lost_while_one_runs_alone_fails_the_waiting_once)
     struct event *ev = evtimer_new(b, queue_then_terminate, &t);
     struct timeval tv = {0, 100000};
     evtimer_add(ev, &tv);
-    th_run_until(b, &t.l.k[2].fired, 10);
+    th_run_until(b, &t.l.k[2].k.fired, 10);
     event_free(ev);
     ck_assert_int_eq(first.fired, 1);
     ck_assert_int_eq(first.code, PGS_ECONN);
     for (int i = 0; i < 3; i++) {
-        ck_assert_int_eq(t.l.k[i].fired, 1);
-        ck_assert_int_eq(t.l.k[i].code, PGS_ECONN);
+        ck_assert_int_eq(t.l.k[i].k.fired, 1);
+        ck_assert_int_eq(t.l.k[i].k.code, PGS_ECONN);
     }
     th_close(b, c);
     th_loop_end(b);
@@ -1026,6 +1075,7 @@ static Suite *conn_suite(void)
     tcase_add_test(t, test_queries_queued_while_connecting_run_after_connect);
     tcase_add_test(t, test_statements_are_prepared_once_and_errors_stay_their_own);
     tcase_add_test(t, test_statement_cache_can_be_turned_off);
+    tcase_add_test(t, test_stale_statement_fails_once_per_use_then_parses_anew);
     tcase_add_test(t, test_connect_bad_conninfo_syntax);
     tcase_add_test(t, test_connect_refused_port);
     tcase_add_test(t, test_connect_wrong_password);
