@@ -669,7 +669,23 @@ static void prepare_done(pgs_conn *c, op *o)
     cache_forget(c, o);
 }
 
-static void send_waiting(pgs_conn *c);
+static void send_list(pgs_conn *c, op_list *list);
+
+/* The statement at the head of `sent` is complete (its segment's sync came back, or outside
+ * pipeline mode its ReadyForQuery): off the FIFO, its callback, and the segment's error is
+ * forgotten. Returns 0 when the connection went down on the way (the caller must stop). */
+static int complete(pgs_conn *c, op *o)
+{
+    list_pop(&c->sent);
+    int alive = o->cb ? deliver(c, o) : 1;
+    op_release(c, o);
+    if (alive && c->segment_err) {
+        free(c->segment_err);
+        c->segment_err = NULL;
+        c->segment_from_prepare = 0;
+    }
+    return alive;
+}
 
 /* Map every result through the FIFO of what was sent: each statement's results end with NULL
  * (outside pipeline mode after ReadyForQuery), and in pipeline mode each sync yields
@@ -684,14 +700,8 @@ static void read_results(pgs_conn *c)
                 /* A synced statement is complete only now: its callback sees the session's
                  * state after ReadyForQuery (PQtransactionStatus, nothing left in flight). */
                 PQclear(res);
-                list_pop(&c->sent);
-                int alive = o->cb ? deliver(c, o) : 1;
-                op_release(c, o);
-                if (!alive)
+                if (!complete(c, o))
                     return;
-                free(c->segment_err);
-                c->segment_err = NULL;
-                c->segment_from_prepare = 0;
                 continue;
             }
             PQclear(res);
@@ -705,9 +715,9 @@ static void read_results(pgs_conn *c)
             if (!o->res) {
                 o->res = res;
                 o->status = st;
-            }
-            else
+            } else {
                 PQclear(res);
+            }
             /* A COPY result has no terminating NULL the pipeline can reach: end here. */
             if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
                 pgs_error e;
@@ -729,20 +739,12 @@ static void read_results(pgs_conn *c)
              * sees the session idle, a cache entry it dropped is not used, and a failed
              * pool reset closes the guard before the next user's statements leave); while
              * statements wait, those its callback queues join them at the back. */
-            list_pop(&c->sent);
             c->solo = c->waiting.head != NULL;
-            int alive = o->cb ? deliver(c, o) : 1;
-            op_release(c, o);
-            if (!alive)
+            if (!complete(c, o))
                 return;
-            if (c->segment_err) {
-                free(c->segment_err);
-                c->segment_err = NULL;
-                c->segment_from_prepare = 0;
-            }
             if (c->solo) {
                 c->solo = 0;
-                send_waiting(c);
+                send_list(c, &c->waiting);
             }
             continue;
         }
@@ -1146,18 +1148,8 @@ static void send_list(pgs_conn *c, op_list *list)
     }
 }
 
-static void send_unsent(pgs_conn *c)
-{
-    send_list(c, &c->unsent);
-}
-
-/* What came while a statement ran on its own, now that it is answered. */
-static void send_waiting(pgs_conn *c)
-{
-    send_list(c, &c->waiting);
-}
-
-/* Queue a statement (sql != NULL) or a lone sync (sql == NULL, cb may be NULL). */
+/* Queue a statement (sql != NULL) or a lone sync (sql == NULL, never with a callback: outside
+ * pipeline mode a sync is dropped). */
 static int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const *values,
                    int flags, pgs_result_cb cb, void *arg)
 {
@@ -1243,7 +1235,7 @@ void conn_unplug(pgs_conn *c, int plug)
             break;
         }
     }
-    send_unsent(c);
+    send_list(c, &c->unsent);
 }
 
 void *conn_owner(pgs_conn *c)
@@ -1327,7 +1319,7 @@ static void connected(pgs_conn *c)
         lost_from_libpq(c);
         return;
     }
-    send_unsent(c);
+    send_list(c, &c->unsent);
     if (c->state != CS_READY)
         return;
     pgs_conn_cb cb = c->on_open;
