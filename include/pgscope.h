@@ -370,12 +370,18 @@ PGS_API int pgs_tx_resolve(struct event_base *base, const char *conninfo, const 
  *    default everything DISCARD ALL resets except the statement cache's prepared statements
  *    (settings, role and session user, cursors, LISTEN, advisory locks, temporary tables,
  *    sequence state; prepared statements too, with DISCARD ALL, once the user ran SQL
- *    PREPARE). The reset is pipelined ahead of the next user's statements, so it runs first
- *    and costs that user no round trip (until it is answered, PQtransactionStatus on the new
- *    guard says PQTRANS_ACTIVE). Should it fail (it has no known way to, short of losing the
- *    connection), the guard is closed as soon as its answer comes: the new user's statements
- *    already sent behind it may have run by then; their callbacks get PGS_ECONN with the
- *    reason, and a COMMIT among them PGS_ECOMMIT_UNKNOWN.
+ *    PREPARE). The reset is sent when the guard goes idle, or, when someone is waiting, with
+ *    the hand-over: the statements the new user queues in the acquire callback (or in an event
+ *    it posts from there, such as pgs_run_tx's body) share its pipeline segment, so reset and
+ *    statements leave in one write and cost that user no round trip (until it is answered,
+ *    PQtransactionStatus on the new guard says PQTRANS_ACTIVE). It runs as a transaction of
+ *    its own, so the new user's first statement starts a fresh one with the defaults restored
+ *    (even VACUUM may come first). Should it fail (a lock wait that lock_timeout ends, say),
+ *    the guard is closed as soon as its answer comes, and nothing queued behind it runs (the
+ *    server skips the rest of its segment, and the default reset's aborted transaction
+ *    refuses what follows);
+ *    their callbacks get PGS_ECONN with the reason, and a COMMIT among them, conservatively,
+ *    PGS_ECOMMIT_UNKNOWN.
  *    Anything else (closed inside a transaction, with statements running, after a cancel or
  *    a lost connection) is closed, and the pool opens a replacement.
  *  - Connections that die while idle (backend terminated, server restarted) are noticed at
@@ -390,10 +396,11 @@ typedef struct pgs_pool_req pgs_pool_req;
 
 /* How the pool resets a session that comes back, before anyone else gets it. */
 typedef enum pgs_pool_reset {
-    /* The default: CLOSE ALL, SET SESSION AUTHORIZATION DEFAULT, RESET ALL, then UNLISTEN *,
-     * pg_advisory_unlock_all(), DISCARD TEMP, DISCARD SEQUENCES, in two pipelined segments
-     * (asyncpg's reset, and more). Prepared statements stay, so the statement cache stays
-     * warm; once the user has run SQL PREPARE on the session, DISCARD ALL instead. Not
+    /* The default: CLOSE ALL, SET SESSION AUTHORIZATION DEFAULT, RESET ALL, UNLISTEN *,
+     * pg_advisory_unlock_all(), DISCARD TEMP, DISCARD SEQUENCES, inside BEGIN ISOLATION LEVEL
+     * READ COMMITTED ... COMMIT (asyncpg's reset, and more). Prepared statements stay, so the
+     * statement cache stays warm; once the user has run SQL PREPARE on the session, DISCARD
+     * ALL instead. Not
      * covered: statements prepared inside a function (EXECUTE 'PREPARE ...'); use
      * PGS_RESET_ALL if users do that. */
     PGS_RESET_SESSION = 0,

@@ -109,6 +109,9 @@ struct pgs_conn {
     int solo;       /* a statement sent outside pipeline mode is in flight */
     int pipelined;  /* libpq is in pipeline mode */
     int open_segment; /* pipelined statements sent since the last sync (no leaving the mode) */
+    int sync_turn;  /* the last statement sent was CONN_SYNC_TURN (with its CONN_RESET): a sync
+                       at the end of the turn */
+    int sync_yielded; /* push_output waited once for the turn's queued events (sync_turn) */
     op_list failed; /* to be told dead_err from the loop */
     op *spare;      /* recycled statement records */
     int nspare;
@@ -240,7 +243,7 @@ static void drop_pgconn(pgs_conn *c)
     PQfinish(c->pg);
     c->pg = NULL;
     c->want_write = c->flush_due = c->flush_req = 0;
-    c->solo = c->pipelined = c->open_segment = 0;
+    c->solo = c->pipelined = c->open_segment = c->sync_turn = c->sync_yielded = 0;
 }
 
 /* Every statement still owed a callback goes to the failed list, to hear dead_err. */
@@ -442,10 +445,41 @@ static int send_held(pgs_conn *c, int alone);
  * sync came after them); then out to the socket. */
 static int push_output(pgs_conn *c)
 {
+    if (c->sync_turn && !c->sync_yielded) {
+        /* The caller's next statements often come from an event it posted in this turn (the
+         * body of pgs_run_tx after an acquire): wait for the events already queued, once,
+         * so they join the segment and all of it leaves in one write. */
+        c->sync_yielded = 1;
+        c->flush_due = 1;
+        loop_ev_post(c->defer);
+        return 0;
+    }
     c->flush_due = 0;
     if (c->held && send_held(c, 1) != 0) {
         lost_from_libpq(c);
         return -1;
+    }
+    if (c->sync_turn) {
+        /* Nothing joined its segment in this turn: a sync of its own ends it. */
+        int flags = c->sync_turn & CONN_RESET;
+        c->sync_turn = c->sync_yielded = 0;
+        op *o = op_new(c);
+        if (!o) {
+            pgs_error e;
+            set_error(c, &e, PGS_ENOMEM, NULL, "out of memory ending a pipeline segment");
+            conn_lost(c, &e);
+            return -1;
+        }
+        if (!PQpipelineSync(c->pg)) {
+            op_release(c, o);
+            lost_from_libpq(c);
+            return -1;
+        }
+        c->flush_req = 0;
+        c->open_segment = 0;
+        o->flags = flags;
+        o->phase = OP_SYNC;
+        list_push(&c->sent, o);
     }
     if (c->flush_req) {
         c->flush_req = 0;
@@ -1078,6 +1112,7 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
             return SEND_LOST;
         c->flush_req = 0;
         c->open_segment = 0;
+        c->sync_turn = c->sync_yielded = 0;
         o->phase = OP_SYNC;
         list_push(&c->sent, o);
         flush_later(c);
@@ -1109,12 +1144,15 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
      * request at the end of the loop turn serves every statement before it, and a sync
      * serves them too; CONN_FLUSH_NOW puts one right here. */
     int ok = 1;
+    c->sync_turn = c->sync_yielded = 0; /* it joined the segment: ending it is its sender's */
     if (!(o->flags & CONN_NO_SYNC)) {
         ok = PQpipelineSync(c->pg);
         c->flush_req = 0;
         c->open_segment = 0;
     } else {
         c->open_segment = 1;
+        /* (a pool reset's sync is part of the reset: conn_clean) */
+        c->sync_turn = (o->flags & CONN_SYNC_TURN) ? CONN_SYNC_TURN | (o->flags & CONN_RESET) : 0;
         if (o->flags & CONN_FLUSH_NOW) {
             ok = PQsendFlushRequest(c->pg);
             c->flush_req = 0;

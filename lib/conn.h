@@ -24,6 +24,12 @@ enum {
     /* A flush request right after the statement, so its result leaves the server before the
      * statements queued after it run (the id before a COMMIT). */
     CONN_FLUSH_NOW = 16,
+    /* With CONN_NO_SYNC: the statement's segment is shared with what is queued next in the
+     * same loop turn, or in the events already pending when the turn would end (the output
+     * waits for them once): all of it goes out in one write, ended by their sync. If nothing
+     * follows by then, a sync of its own ends the segment. The pool's reset uses it, so a
+     * waiting user's first statements travel with it. */
+    CONN_SYNC_TURN = 32,
 };
 
 /* pgs_query with flags (and without pgs_query's check of the owner). */

@@ -36,6 +36,7 @@ typedef struct slot {
     double born;
     loop_ev *idle_timer; /* idle timeout, or the end of its lifetime, while idle */
     struct pgs_pool_req *granted_to; /* set aside for a request not yet delivered */
+    int reset_owed; /* came back, its session reset not sent yet (see slot_returned) */
 } slot;
 
 typedef enum req_state {
@@ -81,6 +82,7 @@ struct pgs_pool {
 
 static void dispatch(pgs_pool *p);
 static void slot_available(slot *s);
+static int send_reset(pgs_pool *p, slot *s, pgs_conn *conn);
 
 static double now_ms(void)
 {
@@ -270,9 +272,18 @@ static void req_fire(void *arg, int what)
     case RQ_GRANTED: {
         slot *s = r->granted;
         s->granted_to = NULL;
-        if (!conn_ready(s->conn)) {
-            /* Died between the grant and now: never hand out a dead one. Back to the head
-             * of the line, with the time it has left. */
+        /* The last user's session reset goes out now, in this turn, and the statements the
+         * callback below queues share its pipeline segment: one write and one sync for both,
+         * and should the reset fail, the server skips them. */
+        int reset_failed = 0;
+        if (s->reset_owed && conn_ready(s->conn)) {
+            s->reset_owed = 0;
+            reset_failed = send_reset(p, s, s->conn) != PGS_OK;
+        }
+        if (reset_failed || !conn_ready(s->conn)) {
+            /* Died between the grant and now (or its reset could not be sent): never hand
+             * out a dead or dirty one. Back to the head of the line, with the time it has
+             * left. */
             p->in_use--;
             p->counters.replaced++;
             retire(s);
@@ -461,8 +472,19 @@ static void slot_available(slot *s)
         return;
     }
     if (p->wait_head) {
-        grant(p->wait_head, s);
+        grant(p->wait_head, s); /* an owed reset goes with the grant (req_fire) */
         return;
+    }
+    if (s->reset_owed) {
+        /* Idle: reset now, so what the last user left (advisory locks above all) is not
+         * kept while it waits. */
+        s->reset_owed = 0;
+        if (send_reset(p, s, s->conn) != PGS_OK) {
+            p->counters.replaced++;
+            retire(s);
+            dispatch(p);
+            return;
+        }
     }
     idle_push(s);
     arm_idle_timer(s);
@@ -492,30 +514,32 @@ static void reset_done(pgs_conn *conn, const PGresult *res, const pgs_error *err
 }
 
 /* Everything DISCARD ALL resets except prepared statements (and cached plans), so the
- * statement cache stays warm, in DISCARD ALL's order. Two pipeline segments: first the
- * cursors (closing one can run user code), the role and the settings, each of which runs
- * without a snapshot; then the rest, whose implicit transaction so starts with the default
- * isolation and read-only settings rather than whatever the last user left (serializable on
- * a hot standby would fail, serializable deferrable could wait). RESET ALL leaves the role
- * and session user, hence SET SESSION AUTHORIZATION DEFAULT. */
+ * statement cache stays warm, in DISCARD ALL's order, in one pipeline segment: one write and
+ * one sync, where each segment costs the server a wake-up (two segments cost 2x the
+ * transactions per second under load: tools/run-bench). It is a transaction of its own,
+ * begun READ COMMITTED, so whatever defaults the last user left (serializable deferrable
+ * could wait for a safe snapshot, serializable fails on a hot standby) do not apply to it;
+ * each step also runs read-only. RESET ALL leaves the role and session user, hence SET
+ * SESSION AUTHORIZATION DEFAULT. A failure leaves the block open and aborted (the server
+ * skips to the sync): reset_done closes the guard then. */
 static const char *const session_reset[] = {
-    "CLOSE ALL",  "SET SESSION AUTHORIZATION DEFAULT", "RESET ALL", NULL,
-    "UNLISTEN *", "SELECT pg_advisory_unlock_all()",   "DISCARD TEMP", "DISCARD SEQUENCES", NULL,
+    "BEGIN ISOLATION LEVEL READ COMMITTED", "CLOSE ALL", "SET SESSION AUTHORIZATION DEFAULT",
+    "RESET ALL", "UNLISTEN *", "SELECT pg_catalog.pg_advisory_unlock_all()", "DISCARD TEMP",
+    "DISCARD SEQUENCES", "COMMIT", NULL,
 };
 
 static int send_reset(pgs_pool *p, slot *s, pgs_conn *conn)
 {
     /* DISCARD ALL when asked, or when the user's own SQL PREPARE left statements behind. */
+    /* No sync of its own: what the new user queues in this turn joins its segment (DISCARD
+     * ALL and the reset's COMMIT end their transaction at once, so the user's first
+     * statement starts a fresh one, even VACUUM); otherwise a sync ends it with the turn. */
+    enum { F = CONN_RESET | CONN_NO_SYNC | CONN_SYNC_TURN };
     if (p->opts.reset == PGS_RESET_ALL || conn_user_prepared(conn))
-        return conn_query(conn, "DISCARD ALL", 0, NULL, CONN_RESET, reset_done, s);
-    enum { N = sizeof session_reset / sizeof *session_reset };
-    for (int i = 0; i < N; i++) {
-        if (!session_reset[i])
-            continue;
-        int synced = !session_reset[i + 1]; /* the last of its segment */
+        return conn_query(conn, "DISCARD ALL", 0, NULL, F, reset_done, s);
+    for (int i = 0; session_reset[i]; i++) {
         /* Each reports to reset_done: a failure, or the skip it caused, is handled once. */
-        int rc = conn_query(conn, session_reset[i], 0, NULL,
-                            CONN_RESET | (synced ? 0 : CONN_NO_SYNC), reset_done, s);
+        int rc = conn_query(conn, session_reset[i], 0, NULL, F, reset_done, s);
         if (rc != PGS_OK)
             return rc;
     }
@@ -533,18 +557,12 @@ static void slot_returned(void *arg, pgs_conn *conn)
         retire(s);
         return;
     }
-    /* The next user gets a clean session. The reset goes into the pipeline ahead of the next
-     * user's statements, so it costs no round trip of its own. */
-    if (p->opts.reset == PGS_RESET_NONE) {
-        slot_available(s);
-        return;
-    }
-    p->counters.reset++;
-    if (send_reset(p, s, conn) != PGS_OK) {
-        p->counters.replaced++;
-        retire(s);
-        dispatch(p);
-        return;
+    /* The next user gets a clean session: the reset is owed, and sent when the guard goes
+     * idle or, to a waiter, with the grant, ahead of that user's first statements in the
+     * same pipeline segment, so it costs no round trip and no write of its own. */
+    if (p->opts.reset != PGS_RESET_NONE) {
+        p->counters.reset++;
+        s->reset_owed = 1;
     }
     slot_available(s);
 }

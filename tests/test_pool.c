@@ -346,6 +346,144 @@ START_TEST(test_next_user_sees_a_clean_session)
 }
 END_TEST
 
+/* A waiter's statements queued in its acquire callback: they travel with the last user's
+ * reset, in its pipeline segment, and run after it in a fresh transaction. */
+enum { WAITER_CHECKS = 6 };
+static const char *const waiter_checks[WAITER_CHECKS] = {
+    "SHOW transaction_isolation", /* not the serializable the last user left as default */
+    "VACUUM pgs_pool_vac",        /* the first of its transaction, not inside a pipeline */
+    "SHOW search_path",
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+    "SELECT to_regclass('pg_temp.pgs_pool_tmp') IS NULL",
+    "SELECT current_user = session_user",
+};
+static th_call waiter_calls[WAITER_CHECKS];
+
+static void waiter_got(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    got *g = arg;
+    on_got(c, err, g);
+    for (int i = 0; !err && i < WAITER_CHECKS; i++)
+        ck_assert_int_eq(pgs_query(c, waiter_checks[i], 0, NULL, th_record, &waiter_calls[i]),
+                         PGS_OK);
+}
+
+START_TEST(test_waiter_statements_follow_the_reset)
+{
+    free(th_scalar("CREATE TABLE IF NOT EXISTS pgs_pool_vac (x int)", 0, NULL));
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 1};
+    pgs_pool *p = new_pool(b, "pgs_pool_waiter", o);
+    pgs_conn *c = acquire(b, p);
+    int pid = th_backend_pid(c);
+    dirty_the_session(b, c);
+    got g = {0};
+    memset(waiter_calls, 0, sizeof waiter_calls);
+    ck_assert_int_eq(pgs_pool_acquire(p, waiter_got, &g, NULL), PGS_OK);
+    release(b, c); /* the waiter gets it, with the reset owed */
+    for (int i = 0; i < WAITER_CHECKS; i++) {
+        th_run_until(b, &waiter_calls[i].fired, 10);
+        ck_assert_msg(waiter_calls[i].code == PGS_OK, "%s: %s", waiter_checks[i],
+                      waiter_calls[i].message);
+    }
+    ck_assert_int_eq(g.fired, 1);
+    ck_assert_int_eq(th_backend_pid(g.conn), pid); /* the same session, reused */
+    ck_assert_str_eq(waiter_calls[0].value, "read committed");
+    ck_assert_str_eq(waiter_calls[2].value, "\"$user\", public");
+    ck_assert_str_eq(waiter_calls[3].value, "0");
+    ck_assert_str_eq(waiter_calls[4].value, "t");
+    ck_assert_str_eq(waiter_calls[5].value, "t");
+    assert_clean_session(b, g.conn);
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    ck_assert_int_eq(st.reset, 1);
+    ck_assert_int_eq(st.replaced, 0);
+    release(b, g.conn);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
+/* A reset that fails (here DISCARD TEMP: another session holds a lock on the temporary
+ * table, and lock_timeout ends the wait) closes the guard, and the waiter's statements queued
+ * behind it never run (the server skips the rest of the segment, and the reset's aborted
+ * transaction would refuse what comes later). */
+static th_call failed_insert, failed_select;
+
+static void insert_when_granted(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    on_got(c, err, arg);
+    if (err)
+        return;
+    ck_assert_int_eq(pgs_query(c, "INSERT INTO pgs_pool_probe VALUES (1)", 0, NULL, th_record,
+                               &failed_insert),
+                     PGS_OK);
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, th_record, &failed_select), PGS_OK);
+}
+
+START_TEST(test_failed_reset_runs_nothing_after_it)
+{
+    free(th_scalar("DROP TABLE IF EXISTS pgs_pool_probe", 0, NULL));
+    free(th_scalar("CREATE TABLE pgs_pool_probe (x int)", 0, NULL));
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 1};
+    pgs_pool *p = NULL;
+    ck_assert_int_eq(pgs_pool_new(b,
+                                  th_conninfo("application_name=pgs_pool_resetfail "
+                                              "options='-c lock_timeout=300'"),
+                                  &o, &p),
+                     PGS_OK);
+    pgs_conn *c = acquire(b, p);
+    int pid = th_backend_pid(c);
+    query_value(b, c, "CREATE TEMP TABLE pgs_pool_locked (x int)");
+    char nsp[64];
+    snprintf(nsp, sizeof nsp, "%s", query_value(b, c, "SELECT pg_my_temp_schema()::regnamespace"));
+    /* Another session locks that temporary table (allowed: it reads no data). */
+    PGconn *blocker = PQconnectdb(th_conninfo(NULL));
+    ck_assert_int_eq(PQstatus(blocker), CONNECTION_OK);
+    char *ident = PQescapeIdentifier(blocker, nsp, strlen(nsp));
+    char sql[256];
+    snprintf(sql, sizeof sql, "LOCK TABLE %s.pgs_pool_locked IN ACCESS SHARE MODE", ident);
+    PQfreemem(ident);
+    PQclear(PQexec(blocker, "BEGIN"));
+    PGresult *r = PQexec(blocker, sql);
+    ck_assert_msg(PQresultStatus(r) == PGRES_COMMAND_OK, "%s", PQerrorMessage(blocker));
+    PQclear(r);
+
+    got g = {0};
+    memset(&failed_insert, 0, sizeof failed_insert);
+    memset(&failed_select, 0, sizeof failed_select);
+    ck_assert_int_eq(pgs_pool_acquire(p, insert_when_granted, &g, NULL), PGS_OK);
+    release(b, c);
+    th_run_until(b, &failed_insert.fired, 10);
+    th_run_until(b, &failed_select.fired, 10);
+    ck_assert_int_eq(g.code, PGS_OK);
+    ck_assert_int_eq(failed_insert.fired, 1);
+    ck_assert_int_eq(failed_insert.code, PGS_ECONN);
+    ck_assert_msg(strstr(failed_insert.message, "session reset failed") &&
+                      strstr(failed_insert.message, "lock timeout"),
+                  "%s", failed_insert.message);
+    ck_assert_int_eq(failed_select.fired, 1);
+    ck_assert_int_eq(failed_select.code, PGS_ECONN);
+    PQclear(PQexec(blocker, "COMMIT"));
+    PQfinish(blocker);
+    /* the insert never ran, and the guard's session is gone */
+    ck_assert_int_eq(th_scalar_long("SELECT count(*) FROM pgs_pool_probe", 0, NULL), 0);
+    th_wait_backend_gone(pid, 10);
+    release(b, g.conn);
+    /* the pool replaced it: the next user gets a fresh, working session */
+    c = acquire(b, p);
+    ck_assert_int_ne(th_backend_pid(c), pid);
+    ck_assert_str_eq(query_value(b, c, "SELECT 7"), "7");
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    ck_assert_int_eq(st.replaced, 1);
+    release(b, c);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
 START_TEST(test_reset_all_discards_everything_cache_included)
 {
     struct event_base *b = th_loop_begin();
@@ -675,6 +813,8 @@ static Suite *pool_suite(int restart_only)
         tcase_add_test(t, test_thousand_transactions_on_a_pool_of_four);
         tcase_add_test(t, test_acquire_timeout_and_waiter_bound_have_their_own_codes);
         tcase_add_test(t, test_next_user_sees_a_clean_session);
+        tcase_add_test(t, test_waiter_statements_follow_the_reset);
+        tcase_add_test(t, test_failed_reset_runs_nothing_after_it);
         tcase_add_test(t, test_reset_all_discards_everything_cache_included);
         tcase_add_test(t, test_no_reset_keeps_the_session_but_still_refuses_dirty_guards);
         tcase_add_test(t, test_terminated_idle_backends_replaced);

@@ -483,8 +483,14 @@ static const char *pgbench_path(void)
     return path[0] ? path : NULL;
 }
 
+/* How pgbench runs the transaction: in 3 round trips, inside \startpipeline, or inside
+ * \startpipeline after the same session reset the pool sends on each return by default
+ * (PGS_RESET_SESSION; pgbench 15 has no \syncpipeline, so it is one segment, not two): the
+ * same statements per transaction as pgscope's pooled one, in one round trip too. */
+enum { PGB_3RT, PGB_PIPELINED, PGB_PIPELINED_RESET };
+
 static void bench_pgbench(const char *pgbench, const char *conninfo, int n, double seconds,
-                          int pipelined, const char *name)
+                          int how, const char *name)
 {
     if (skipped(name))
         return;
@@ -493,10 +499,16 @@ static void bench_pgbench(const char *pgbench, const char *conninfo, int n, doub
     if (fd < 0)
         die("cannot write the pgbench script");
     FILE *f = fdopen(fd, "w");
-    fprintf(f, "\\set aid random(1, %d)\n%sBEGIN;\n"
+    int pipelined = how != PGB_3RT;
+    fprintf(f, "\\set aid random(1, %d)\n%s%sBEGIN;\n"
                "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n"
                "COMMIT;\n%s",
-            accounts, pipelined ? "\\startpipeline\n" : "", pipelined ? "\\endpipeline\n" : "");
+            accounts, pipelined ? "\\startpipeline\n" : "",
+            how == PGB_PIPELINED_RESET
+                ? "CLOSE ALL;\nSET SESSION AUTHORIZATION DEFAULT;\nRESET ALL;\nUNLISTEN *;\n"
+                  "SELECT pg_advisory_unlock_all();\nDISCARD TEMP;\nDISCARD SEQUENCES;\n"
+                : "",
+            pipelined ? "\\endpipeline\n" : "");
     fclose(f);
     char cmd[2048];
     snprintf(cmd, sizeof cmd,
@@ -804,7 +816,8 @@ static const char *const usage_text =
     "  --requests N     the scale run's queued requests (default 10000)\n"
     "  --no-pgbench     skip pgbench\n"
     "  --variants       also run the baseline with unnamed statements, and pooled transactions\n"
-    "                   without a reset, with DISCARD ALL and with pgs_tx_opts.resolvable\n"
+    "                   without a reset, with DISCARD ALL and with pgs_tx_opts.resolvable, and\n"
+    "                   pgbench's pipelined transaction after the pool's default reset\n"
     "  --only LIST      run only the workloads whose names contain one of these (comma-separated)\n"
     "  --instructions raw|guard [--count N]\n"
     "                   only run N statements one way (for callgrind; see tools/run-bench)\n";
@@ -886,8 +899,11 @@ int main(int argc, char **argv)
                 bench_tx(ci, n, seconds, 0, PGS_RESET_SESSION, 1, NAME("pgscope tx resolvable"));
             }
             if (pgbench) {
-                bench_pgbench(pgbench, ci, n, seconds, 0, NAME("pgbench tx 3 round trips"));
-                bench_pgbench(pgbench, ci, n, seconds, 1, NAME("pgbench tx pipelined"));
+                bench_pgbench(pgbench, ci, n, seconds, PGB_3RT, NAME("pgbench tx 3 round trips"));
+                bench_pgbench(pgbench, ci, n, seconds, PGB_PIPELINED, NAME("pgbench tx pipelined"));
+                if (variants)
+                    bench_pgbench(pgbench, ci, n, seconds, PGB_PIPELINED_RESET,
+                                  NAME("pgbench tx pipelined + reset"));
             }
         }
     }
@@ -913,9 +929,13 @@ int main(int argc, char **argv)
             snprintf(b, sizeof b, "raw libpq tx pipelined %s %d", l, n);
             snprintf(what, sizeof what, "  pgscope tx one round trip / raw libpq pipelined, %s, %d conn", l, n);
             ratio(what, a, b, 0);
-            snprintf(b, sizeof b, "pgbench tx pipelined %s %d", l, n);
             if (!variants)
                 continue;
+            snprintf(b, sizeof b, "pgbench tx pipelined + reset %s %d", l, n);
+            snprintf(what, sizeof what, "  one round trip / pgbench pipelined + the same reset, %s, %d conn",
+                     l, n);
+            ratio(what, a, b, 0);
+            snprintf(b, sizeof b, "pgbench tx pipelined %s %d", l, n);
             static const char *const variant[] = {"no reset", "DISCARD ALL", "resolvable"};
             for (int vi = 0; vi < 3; vi++) {
                 snprintf(a, sizeof a, "pgscope tx %s %s %d", variant[vi], l, n);
