@@ -202,9 +202,7 @@ static void op_release(pgs_conn *c, op *o)
         PQclear(o->res);
     if (o->copy)
         free(o->copy);
-    if (c->nspare < SPARE_OPS) {
-        o->res = NULL;
-        o->copy = NULL;
+    if (c->nspare < SPARE_OPS) { /* (op_new clears it) */
         o->next = c->spare;
         c->spare = o;
         c->nspare++;
@@ -445,22 +443,17 @@ static int send_held(pgs_conn *c, int alone);
  * sync came after them); then out to the socket. */
 static int push_output(pgs_conn *c)
 {
-    if (c->sync_turn && !c->sync_yielded) {
-        /* The caller's next statements often come from an event it posted in this turn (the
-         * body of pgs_run_tx after an acquire): wait for the events already queued, once,
-         * so they join the segment and all of it leaves in one write. */
-        c->sync_yielded = 1;
-        c->flush_due = 1;
-        loop_ev_post(c->defer);
-        return 0;
-    }
-    c->flush_due = 0;
-    if (c->held && send_held(c, 1) != 0) {
-        lost_from_libpq(c);
-        return -1;
-    }
     if (c->sync_turn) {
-        /* Nothing joined its segment in this turn: a sync of its own ends it. */
+        if (!c->sync_yielded) {
+            /* The caller's next statements often come from an event it posted in this turn
+             * (the body of pgs_run_tx after an acquire): wait for the events already queued,
+             * once, so they join the segment and all of it leaves in one write. */
+            c->sync_yielded = 1;
+            loop_ev_post(c->defer);
+            return 0;
+        }
+        /* Nothing joined its segment: a sync of its own ends it. (No held statement: one
+         * coming after it would have cleared sync_turn, and none is held behind a sent one.) */
         int flags = c->sync_turn & CONN_RESET;
         c->sync_turn = c->sync_yielded = 0;
         op *o = op_new(c);
@@ -480,6 +473,11 @@ static int push_output(pgs_conn *c)
         o->flags = flags;
         o->phase = OP_SYNC;
         list_push(&c->sent, o);
+    }
+    c->flush_due = 0;
+    if (c->held && send_held(c, 1) != 0) {
+        lost_from_libpq(c);
+        return -1;
     }
     if (c->flush_req) {
         c->flush_req = 0;
@@ -653,8 +651,12 @@ static int deliver(pgs_conn *c, op *o)
         break;
     default:
         if (res) {
-            /* FATAL means the server ends the session (pg_terminate_backend: 57P01). */
-            err_from_result(&e, is_fatal(res) ? PGS_ECONN : PGS_ESQL, res, c->password);
+            /* FATAL means the server ends the session (pg_terminate_backend: 57P01); libpq
+             * may have given up on it too (lost sync with the server). */
+            err_from_result(&e,
+                            is_fatal(res) || PQstatus(c->pg) == CONNECTION_BAD ? PGS_ECONN
+                                                                               : PGS_ESQL,
+                            res, c->password);
         } else {
             set_error(c, &e, PGS_ECONN, "08006", PQerrorMessage(c->pg));
         }
@@ -827,7 +829,9 @@ static void on_socket_ready(pgs_conn *c, int what)
         c->reads_undrained = 0;
         read_notifies(c);
     }
-    if (c->state == CS_READY && PQstatus(c->pg) == CONNECTION_BAD)
+    /* libpq gave up on the connection while parsing (a protocol error): with statements
+     * owed, that comes as an error result (deliver checks); idle, only the status shows it. */
+    if (idle && c->state == CS_READY && PQstatus(c->pg) == CONNECTION_BAD)
         lost_from_libpq(c);
 }
 
@@ -930,10 +934,7 @@ static stmt *cache_get(pgs_conn *c, const char *sql, int nparams, int *fresh)
         return NULL;
     if (size == 0)
         size = DEFAULT_CACHE_SIZE;
-    stmt *e = c->last;
-    /* The text may have changed at the same address (a reused buffer): strcmp tells. */
-    if (e && (uintptr_t)sql == c->last_sql && e->nparams == nparams && strcmp(e->sql, sql) == 0)
-        return e;
+    stmt *e;
     if (!c->cache && !(c->cache = calloc(CACHE_BUCKETS, sizeof *c->cache)))
         return NULL;
     size_t len = strlen(sql);
@@ -992,7 +993,18 @@ static char **copy_statement(const char *sql, int nparams, const char *const *va
  * deallocates prepared statements is never cached and empties the cache. */
 static void resolve_statement(pgs_conn *c, op *o, const char *sql, int *fresh)
 {
-    stmt *e = cache_get(c, sql, o->nparams, fresh);
+    stmt *e = c->last; /* set only while the cache is on */
+    /* The same text as last time, at the same address, is the common case (a statement in a
+     * loop): no hashing. The text may have changed in place (a reused buffer): strcmp tells. */
+    if (e && (uintptr_t)sql == c->last_sql && e->nparams == o->nparams &&
+        strcmp(e->sql, sql) == 0) {
+        *fresh = 0;
+        o->stmt = e;
+        o->stmt_no = e->no;
+        o->flags |= OP_PREPARED;
+        return;
+    }
+    e = cache_get(c, sql, o->nparams, fresh);
     int buster = *fresh || !e ? cache_buster(sql) : 0;
     if (*fresh && buster) { /* never cached: a hit cannot be one */
         cache_drop(c, e);
@@ -1063,7 +1075,6 @@ static int send_held(pgs_conn *c, int alone)
 {
     op *o = c->held;
     c->held = NULL;
-    const char *sql = o->stmt ? o->stmt->sql : o->copy[o->nparams];
     const char *const *values = (const char *const *)o->copy;
     /* Leaving pipeline mode needs every result read: true, since nothing was in flight. */
     if (alone && c->pipelined && PQexitPipelineMode(c->pg))
@@ -1071,10 +1082,11 @@ static int send_held(pgs_conn *c, int alone)
     int ok;
     if (alone && !c->pipelined) {
         ok = o->stmt ? PQsendQueryPrepared(c->pg, o->stmt->name, o->nparams, values, NULL, NULL, 0)
-                     : emit_statement(c, o, sql, values, 0) == 0;
+                     : emit_statement(c, o, o->copy[o->nparams], values, 0) == 0;
         o->flags |= OP_SOLO;
         c->solo = 1;
     } else {
+        const char *sql = o->stmt ? o->stmt->sql : o->copy[o->nparams];
         ok = enter_pipeline(c) == 0 && emit_statement(c, o, sql, values, 0) == 0 &&
              PQpipelineSync(c->pg);
         c->flush_req = 0;
@@ -1386,14 +1398,14 @@ static void connect_step(pgs_conn *c, PostgresPollingStatusType st)
 static void on_io(void *arg, int what)
 {
     pgs_conn *c = arg;
-    if (c->state == CS_CONNECTING) {
-        connect_step(c, PQconnectPoll(c->pg));
-    } else if (c->state == CS_READY) {
+    if (c->state == CS_READY) {
         c->in_io = 1;
         on_socket_ready(c, what);
         c->in_io = 0;
         if (c->state == CS_READY && c->flush_due)
             push_output(c);
+    } else if (c->state == CS_CONNECTING) {
+        connect_step(c, PQconnectPoll(c->pg));
     }
     if (c->finish_pending) { /* closed from a notice callback: libpq has returned now */
         c->finish_pending = 0;
