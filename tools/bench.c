@@ -881,18 +881,33 @@ int main(int argc, char **argv)
             printf("\n%s, %d connection(s)\n", nets[ni].label, n);
 #define NAME(fmt) (snprintf(name, sizeof name, fmt " %s %d", nets[ni].label, n), name)
             const char *ci = nets[ni].conninfo;
-            /* Baseline and guard as A B B A, half the time each: a drift of the machine
-             * during the pair (it is shared and noisy) weighs on both alike. */
-            bench_raw(ci, W_SELECT, 1, n, seconds / 2, NAME("raw libpq SELECT 1"));
-            bench_guard(ci, n, seconds / 2, NAME("pgscope guard SELECT 1"));
-            bench_guard(ci, n, seconds / 2, NAME("pgscope guard SELECT 1"));
-            bench_raw(ci, W_SELECT, 1, n, seconds / 2, NAME("raw libpq SELECT 1"));
+            /* The two sides of a targeted ratio alternate in slices, A B B A A B B A ...: a
+             * drift of the machine (it is shared and noisy) weighs on both alike, and a row's
+             * figure is the mean of its slices. k slices of about a second per side (pgbench
+             * takes whole seconds), at least one. */
+            int k = seconds < 1.5 ? 1 : (int)(seconds + 0.5);
+            for (int i = 0; i < 4 * k; i++) {
+                if (i % 4 == 1 || i % 4 == 2)
+                    bench_guard(ci, n, seconds / (2 * k), NAME("pgscope guard SELECT 1"));
+                else
+                    bench_raw(ci, W_SELECT, 1, n, seconds / (2 * k), NAME("raw libpq SELECT 1"));
+            }
             if (variants)
                 bench_raw(ci, W_SELECT, 0, n, seconds, NAME("raw libpq unnamed SELECT 1"));
             bench_raw(ci, W_TX3, 1, n, seconds, NAME("raw libpq tx 3 round trips"));
             bench_raw(ci, W_TXPIPE, 1, n, seconds, NAME("raw libpq tx pipelined"));
             bench_tx(ci, n, seconds, 1, PGS_RESET_SESSION, 0, NAME("pgscope pool tx 3 round trips"));
-            bench_tx(ci, n, seconds, 0, PGS_RESET_SESSION, 0, NAME("pgscope pool tx one round trip"));
+            if (!pgbench)
+                bench_tx(ci, n, seconds, 0, PGS_RESET_SESSION, 0,
+                         NAME("pgscope pool tx one round trip"));
+            for (int i = 0; pgbench && i < 2 * k; i++) { /* against pgbench's pipelined script */
+                if (i % 4 == 1 || i % 4 == 2)
+                    bench_pgbench(pgbench, ci, n, seconds / k, PGB_PIPELINED,
+                                  NAME("pgbench tx pipelined"));
+                else
+                    bench_tx(ci, n, seconds / k, 0, PGS_RESET_SESSION, 0,
+                             NAME("pgscope pool tx one round trip"));
+            }
             if (variants) {
                 bench_tx(ci, n, seconds, 0, PGS_RESET_NONE, 0, NAME("pgscope tx no reset"));
                 bench_tx(ci, n, seconds, 0, PGS_RESET_ALL, 0, NAME("pgscope tx DISCARD ALL"));
@@ -900,7 +915,6 @@ int main(int argc, char **argv)
             }
             if (pgbench) {
                 bench_pgbench(pgbench, ci, n, seconds, PGB_3RT, NAME("pgbench tx 3 round trips"));
-                bench_pgbench(pgbench, ci, n, seconds, PGB_PIPELINED, NAME("pgbench tx pipelined"));
                 if (variants)
                     bench_pgbench(pgbench, ci, n, seconds, PGB_PIPELINED_RESET,
                                   NAME("pgbench tx pipelined + reset"));
