@@ -514,14 +514,15 @@ static void reset_done(pgs_conn *conn, const PGresult *res, const pgs_error *err
 }
 
 /* Everything DISCARD ALL resets except prepared statements (and cached plans), so the
- * statement cache stays warm, in DISCARD ALL's order, in one pipeline segment: one write and
- * one sync, where each segment costs the server a wake-up (two segments cost 2x the
- * transactions per second under load: tools/run-bench). It is a transaction of its own,
- * begun READ COMMITTED, so whatever defaults the last user left (serializable deferrable
- * could wait for a safe snapshot, serializable fails on a hot standby) do not apply to it;
- * each step also runs read-only. RESET ALL leaves the role and session user, hence SET
- * SESSION AUTHORIZATION DEFAULT. A failure leaves the block open and aborted (the server
- * skips to the sync): reset_done closes the guard then. */
+ * statement cache stays warm, in DISCARD ALL's order, with no sync of its own: it shares the
+ * next user's segment and write (each write costs the server a wake-up; sent on return as two
+ * segments of its own, it made three writes per lease and half the transactions per second:
+ * tools/run-bench). It is a transaction of its own, begun READ COMMITTED, so whatever
+ * defaults the last user left (serializable deferrable could wait for a safe snapshot,
+ * serializable fails on a hot standby) do not apply to it, and every step works in a
+ * read-only transaction. RESET ALL leaves the role and session user, hence SET SESSION
+ * AUTHORIZATION DEFAULT. A failure leaves the block open and aborted (the server skips to
+ * the sync, and refuses what comes after it): reset_done closes the guard then. */
 static const char *const session_reset[] = {
     "BEGIN ISOLATION LEVEL READ COMMITTED", "CLOSE ALL", "SET SESSION AUTHORIZATION DEFAULT",
     "RESET ALL", "UNLISTEN *", "SELECT pg_catalog.pg_advisory_unlock_all()", "DISCARD TEMP",
@@ -530,10 +531,10 @@ static const char *const session_reset[] = {
 
 static int send_reset(pgs_pool *p, slot *s, pgs_conn *conn)
 {
-    /* DISCARD ALL when asked, or when the user's own SQL PREPARE left statements behind. */
     /* No sync of its own: what the new user queues in this turn joins its segment (DISCARD
      * ALL and the reset's COMMIT end their transaction at once, so the user's first
-     * statement starts a fresh one, even VACUUM); otherwise a sync ends it with the turn. */
+     * statement starts a fresh one, even VACUUM); otherwise a sync ends it with the turn.
+     * DISCARD ALL when asked, or when the user's own SQL PREPARE left statements behind. */
     enum { F = CONN_RESET | CONN_NO_SYNC | CONN_SYNC_TURN };
     if (p->opts.reset == PGS_RESET_ALL || conn_user_prepared(conn))
         return conn_query(conn, "DISCARD ALL", 0, NULL, F, reset_done, s);
