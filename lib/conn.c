@@ -438,6 +438,20 @@ static int flush_output(pgs_conn *c)
 
 static int send_held(pgs_conn *c, int alone);
 
+/* A lone sync (o, a record with no callback) ends the pipeline segment: it is in flight
+ * until its PGRES_PIPELINE_SYNC comes. Returns 0, or -1 when libpq failed (o not taken). */
+static int send_sync(pgs_conn *c, op *o)
+{
+    if (!PQpipelineSync(c->pg))
+        return -1;
+    c->flush_req = 0;
+    c->open_segment = 0;
+    c->sync_turn = c->sync_yielded = 0;
+    o->phase = OP_SYNC;
+    list_push(&c->sent, o);
+    return 0;
+}
+
 /* The end of a loop turn's sending: a statement held because it came alone goes out on its
  * own; the flush request owed by CONN_FLUSH statements (one for all of them, and none when a
  * sync came after them); then out to the socket. */
@@ -454,8 +468,6 @@ static int push_output(pgs_conn *c)
         }
         /* Nothing joined its segment: a sync of its own ends it. (No held statement: one
          * coming after it would have cleared sync_turn, and none is held behind a sent one.) */
-        int flags = c->sync_turn & CONN_RESET;
-        c->sync_turn = c->sync_yielded = 0;
         op *o = op_new(c);
         if (!o) {
             pgs_error e;
@@ -463,16 +475,12 @@ static int push_output(pgs_conn *c)
             conn_lost(c, &e);
             return -1;
         }
-        if (!PQpipelineSync(c->pg)) {
+        o->flags = c->sync_turn & CONN_RESET;
+        if (send_sync(c, o) != 0) {
             op_release(c, o);
             lost_from_libpq(c);
             return -1;
         }
-        c->flush_req = 0;
-        c->open_segment = 0;
-        o->flags = flags;
-        o->phase = OP_SYNC;
-        list_push(&c->sent, o);
     }
     c->flush_due = 0;
     if (c->held && send_held(c, 1) != 0) {
@@ -1120,13 +1128,8 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
             op_release(c, o); /* outside pipeline mode every statement ended with its own */
             return 0;
         }
-        if (!PQpipelineSync(c->pg))
+        if (send_sync(c, o) != 0)
             return SEND_LOST;
-        c->flush_req = 0;
-        c->open_segment = 0;
-        c->sync_turn = c->sync_yielded = 0;
-        o->phase = OP_SYNC;
-        list_push(&c->sent, o);
         flush_later(c);
         return 0;
     }
