@@ -83,9 +83,13 @@ typedef void (*pgs_conn_cb)(pgs_conn *conn, const pgs_error *err, void *arg);
  * SQLSTATE, and res is the server's error result (for PQresultErrorField). Inside a
  * transaction guard, a server error caused by its timeout or cancel is reported as
  * PGS_ETIMEDOUT / PGS_ECANCELED, still with the server's result. For every other failure
- * (PGS_ECONN, PGS_ECANCELED, PGS_ECLOSED, PGS_EUNSUPPORTED) res is NULL. The callback fires
- * once the statement is complete, so PQtransactionStatus already reflects it (ACTIVE while
- * statements queued after it are still in flight). */
+ * (PGS_ECONN, PGS_ECANCELED, PGS_ECLOSED, PGS_EUNSUPPORTED) res is NULL. A lost connection
+ * (PGS_ECONN) carries the server's own reason and SQLSTATE when it sent one before closing
+ * (57P01 terminated by an administrator, 25P03 idle in transaction too long, 57P02 another
+ * backend crashed, ...); otherwise 08006 and libpq's words. The callback fires once the
+ * statement is complete: use pgs_conn_txstatus for the session's transaction status then
+ * (PQtransactionStatus lags inside a transaction guard, whose statements are pipelined
+ * without syncs: libpq learns the status only when a sync is answered). */
 typedef void (*pgs_result_cb)(pgs_conn *conn, const PGresult *res, const pgs_error *err,
                               void *arg);
 
@@ -121,12 +125,17 @@ typedef struct pgs_conn_opts {
     pgs_lost_cb on_lost; /* NULL: connection loss shows only through pending callbacks */
     void *lost_arg;
     /* The statement cache: each distinct statement text is parsed once per connection as a
-     * prepared statement named pgs_s_N, then executed by name (no extra round trip: the
-     * Parse is pipelined in front of the first use). DEALLOCATE and DISCARD ALL (and so the
-     * pool's PGS_RESET_ALL) empty it; a statement whose table changed under it (SQLSTATE 0A000) or whose
-     * prepared statement was dropped by hand (26000) fails once and is parsed anew next time.
-     * How many distinct statements it keeps: the first N, no eviction (0: 256; < 0: off, e.g.
-     * behind a pooler in transaction mode that cannot keep prepared statements). */
+     * prepared statement, then executed by name (no extra round trip: the Parse is pipelined
+     * in front of the first use). Its names (pgs_s_<random>_<n>) are unique to the
+     * connection, so a statement another client prepared can never be run by mistake. A
+     * statement reports the same whether it was cached or not (an error in its Parse is its
+     * own error, a statement timeout PGS_ETIMEDOUT, a FATAL PGS_ECONN). DEALLOCATE and
+     * DISCARD ALL (and so the pool's PGS_RESET_ALL) empty it; a statement whose table changed
+     * under it (SQLSTATE 0A000) or whose prepared statement is missing on the server (26000)
+     * fails once and is parsed anew next time; the 26000 message says the likely cause, a
+     * pooler in transaction mode (PgBouncer before 1.21) that runs it on another server
+     * session. How many distinct statements it keeps: the first N, no eviction (0: 256; < 0:
+     * off, as it must be behind such a pooler). */
     int statement_cache;
 } pgs_conn_opts;
 
@@ -138,10 +147,17 @@ typedef struct pgs_conn_opts {
  * reported an error, after pgs_conn_cancel, and after the connection was lost. Until then the
  * handle stays valid (a dead connection answers every new statement with an error code).
  *
+ * GSSAPI: libpq's default (gssencmode=prefer) looks for Kerberos credentials on the first
+ * connect of a process, inside the connect step, which blocks the loop for tens of ms; so
+ * unless the conninfo or PGGSSENCMODE sets gssencmode, or a service is named (service= or
+ * PGSERVICE: its file may set it), the guard connects with gssencmode=disable. Users of
+ * Kerberos set gssencmode=prefer or require.
+ *
  * opts may be NULL (all defaults); it is copied. `conninfo` is copied.
  * Returns PGS_OK and sets *out, or PGS_EINVAL (NULL base, conninfo, on_open or out) or
  * PGS_ENOMEM; then on_open never fires and *out is NULL. A conninfo that does not parse is
- * reported through on_open as PGS_EINVAL, with libpq's reason. */
+ * reported through on_open as PGS_EINVAL, with libpq's reason in English; the piece of the
+ * string it quotes shows as "***" (it may be the password) unless it is an option's name. */
 PGS_API int pgs_conn_open(struct event_base *base, const char *conninfo,
                           const pgs_conn_opts *opts, pgs_conn_cb on_open, void *arg,
                           pgs_conn **out);
@@ -170,19 +186,32 @@ PGS_API int pgs_query(pgs_conn *conn, const char *sql, int nparams, const char *
 /* Exit the guard. Every pending callback (on_open while connecting, every queued or running
  * statement) fires with PGS_ECLOSED first, then `done` fires, then the handle is freed.
  * A statement still running on the server gets a cancel request, so the server does not go on
- * working for nobody; `done` waits for that request at most cancel_timeout_ms.
+ * working for nobody; the connection closes only once that request was delivered (or failed,
+ * or cancel_timeout_ms passed), so that a pooler in between (PgBouncer) still forwards it,
+ * and `done` waits for it too.
  * May be called from any callback of this connection, including on_open.
  * Returns PGS_OK (done will fire exactly once), PGS_EINVAL (NULL conn), or PGS_EMISUSE when the
  * guard is already closing (idempotent: the first close wins, this `done` never fires). */
 PGS_API int pgs_conn_close(pgs_conn *conn, pgs_done_cb done, void *arg);
 
 /* Cancel: send a cancel request for the running statement without blocking the loop, then
- * close the connection (after a cancel its state is unknown, so it is never reused). Every
+ * close the connection once the request was delivered (or failed, bounded by
+ * cancel_timeout_ms): after a cancel its state is unknown, so it is never reused. Every
  * pending callback fires with PGS_ECANCELED (on_open too, while connecting). The handle stays
  * valid until pgs_conn_close.
  * Returns PGS_OK, PGS_EINVAL (NULL conn), or PGS_EMISUSE when the connection is already gone,
  * being cancelled, or the guard is closing. */
 PGS_API int pgs_conn_cancel(pgs_conn *conn);
+
+/* The session's transaction status as of the statements answered so far, right in every
+ * callback: PQTRANS_IDLE, PQTRANS_INTRANS (a transaction guard is open, or a raw BEGIN ran),
+ * PQTRANS_INERROR (a statement of the open transaction failed, and no savepoint's rollback has
+ * undone that yet), PQTRANS_ACTIVE (outside a transaction guard only: statements queued after
+ * the one just answered are still in flight, as libpq says), PQTRANS_UNKNOWN (not connected, or
+ * NULL). Inside a transaction guard it is the guard's own account of the transaction, from
+ * BEGIN's queueing to the end's reply; outside it is libpq's PQtransactionStatus, which is
+ * exact there (every statement ends with its own sync). */
+PGS_API PGTransactionStatusType pgs_conn_txstatus(pgs_conn *conn);
 
 /* The libpq connection, for read-only inspection (PQbackendPID, PQparameterStatus,
  * PQtransactionStatus, ...) while the guard is connected; NULL otherwise. Never send on it,
@@ -219,6 +248,14 @@ PGS_API PGconn *pgs_conn_pgconn(pgs_conn *conn);
  *    transaction and its children gets PGS_ECANCELED (PGS_ETIMEDOUT for the timeout). The
  *    guard must still be ended; its end reports the same code, the transaction rolled back
  *    (the server rolls back when a connection closes). The connection guard stays to be closed.
+ *  - The outcome is exact. COMMITTED only when the server answered COMMIT. UNKNOWN
+ *    (PGS_ECOMMIT_UNKNOWN) only when COMMIT may have reached the server and nothing received
+ *    proves it was skipped: never for a COMMIT not yet written (held behind a savepoint's
+ *    end), nor for one behind an error or the server's FATAL earlier in its own pipeline
+ *    segment (the server skips everything after an error until the sync, the pool's reset
+ *    included when it shares the segment); those are ROLLED_BACK with the first error (the
+ *    cancel's code after pgs_tx_cancel or the timeout). A code never depends on whether a
+ *    statement was in the statement cache or which statement noticed a loss.
  *  - Once COMMIT is sent, a cancel or timeout waits up to commit_grace_ms for its reply;
  *    without one, the connection is closed and the end reports PGS_ECOMMIT_UNKNOWN. The
  *    cancel request goes out only while statements ahead of COMMIT are unanswered (to stop a
@@ -249,7 +286,7 @@ typedef struct pgs_tx_opts {
     /* Server-side limit for each statement, in ms (SET LOCAL statement_timeout, sent with
      * BEGIN). A statement over it fails with PGS_ETIMEDOUT (SQLSTATE 57014) and the
      * transaction rolls back; the connection stays usable. 0: the server's setting. */
-    int statement_timeout_ms;
+    int statement_timeout_ms; /* (also while it waits in its Parse, cached or not) */
     /* Client-side limit for the whole transaction, from begin to the end's reply, in ms. When
      * it passes, the transaction is cancelled like pgs_tx_cancel, with PGS_ETIMEDOUT. 0: none. */
     int timeout_ms;
@@ -290,7 +327,9 @@ typedef struct pgs_tx_result {
      * without it, when no id was assigned (the transaction wrote nothing, so its outcome
      * changes nothing), or when it did not arrive. */
     char xid[24];
-    int attempts; /* how many times the body ran (pgs_run_tx); 1 otherwise */
+    /* How many times the body ran (pgs_run_tx, pgs_pool_run_tx: 0 when it never did); 1
+     * otherwise. */
+    int attempts;
 } pgs_tx_result;
 
 /* on_begun: BEGIN (or SAVEPOINT) came back; err NULL or why it failed. Optional. */
@@ -336,7 +375,10 @@ typedef void (*pgs_tx_body)(pgs_tx *tx, void *arg);
 /* The whole `async with` form on one connection: begin, run the body, commit or roll back as
  * the body's end says, retry serialization failures and deadlocks as opts->retries allows
  * (never after an unknown commit), then fire done exactly once with the final outcome and the
- * number of attempts. The body runs from the loop, never inside this call.
+ * number of attempts. The body runs from the loop, never inside this call. Retries run on the
+ * same connection; when it dies before a retry (during the backoff), done reports the failure
+ * that asked for the retry (its code and SQLSTATE, the message saying it was not retried),
+ * and attempts the body's runs (pgs_pool_run_tx moves such a retry to another guard).
  * Returns PGS_OK, or at once PGS_EINVAL, PGS_EMISUSE (as pgs_tx_begin), PGS_ENOMEM. */
 PGS_API int pgs_run_tx(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body,
                        pgs_tx_done_cb done, void *arg);
@@ -380,16 +422,20 @@ PGS_API int pgs_tx_resolve(struct event_base *base, const char *conninfo, const 
  *    the guard is closed as soon as its answer comes, and nothing queued behind it runs (the
  *    server skips the rest of its segment, and the default reset's aborted transaction
  *    refuses what follows);
- *    their callbacks get PGS_ECONN with the reason, and a COMMIT among them, conservatively,
- *    PGS_ECOMMIT_UNKNOWN.
+ *    their callbacks get PGS_ECONN with the reason, and a transaction among them ends
+ *    ROLLED_BACK (its COMMIT was skipped).
  *    Anything else (closed inside a transaction, with statements running, after a cancel or
  *    a lost connection) is closed, and the pool opens a replacement.
  *  - Connections that die while idle (backend terminated, server restarted) are noticed at
- *    once and replaced; a waiter only ever gets a live one. While the server is down, new
+ *    once and replaced; a waiter only ever gets a live one: before a grant the pool reads what
+ *    the server sent (EOF, its FATAL), also while the last user's reset is still in flight. While the server is down, new
  *    connections are retried with backoff; waiters time out with PGS_ECONNECT (and the
  *    connect error) instead of PGS_ETIMEDOUT, and the pool refills by itself when it is back.
  *  - A guard's handle is valid for its user from the acquire callback until its close's done
- *    returns; after that the pool may hand the same handle to someone else.
+ *    returns; after that the pool may hand the same handle to someone else. A returned guard
+ *    is back in the pool (the counts say so) when that done fires, and from the close on the
+ *    user's calls on it (pgs_query, pgs_conn_close, pgs_conn_cancel, pgs_tx_begin) are
+ *    refused with PGS_EMISUSE, also from inside done.
  */
 typedef struct pgs_pool pgs_pool;
 typedef struct pgs_pool_req pgs_pool_req;
@@ -463,7 +509,10 @@ PGS_API int pgs_pool_acquire_cancel(pgs_pool_req *req);
 
 /* acquire + pgs_run_tx + release as one scope: done fires exactly once with the outcome
  * (outcome PGS_TX_ROLLED_BACK and the acquire's error when no connection could be had),
- * after the guard is back in the pool. Returns PGS_OK, or at once what pgs_pool_acquire
+ * after the guard is back in the pool (pgs_pool_stats no longer counts it in use). A retry
+ * after a serialization failure or deadlock whose connection died (the transaction was
+ * rolled back, so it is safe) runs on another guard, after its backoff; attempts counts the
+ * body's runs on all of them. Never after an unknown commit. Returns PGS_OK, or at once what pgs_pool_acquire
  * returns, or PGS_EINVAL (NULL body or done). */
 PGS_API int pgs_pool_run_tx(pgs_pool *pool, const pgs_tx_opts *opts, pgs_tx_body body,
                             pgs_tx_done_cb done, void *arg);

@@ -8,7 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/random.h>
 #include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "error.h"
 #include "loop.h"
@@ -33,7 +36,8 @@ enum {
     OP_MARKER = 1 << 16,  /* a plug marker in `unsent` (not a statement) */
     OP_PREPARE = 1 << 17, /* the cache's own Parse of a statement (no callback) */
     OP_PREPARED = 1 << 18, /* executed by name; its Parse went just before it */
-    OP_SOLO = 1 << 19      /* sent on its own, outside pipeline mode */
+    OP_SOLO = 1 << 19,     /* sent on its own, outside pipeline mode */
+    OP_NOT_RUN = 1 << 20   /* failed with the connection, and certainly never ran (mark_not_run) */
 };
 
 /* send_op's answers besides 0 (accepted): not accepted, and why */
@@ -63,7 +67,7 @@ typedef struct stmt {
     size_t len;
     int nparams;
     unsigned no; /* its name's number: never reused, unlike its address */
-    char name[24];
+    char name[40];
     char sql[]; /* the text it was prepared from */
 } stmt;
 
@@ -116,7 +120,8 @@ struct pgs_conn {
     op *spare;      /* recycled statement records */
     int nspare;
     int in_notice;      /* inside the user's notice callback (inside libpq) */
-    int finish_pending; /* PQfinish waits for libpq to return */
+    int finish_pending; /* PQfinish waits for libpq to return, or for the cancel request */
+    int cancel_waits;   /* the cancel request is for statements that ran when it closed */
     int plugged;    /* plug markers in `unsent`: new statements wait unless CONN_BYPASS */
     int next_plug;
     const conn_keeper *keeper; /* a pool that takes the guard back on a clean close */
@@ -137,12 +142,17 @@ struct pgs_conn {
     int reads_undrained; /* socket reads since notifications were last taken */
     int cached;          /* entries */
     unsigned next_stmt;  /* names are never reused: the server may still hold old ones */
-    int segment_from_prepare; /* segment_err came from the cache's own Parse */
+    uint64_t name_tag;        /* random, in every cached statement's name (stmt_name) */
     int user_prepared;        /* SQL PREPARE ran since prepared statements were last dropped */
+    int lent;                 /* kept by a keeper: handed to a user, who has not closed it */
+    int xact;                 /* the transaction status the owner knows (conn_set_xact), or -1 */
+    int server_ended;         /* the server sent FATAL: nothing after it runs */
+    int reporting_not_run;    /* inside the callback of a statement that certainly never ran */
     /* Errors live on the heap only while they exist (most connections never have one): the
      * per-connection state stays small. */
     pgs_error *dead_err;    /* why the connection is gone */
     pgs_error *segment_err; /* the error that aborted the current pipeline segment */
+    pgs_error *goodbye;     /* the server's FATAL that came as a notice (an idle session) */
 };
 
 /* ---- op lists ---- */
@@ -224,6 +234,21 @@ static int deliver(pgs_conn *c, struct op *o);
 static void cache_clear(pgs_conn *c);
 static void cache_drop(pgs_conn *c, stmt *gone);
 static void cache_forget(pgs_conn *c, op *o);
+static void explain_missing_statement(pgs_conn *c, pgs_error *e);
+
+/* PQfinish, unless it must wait: called from the notice callback, inside libpq's own parsing
+ * (on_io finishes once that libpq call has returned), or while a cancel request for statements
+ * still running is on its way (cancel_finished finishes): a pooler such as PgBouncer drops a
+ * client's server link when the client goes, and would then drop the cancel request that
+ * comes after, leaving the statement running. */
+static void finish_if_due(pgs_conn *c)
+{
+    if (!c->pg || c->in_notice || (c->cancel && c->cancel_waits))
+        return;
+    PQfinish(c->pg);
+    c->pg = NULL;
+    c->finish_pending = 0;
+}
 
 /* Close the libpq connection. The socket watch goes first: the fd dies with PQfinish. */
 static void drop_pgconn(pgs_conn *c)
@@ -232,26 +257,58 @@ static void drop_pgconn(pgs_conn *c)
     if (!c->pg)
         return;
     loop_ev_stop(c->io);
-    if (c->in_notice) {
-        /* Called from the notice callback, inside libpq's own parsing: PQfinish must wait
-         * until that libpq call has returned (on_socket_ready does it). */
-        c->finish_pending = 1;
-        return;
-    }
-    PQfinish(c->pg);
-    c->pg = NULL;
     c->want_write = c->flush_due = c->flush_req = 0;
     c->solo = c->pipelined = c->open_segment = c->sync_turn = c->sync_yielded = 0;
+    c->finish_pending = 1;
+    c->cancel_waits = c->cancel && c->sent.head; /* it is for what runs: let it arrive first */
+    finish_if_due(c);
+}
+
+static int is_fatal(const PGresult *res)
+{
+    const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    return sev && (strcmp(sev, "FATAL") == 0 || strcmp(sev, "PANIC") == 0);
+}
+
+static int is_error(const op *o)
+{
+    return o->res && (o->status == PGRES_FATAL_ERROR || o->status == PGRES_PIPELINE_ABORTED);
+}
+
+/* The connection is failing: mark the statements still owed a callback that certainly never
+ * ran on the server, so that a layer above can tell "not run" from "outcome unknown"
+ * (conn_not_run). Certain are: those never handed to libpq; those after an error in their
+ * own pipeline segment (the server skips everything after an error until the segment's
+ * sync); and everything after the server's FATAL (the session ended there). A statement
+ * with no such proof may have run, even if its reply never came. */
+static void mark_not_run(pgs_conn *c)
+{
+    int skip = c->segment_err != NULL || c->server_ended;
+    for (op *o = c->sent.head; o; o = o->next) {
+        if (skip || o->phase == OP_UNSENT)
+            o->flags |= OP_NOT_RUN;
+        if (is_error(o)) /* it ran and failed: the rest of its segment is skipped */
+            skip = 1;
+        if (o->res && o->status == PGRES_FATAL_ERROR && is_fatal(o->res))
+            c->server_ended = 1;
+        if (!(o->flags & CONN_NO_SYNC)) /* its sync ends the segment */
+            skip = c->server_ended;
+    }
+    op_list *unsent[] = {&c->waiting, &c->unsent};
+    for (size_t i = 0; i < sizeof unsent / sizeof *unsent; i++)
+        for (op *o = unsent[i]->head; o; o = o->next)
+            o->flags |= OP_NOT_RUN;
 }
 
 /* Every statement still owed a callback goes to the failed list, to hear dead_err. */
 static void fail_pending(pgs_conn *c)
 {
-    c->plugged = 0; /* the markers go with the rest */
     if (c->held) {
         list_push(&c->sent, c->held);
         c->held = NULL;
     }
+    mark_not_run(c);
+    c->plugged = 0; /* the markers go with the rest */
     list_append(&c->failed, &c->sent);
     list_append(&c->failed, &c->waiting);
     list_append(&c->failed, &c->unsent);
@@ -291,10 +348,29 @@ static void conn_lost(pgs_conn *c, const pgs_error *why)
     go_dead(c, why);
 }
 
+/* The server's FATAL: why the session ends, whatever reports the loss. (Which statements it
+ * stopped is server_ended's business: the one it came for ran, or was running.) */
+static void note_goodbye(pgs_conn *c, const PGresult *res)
+{
+    if (!c->goodbye && (c->goodbye = malloc(sizeof *c->goodbye)))
+        err_from_result(c->goodbye, PGS_ECONN, res, c->password);
+}
+
+/* Why libpq lost the connection: the server's own FATAL when one came before it closed
+ * (57P01 terminated, 25P03 idle in transaction too long, 57P02 crash of another backend...),
+ * else libpq's words. */
+static void loss_error(pgs_conn *c, pgs_error *e)
+{
+    if (c->goodbye)
+        *e = *c->goodbye;
+    else
+        set_error(c, e, PGS_ECONN, "08006", PQerrorMessage(c->pg));
+}
+
 static void lost_from_libpq(pgs_conn *c)
 {
     pgs_error e;
-    set_error(c, &e, PGS_ECONN, "08006", PQerrorMessage(c->pg));
+    loss_error(c, &e);
     conn_lost(c, &e);
 }
 
@@ -317,6 +393,8 @@ static void cancel_finished(pgs_conn *c)
 {
     c->cancel = NULL;
     loop_ev_stop(c->timer);
+    if (c->finish_pending) /* the connection waited for the request: close it now */
+        finish_if_due(c);
     loop_ev_post(c->defer);
 }
 
@@ -514,6 +592,7 @@ static void free_conn(pgs_conn *c)
         c->keeper->freed(c->keeper_arg, c);
     if (c->pg)
         PQfinish(c->pg);
+    free(c->goodbye); /* (after PQfinish: the notice receiver may write it until then) */
     PQconninfoFree(c->parsed);
     loop_ev_free(c->io);
     loop_ev_free(c->timer);
@@ -540,20 +619,17 @@ static void run_deferred(void *arg, int what)
         if (push_output(c) != 0)
             goto not_ready;
         if (c->returning) {
-            /* The user's exit first, then the keeper has it: never both at once. While done
-             * runs, `returning` stays set, so a close or query from inside it is refused. */
+            /* The keeper has it back before the user's exit fires, so that exit sees the
+             * pool's counts with the guard returned (a done that acquires again gets it, not
+             * a new connection). The user's calls on it are refused from the close on (it is
+             * no longer lent), also from inside done. */
             pgs_done_cb done = c->done;
+            void *done_arg = c->done_arg;
             c->done = NULL;
-            if (done)
-                done(c->done_arg);
             c->returning = 0;
-            if (c->state == CS_READY) {
-                c->keeper->returned(c->keeper_arg, c);
-            } else { /* lost meanwhile: an ordinary close (its done already fired) */
-                c->state = CS_CLOSING;
-                c->lost_due = 0;
-                loop_ev_post(c->defer);
-            }
+            c->keeper->returned(c->keeper_arg, c); /* may close it: freed only from the loop */
+            if (done)
+                done(done_arg);
         }
         return;
     }
@@ -568,12 +644,15 @@ not_ready:
         cb(c, c->dead_err, c->open_arg);
     }
     for (op *o; (o = list_pop(&c->failed));) {
-        if (o->cb && (o->phase == OP_SYNC || (o->flags & OP_SOLO)) && o->res) {
-            deliver(c, o); /* its result came; only the sync (ReadyForQuery) was lost */
+        if (o->cb && o->res && (o->phase == OP_SYNC || (o->flags & OP_SOLO) || is_error(o))) {
+            /* Its result came (only the sync, ReadyForQuery, was lost), or its error did. */
+            deliver(c, o);
         } else if (o->cb) {
             pgs_result_cb cb = o->cb;
             o->cb = NULL;
+            c->reporting_not_run = (o->flags & OP_NOT_RUN) != 0;
             cb(c, NULL, c->dead_err, o->arg);
+            c->reporting_not_run = 0;
         }
         op_release(c, o);
     }
@@ -609,12 +688,6 @@ static void on_timer(void *arg, int what)
 
 /* ---- results ---- */
 
-static int is_fatal(const PGresult *res)
-{
-    const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
-    return sev && (strcmp(sev, "FATAL") == 0 || strcmp(sev, "PANIC") == 0);
-}
-
 /* The statement at the head of `sent` has all its results: tell its callback. Returns 0 when
  * the connection went down on the way (the caller must stop). */
 static int deliver(pgs_conn *c, op *o)
@@ -624,6 +697,8 @@ static int deliver(pgs_conn *c, op *o)
     PGresult *res = o->res;
     o->res = NULL;
     ExecStatusType st = res ? o->status : PGRES_FATAL_ERROR;
+    /* For the layer above (conn_not_run): the server skipped it, or its own Parse failed. */
+    c->reporting_not_run = st == PGRES_PIPELINE_ABORTED || (o->flags & OP_NOT_RUN);
     switch (st) {
     case PGRES_COMMAND_OK:
         /* The user's own SQL PREPARE: the pool's reset must then drop prepared statements,
@@ -638,12 +713,6 @@ static int deliver(pgs_conn *c, op *o)
     case PGRES_EMPTY_QUERY:
         break;
     case PGRES_PIPELINE_ABORTED: {
-        if ((o->flags & OP_PREPARED) && c->segment_from_prepare && c->segment_err) {
-            e = *c->segment_err; /* its own Parse failed: that is its error */
-            c->segment_from_prepare = 0;
-            err = &e;
-            break;
-        }
         char msg[sizeof e.message + 64];
         snprintf(msg, sizeof msg, "not run: an earlier statement in the same pipeline failed: %s",
                  c->segment_err ? c->segment_err->message : "(not known)");
@@ -661,12 +730,12 @@ static int deliver(pgs_conn *c, op *o)
         if (res) {
             /* FATAL means the server ends the session (pg_terminate_backend: 57P01); libpq
              * may have given up on it too (lost sync with the server). */
-            err_from_result(&e,
-                            is_fatal(res) || PQstatus(c->pg) == CONNECTION_BAD ? PGS_ECONN
-                                                                               : PGS_ESQL,
+            int fatal = is_fatal(res);
+            c->server_ended |= fatal;
+            err_from_result(&e, fatal || PQstatus(c->pg) == CONNECTION_BAD ? PGS_ECONN : PGS_ESQL,
                             res, c->password);
         } else {
-            set_error(c, &e, PGS_ECONN, "08006", PQerrorMessage(c->pg));
+            loss_error(c, &e);
         }
         err = &e;
         if (!c->segment_err && (c->segment_err = malloc(sizeof e)))
@@ -674,13 +743,17 @@ static int deliver(pgs_conn *c, op *o)
         /* Our prepared statement is gone (DEALLOCATE by hand) or stale (the table changed
          * under it): parse afresh next time. */
         if ((o->flags & OP_PREPARED) && o->stmt &&
-            (strcmp(e.sqlstate, "26000") == 0 || strcmp(e.sqlstate, "0A000") == 0))
+            (strcmp(e.sqlstate, "26000") == 0 || strcmp(e.sqlstate, "0A000") == 0)) {
+            if (strcmp(e.sqlstate, "26000") == 0)
+                explain_missing_statement(c, &e);
             cache_forget(c, o);
+        }
         break;
     }
     pgs_result_cb cb = o->cb;
     o->cb = NULL;
     cb(c, err ? (err->code == PGS_ESQL ? res : NULL) : res, err, o->arg);
+    c->reporting_not_run = 0;
     PQclear(res);
     if (c->state != CS_READY)
         return 0;
@@ -691,9 +764,11 @@ static int deliver(pgs_conn *c, op *o)
     return 1;
 }
 
-/* The cache's own Parse came back. A failure (a syntax error, a missing table) belongs to the
- * statement after it, which the server then skips: remember it for that statement, and forget
- * the entry so the next use parses again. */
+/* The cache's own Parse came back. A failure (a syntax error, a missing table, a statement
+ * timeout, the backend terminated) belongs to the statement after it, which the server then
+ * skips: that statement gets the Parse's own error result, so it ends exactly as the same
+ * statement would have unnamed (a cache miss and a hit report the same). The entry is
+ * forgotten, so the next use parses again. */
 static void prepare_done(pgs_conn *c, op *o)
 {
     PGresult *res = o->res;
@@ -702,15 +777,21 @@ static void prepare_done(pgs_conn *c, op *o)
         PQclear(res);
         return;
     }
+    cache_forget(c, o);
+    op *next = c->sent.head; /* its statement: sent right after it */
+    if (res && next && (next->flags & OP_PREPARED) && next->stmt_no == o->stmt_no && !next->res) {
+        next->res = res; /* the statement's own PIPELINE_ABORTED result is then dropped */
+        next->status = PQresultStatus(res);
+        next->flags |= OP_NOT_RUN; /* without its Parse, it never ran */
+        return;
+    }
     if (!c->segment_err && (c->segment_err = malloc(sizeof *c->segment_err))) {
         if (res)
             err_from_result(c->segment_err, PGS_ESQL, res, c->password);
         else
-            set_error(c, c->segment_err, PGS_ECONN, "08006", PQerrorMessage(c->pg));
-        c->segment_from_prepare = 1;
+            loss_error(c, c->segment_err);
     }
     PQclear(res);
-    cache_forget(c, o);
 }
 
 static void send_list(pgs_conn *c, op_list *list);
@@ -726,7 +807,6 @@ static int complete(pgs_conn *c, op *o)
     if (alive && c->segment_err) {
         free(c->segment_err);
         c->segment_err = NULL;
-        c->segment_from_prepare = 0;
     }
     return alive;
 }
@@ -756,6 +836,8 @@ static void read_results(pgs_conn *c)
         }
         if (res) {
             ExecStatusType st = PQresultStatus(res);
+            if (st == PGRES_FATAL_ERROR && is_fatal(res))
+                note_goodbye(c, res); /* whatever reports the loss, this is why */
             if (!o->res) {
                 o->res = res;
                 o->status = st;
@@ -838,8 +920,10 @@ static void on_socket_ready(pgs_conn *c, int what)
         read_notifies(c);
     }
     /* libpq gave up on the connection while parsing (a protocol error): with statements
-     * owed, that comes as an error result (deliver checks); idle, only the status shows it. */
-    if (idle && c->state == CS_READY && PQstatus(c->pg) == CONNECTION_BAD)
+     * owed, that comes as an error result (deliver checks); idle, only the status shows it.
+     * An idle session's FATAL is the server's goodbye: the connection ends with its reason,
+     * without waiting for the EOF that follows. */
+    if (c->state == CS_READY && ((idle && PQstatus(c->pg) == CONNECTION_BAD) || c->goodbye))
         lost_from_libpq(c);
 }
 
@@ -890,6 +974,24 @@ static void cache_drop(pgs_conn *c, stmt *gone)
             c->cached--;
             return;
         }
+}
+
+/* A cached statement's prepared statement is not on the server session that ran it: we
+ * prepared it on this connection and did not drop it, so either something deallocated it
+ * behind the cache's back or the session is not the one it was prepared on, which is what a
+ * pooler in transaction mode does. Say so: the server's words alone point nowhere. */
+static void explain_missing_statement(pgs_conn *c, pgs_error *e)
+{
+    char msg[sizeof e->message + 320];
+    snprintf(msg, sizeof msg,
+             "%s: the statement cache prepared it on this connection, so the server session is "
+             "not the one it was prepared on (a pooler in transaction mode, such as PgBouncer, "
+             "in between: turn the cache off with pgs_conn_opts.statement_cache < 0) or it was "
+             "deallocated behind the cache's back",
+             e->message);
+    char sqlstate[sizeof e->sqlstate];
+    memcpy(sqlstate, e->sqlstate, sizeof sqlstate); /* (err_set writes e->sqlstate) */
+    set_error(c, e, e->code, sqlstate, msg);
 }
 
 /* Drop the entry a statement ran by, if the cache still has it: an earlier failure or a
@@ -963,7 +1065,10 @@ static stmt *cache_get(pgs_conn *c, const char *sql, int nparams, int *fresh)
     e->len = len;
     e->nparams = nparams;
     e->no = ++c->next_stmt;
-    snprintf(e->name, sizeof e->name, "pgs_s_%u", e->no);
+    /* Unique beyond the connection: behind a pooler that shares server sessions between
+     * clients, a name another client prepared can never match one of ours (it would run that
+     * client's statement), and ours fails loudly instead (explain_missing_statement). */
+    snprintf(e->name, sizeof e->name, "pgs_s_%016llx_%u", (unsigned long long)c->name_tag, e->no);
     memcpy(e->sql, sql, len + 1);
     e->next = c->cache[h % CACHE_BUCKETS];
     c->cache[h % CACHE_BUCKETS] = e;
@@ -1320,8 +1425,9 @@ int conn_ready(pgs_conn *c)
 int pgs_query(pgs_conn *c, const char *sql, int nparams, const char *const *values,
               pgs_result_cb cb, void *arg)
 {
-    if (c && c->owner)
-        return PGS_EMISUSE; /* a transaction guard owns the session: use pgs_tx_query */
+    if (c && (c->owner || (c->keeper && !c->lent)))
+        return PGS_EMISUSE; /* a transaction guard owns the session (use pgs_tx_query), or the
+                               pool does */
     return conn_query(c, sql, nparams, values, 0, cb, arg);
 }
 
@@ -1410,16 +1516,20 @@ static void on_io(void *arg, int what)
     } else if (c->state == CS_CONNECTING) {
         connect_step(c, PQconnectPoll(c->pg));
     }
-    if (c->finish_pending) { /* closed from a notice callback: libpq has returned now */
-        c->finish_pending = 0;
-        PQfinish(c->pg);
-        c->pg = NULL;
-    }
+    if (c->finish_pending) /* closed from a notice callback: libpq has returned now */
+        finish_if_due(c);
 }
 
 static void on_notice(void *arg, const PGresult *res)
 {
     pgs_conn *c = arg;
+    if (is_fatal(res)) {
+        /* An idle session's FATAL (libpq hands it to the notice receiver): the server's
+         * reason for closing, which the loss then reports (on_socket_ready acts on it). */
+        note_goodbye(c, res);
+        c->server_ended = 1; /* (nothing was in flight: libpq parses a notice only then) */
+        return;
+    }
     if (c->opts.on_notice && c->state == CS_READY && !c->finish_pending) {
         c->in_notice++;
         c->opts.on_notice(c, res, c->opts.notice_arg);
@@ -1473,7 +1583,8 @@ static void list_add(char *buf, size_t cap, const char *item)
 }
 
 /* Start libpq. Resolved names become one entry per address: host keeps the name (TLS checks
- * it) and hostaddr carries the number, so libpq tries every address without a lookup. */
+ * it) and hostaddr carries the number, so libpq tries every address without a lookup.
+ * gssencmode defaults to disable (see pgs_conn_open). */
 static void start_libpq(pgs_conn *c)
 {
     const char *kw[64], *val[64];
@@ -1526,6 +1637,12 @@ static void start_libpq(pgs_conn *c)
             v = addrs;
         else if (hosts && strcmp(o->keyword, "port") == 0)
             v = option(c->parsed, "port") ? ports : NULL;
+        else if (strcmp(o->keyword, "gssencmode") == 0 && !(v && *v) &&
+                 !getenv("PGGSSENCMODE") && !option(c->parsed, "service") && !getenv("PGSERVICE"))
+            /* libpq's default, prefer, has the first connect of a process look for Kerberos
+             * credentials inside PQconnectPoll: tens of ms that block the loop. GSSAPI
+             * encryption only when asked for (a service file may ask). */
+            v = "disable";
         if (!v)
             continue;
         kw[n] = o->keyword;
@@ -1660,15 +1777,20 @@ int pgs_conn_open(struct event_base *base, const char *conninfo, const pgs_conn_
         return PGS_ENOMEM;
     }
     c->state = CS_CONNECTING;
+    c->xact = -1;
+    if (getrandom(&c->name_tag, sizeof c->name_tag, GRND_NONBLOCK) != sizeof c->name_tag)
+        c->name_tag = (uint64_t)(uintptr_t)c ^ ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
     *out = c;
     char *why = NULL;
     c->parsed = PQconninfoParse(conninfo, &why);
     pgs_error e;
     if (!c->parsed) {
-        /* libpq's reason can quote the string: redaction masks any password in it. */
-        char msg[600];
-        snprintf(msg, sizeof msg, "invalid connection string: %s", why ? why : "out of memory");
-        set_error(c, &e, why ? PGS_EINVAL : PGS_ENOMEM, NULL, msg);
+        /* libpq's reason quotes a piece of the string, the password perhaps: not shown. */
+        char msg[600] = "invalid connection string: ";
+        size_t len = strlen(msg);
+        if (why)
+            err_conninfo_reason(msg + len, sizeof msg - len, conninfo);
+        set_error(c, &e, why ? PGS_EINVAL : PGS_ENOMEM, NULL, why ? msg : NULL);
         PQfreemem(why);
         go_dead(c, &e);
         return PGS_OK;
@@ -1702,8 +1824,11 @@ int pgs_conn_close(pgs_conn *c, pgs_done_cb done, void *arg)
         return PGS_EINVAL;
     if (c->state == CS_CLOSING || c->returning)
         return PGS_EMISUSE;
+    if (c->keeper && !c->lent)
+        return PGS_EMISUSE; /* not the user's (any more): the keeper has it */
     if (c->keeper && conn_clean(c)) {
         /* Pooled and reusable: back to the keeper instead of closed. */
+        c->lent = 0;
         c->returning = 1;
         c->done = done;
         c->done_arg = arg;
@@ -1724,6 +1849,42 @@ int pgs_conn_close(pgs_conn *c, pgs_done_cb done, void *arg)
     c->lost_due = 0;
     fail_pending(c);
     return PGS_OK;
+}
+
+int conn_refresh(pgs_conn *c)
+{
+    if (c->state == CS_READY)
+        on_io(c, LOOP_READ); /* a read that finds nothing costs one recv */
+    return c->state == CS_READY;
+}
+
+void conn_lend(pgs_conn *c)
+{
+    c->lent = 1;
+}
+
+int conn_not_run(pgs_conn *c)
+{
+    return c->reporting_not_run;
+}
+
+const pgs_error *conn_error(pgs_conn *c)
+{
+    return c->state == CS_READY || c->state == CS_CONNECTING ? NULL : c->dead_err;
+}
+
+void conn_set_xact(pgs_conn *c, int status)
+{
+    c->xact = status;
+}
+
+PGTransactionStatusType pgs_conn_txstatus(pgs_conn *c)
+{
+    if (!c || c->state != CS_READY)
+        return PQTRANS_UNKNOWN;
+    if (c->xact >= 0)
+        return (PGTransactionStatusType)c->xact;
+    return PQtransactionStatus(c->pg);
 }
 
 int conn_probe(pgs_conn *c)
@@ -1751,7 +1912,7 @@ int conn_user_prepared(pgs_conn *c)
 
 int conn_clean(pgs_conn *c)
 {
-    if (c->state != CS_READY || c->owner || c->cancel || c->returning)
+    if (c->state != CS_READY || c->owner || c->cancel || c->returning || (c->keeper && !c->lent))
         return 0;
     int resets = 0;
     if (c->held) {
@@ -1799,6 +1960,8 @@ int pgs_conn_cancel(pgs_conn *c)
 {
     if (!c)
         return PGS_EINVAL;
+    if (c->keeper && !c->lent)
+        return PGS_EMISUSE;
     return conn_kill(c, PGS_ECANCELED, "canceled by the caller; the connection is closed", 1);
 }
 

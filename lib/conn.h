@@ -71,14 +71,35 @@ typedef struct conn_keeper {
 void conn_set_keeper(pgs_conn *c, const conn_keeper *keeper, void *arg);
 /* Is an idle connection still alive? A non-blocking peek at its socket: EOF or unsolicited
  * data means the server is closing it; the guard then goes dead (on_lost, from the loop).
- * Returns 1 when it looks alive. */
+ * With statements in flight it cannot tell (their replies are data): see conn_refresh.
+ * Returns 1 when it looks alive. No callback fires inside it. */
 int conn_probe(pgs_conn *c);
+/* Read and handle, without waiting, whatever the server has sent (results, a FATAL, EOF), as
+ * the socket handler would: callbacks may fire inside it, so call it from the loop only.
+ * Returns 1 when the connection is still up. */
+int conn_refresh(pgs_conn *c);
+/* The keeper hands the guard to a user: until the user closes it, the user's calls
+ * (pgs_query, pgs_conn_close, pgs_conn_cancel, a transaction guard) are accepted; before and
+ * after, they are refused with PGS_EMISUSE. */
+void conn_lend(pgs_conn *c);
 /* Reusable as it is, or free for a transaction guard: connected, no owner, no cancel, nothing
  * in flight but resets, and idle (no transaction) or about to be (after a reset)? */
 int conn_clean(pgs_conn *c);
 /* Has SQL PREPARE run on this session (a statement tagged PREPARE came back) since every
  * prepared statement was last dropped (a DISCARD ALL or DEALLOCATE ALL that succeeded)? */
 int conn_user_prepared(pgs_conn *c);
+
+/* Inside a statement's callback: 1 when the statement certainly never ran on the server (never
+ * handed to libpq, skipped after an earlier error of its pipeline segment, or after the
+ * server's FATAL), whatever error it reports; 0 when it ran or may have. */
+int conn_not_run(pgs_conn *c);
+
+/* Why the connection is gone (NULL while it is up or connecting). */
+const pgs_error *conn_error(pgs_conn *c);
+
+/* The owner (a transaction guard) states the session's transaction status, which libpq only
+ * learns at a pipeline sync; pgs_conn_txstatus answers it. -1: libpq's own again. */
+void conn_set_xact(pgs_conn *c, int status);
 
 /* Send a cancel request for what the backend runs, without closing: its answer (57014, and
  * skipped statements after it) arrives as usual. Callbacks still wait for it as for a close. */

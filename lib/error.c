@@ -3,6 +3,7 @@
 #include "error.h"
 
 #include <ctype.h>
+#include <locale.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -111,6 +112,66 @@ void err_redact(char *msg, const char *secret)
     mask_secret(msg, secret);
     mask_keyword_values(msg);
     mask_uri_passwords(msg);
+}
+
+/* Is [p, p + n) the name of one of libpq's options? */
+static int is_keyword(const PQconninfoOption *options, const char *p, size_t n)
+{
+    for (const PQconninfoOption *o = options; o && o->keyword; o++)
+        if (strlen(o->keyword) == n && memcmp(o->keyword, p, n) == 0)
+            return 1;
+    return 0;
+}
+
+/* Does the quote at q open the piece of the conninfo in libpq's reason? libpq's own words
+ * lead to it ("...: \"%s\"", "missing \"=\" after \"%s\"", "invalid connection option
+ * \"%s\""); the quoted things before it are libpq's one-character literals ("=", "]"). */
+static int opens_piece(const char *msg, const char *q)
+{
+    static const char *const leads[] = {": ", "after ", "option "};
+    for (size_t i = 0; i < sizeof leads / sizeof *leads; i++) {
+        size_t n = strlen(leads[i]);
+        if ((size_t)(q - msg) >= n && memcmp(q - n, leads[i], n) == 0)
+            return 1;
+    }
+    const char *close = strchr(q + 1, '"');
+    return !close || close != q + 2 || isalnum((unsigned char)q[1]);
+}
+
+void err_conninfo_reason(char *dst, size_t size, const char *conninfo)
+{
+    /* libpq translates its reasons (German quotes with »...«); the C locale makes them the
+     * English text read below. uselocale switches this thread only. */
+    locale_t c_locale = newlocale(LC_ALL_MASK, "C", (locale_t)0);
+    char *why = NULL;
+    PQconninfoOption *parsed = NULL, *options = NULL;
+    if (c_locale) {
+        locale_t old = uselocale(c_locale);
+        parsed = PQconninfoParse(conninfo, &why);
+        options = PQconninfoParse("", NULL); /* every option libpq knows, empty */
+        uselocale(old);
+        freelocale(c_locale);
+    }
+    if (!why) { /* out of memory (or it parsed, which a caller does not ask about) */
+        snprintf(dst, size, "it does not parse");
+    } else {
+        /* The piece runs from its opening quote to the last quote of the reason: it may hold
+         * quotes itself, and libpq's words after it have none. */
+        const char *open = strchr(why, '"');
+        while (open && !opens_piece(why, open))
+            open = strchr(open + 3, '"');
+        const char *last = strrchr(why, '"');
+        size_t n = open && last > open ? (size_t)(last - open - 1) : 0;
+        int keep = !open || (last > open && (is_keyword(options, open + 1, n) || n == 0 ||
+                                             (n == 1 && !isalnum((unsigned char)open[1]))));
+        if (keep)
+            snprintf(dst, size, "%s", why);
+        else /* an unmatched quote (a reason cut short?): nothing after it is kept */
+            snprintf(dst, size, "%.*s***%s", (int)(open - why + 1), why, last > open ? last : "\"");
+    }
+    PQconninfoFree(parsed);
+    PQconninfoFree(options);
+    PQfreemem(why);
 }
 
 void err_set(pgs_error *e, pgs_code code, const char *sqlstate, const char *msg,

@@ -19,4 +19,11 @@ void err_from_result(pgs_error *e, pgs_code code, const PGresult *res, const cha
  * three times its length (a one-byte value becomes three stars). */
 void err_redact(char *msg, const char *secret);
 
+/* Why `conninfo` does not parse: libpq's reason (PQconninfoParse), in English whatever the
+ * locale, written to dst (size bytes, cut to fit). libpq quotes a piece of the conninfo in it
+ * (a word, an option's name, a URI piece or the whole URI), which may be the password or a
+ * part of it: that piece becomes "***" unless it is an option's name or one character that is
+ * not a letter or digit. libpq's own quoted literals ("=", "]") stay. */
+void err_conninfo_reason(char *dst, size_t size, const char *conninfo);
+
 #endif

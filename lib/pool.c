@@ -10,6 +10,7 @@
 #include "conn.h"
 #include "error.h"
 #include "loop.h"
+#include "tx.h"
 
 enum {
     DEFAULT_MAX_SIZE = 10,
@@ -276,6 +277,9 @@ static void req_fire(void *arg, int what)
          * callback below queues share its pipeline segment: one write and one sync for both,
          * and should the reset fail, the server skips them. */
         int reset_failed = 0;
+        /* Never grant a dead guard: read what the server sent first (EOF, its FATAL, the
+         * failure of a reset still in flight), which a peek cannot tell from replies. */
+        conn_refresh(s->conn);
         if (s->reset_owed && conn_ready(s->conn)) {
             s->reset_owed = 0;
             reset_failed = send_reset(p, s, s->conn) != PGS_OK;
@@ -298,6 +302,7 @@ static void req_fire(void *arg, int what)
         }
         conn = s->conn;
         err = NULL;
+        conn_lend(conn);
         p->counters.acquired++;
         break;
     }
@@ -725,13 +730,15 @@ int pgs_pool_close(pgs_pool *p, pgs_done_cb done, void *arg)
 /* ---- pgs_pool_run_tx ---- */
 
 typedef struct pool_run {
+    pgs_pool *pool;
     pgs_tx_opts opts;
     pgs_tx_body body;
     pgs_tx_done_cb done;
     void *arg;
     pgs_conn *conn;
-    pgs_tx_result result;
+    pgs_tx_result result; /* the last outcome (err points to `err` once reported) */
     pgs_error err;
+    int retry; /* the connection died after a retryable failure: retry on another guard */
 } pool_run;
 
 static void pool_run_report(pool_run *r)
@@ -741,9 +748,16 @@ static void pool_run_report(pool_run *r)
     free(r);
 }
 
+static void pool_run_acquired(pgs_conn *conn, const pgs_error *err, void *arg);
+
+/* The guard is back in the pool (or closed, when its connection died): report, or take the
+ * retry to another guard. */
 static void pool_run_released(void *arg)
 {
-    pool_run_report(arg);
+    pool_run *r = arg;
+    if (r->retry && pgs_pool_acquire(r->pool, pool_run_acquired, r, NULL) == PGS_OK)
+        return;
+    pool_run_report(r);
 }
 
 static void pool_run_done(const pgs_tx_result *res, void *arg)
@@ -752,6 +766,10 @@ static void pool_run_done(const pgs_tx_result *res, void *arg)
     r->result = *res;
     if (res->err)
         r->err = *res->err;
+    /* Retries left after a serialization failure or deadlock means pgs_run_tx could not run
+     * them: the connection died. The transaction was rolled back, so another guard may run it
+     * again (never after an unknown commit: that is not retryable). */
+    r->retry = tx_retryable(res) && res->attempts <= r->opts.retries && !r->pool->closing;
     pgs_conn_close(r->conn, pool_run_released, r); /* back to the pool, then done */
 }
 
@@ -765,11 +783,20 @@ static void pool_run_acquired(pgs_conn *conn, const pgs_error *err, void *arg)
 {
     pool_run *r = arg;
     r->conn = conn;
-    int rc = err ? (int)err->code : pgs_run_tx(conn, &r->opts, pool_run_body, pool_run_done, r);
+    int retry = r->retry;
+    r->retry = 0;
+    if (retry)
+        r->result.err = &r->err;
+    int rc = err ? (int)err->code
+                 : tx_run(conn, &r->opts, pool_run_body, pool_run_done, r,
+                          retry ? &r->result : NULL);
     if (rc == PGS_OK)
         return;
+    /* No transaction: no guard for it (or for its retry: the attempts made stand), or no
+     * transaction could begin on it. */
     r->result.outcome = PGS_TX_ROLLED_BACK;
     r->result.err = &r->err;
+    r->result.attempts = retry ? r->result.attempts : 0;
     if (err)
         r->err = *err;
     else
@@ -789,6 +816,7 @@ int pgs_pool_run_tx(pgs_pool *p, const pgs_tx_opts *opts, pgs_tx_body body, pgs_
     pool_run *r = calloc(1, sizeof *r);
     if (!r)
         return PGS_ENOMEM;
+    r->pool = p;
     if (opts)
         r->opts = *opts;
     r->body = body;

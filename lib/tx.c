@@ -8,6 +8,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "tx.h"
+
 #include "conn.h"
 #include "error.h"
 #include "loop.h"
@@ -37,6 +39,15 @@ typedef enum op_kind {
     K_ROLLBACK_TO,
 } op_kind;
 
+/* COMMIT's life: the outcome reported follows from where COMMIT got to (commit_replied). */
+typedef enum commit_phase {
+    CM_NONE,     /* not queued */
+    CM_HELD,     /* queued behind a plug (a settling savepoint, BEGIN sent alone): not handed
+                    to libpq, so it cannot have reached the server */
+    CM_SENT,     /* handed to libpq: it may have reached the server */
+    CM_ANSWERED, /* its reply came, or proof that the server never ran it */
+} commit_phase;
+
 typedef struct run run;
 
 struct pgs_tx {
@@ -59,12 +70,11 @@ struct pgs_tx {
     int failed;   /* first failure in err */
     pgs_error err;
     int orphan; /* ended by its parent: freed without a done */
-    int commit_sent, commit_answered;
+    commit_phase commit;  /* root */
     pgs_code cancel_code; /* root: PGS_ECANCELED / PGS_ETIMEDOUT once cancelled */
     int in_grace;         /* root: cancelled with COMMIT out; waiting for its reply */
     int ahead;            /* root: statements of the tree queued before COMMIT, unanswered */
     int settling;         /* root: children holding later statements back (a plug) */
-    int commit_held;      /* root: killed while COMMIT still waited behind a plug: never sent */
     pgs_tx_outcome outcome;
     char xid[24];
     loop_ev *defer; /* done, from the loop */
@@ -110,6 +120,21 @@ static void note_failure_code(pgs_tx *tx, pgs_code code, const char *msg)
     note_failure(tx, &e);
 }
 
+/* An end statement (`what`) could not be queued (send_stmt's rc): the connection is gone, and
+ * its own reason (the server's FATAL with its SQLSTATE, say) is the failure. */
+static void note_unsent(pgs_tx *tx, const char *what, int rc)
+{
+    pgs_conn *c = conn_of(tx);
+    const pgs_error *why = c ? conn_error(c) : NULL;
+    char msg[sizeof why->message + 64];
+    snprintf(msg, sizeof msg, "could not send %s: %s", what,
+             why ? why->message : pgs_strerror(rc));
+    pgs_error e;
+    err_set(&e, why ? why->code : rc == PGS_EMISUSE ? PGS_ECLOSED : (pgs_code)rc,
+            why ? why->sqlstate : NULL, msg, NULL);
+    note_failure(tx, &e);
+}
+
 /* ---- sending ---- */
 
 static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg);
@@ -141,9 +166,7 @@ static void send_end(pgs_tx *tx, op_kind kind, const char *sql, int flags)
 {
     int rc = send_stmt(tx, kind, sql, 0, NULL, flags, NULL, NULL);
     if (rc != PGS_OK) {
-        char msg[160];
-        snprintf(msg, sizeof msg, "could not send %s: %s", sql, pgs_strerror(rc));
-        note_failure_code(tx, rc == PGS_EMISUSE ? PGS_ECLOSED : (pgs_code)rc, msg);
+        note_unsent(tx, sql, rc);
         /* Not released: the savepoint's work dies with the transaction around it. */
         if (tx->outcome == PGS_TX_COMMITTED)
             tx->outcome = PGS_TX_ROLLED_BACK;
@@ -166,11 +189,20 @@ static void finish(pgs_tx *tx)
     loop_ev_stop(tx->timer);
     if (!tx->conn)
         return;
-    if (conn_owner(tx->conn) == tx)
+    if (conn_owner(tx->conn) == tx) {
         conn_set_owner(tx->conn, NULL, NULL);
+        conn_set_xact(tx->conn, -1); /* after the end's sync libpq knows it again */
+    }
     /* After a cancel request the session's state is unknown: never reuse it. */
     if (tx->cancel_code != PGS_OK && conn_ready(tx->conn))
         conn_kill(tx->conn, tx->cancel_code, "the transaction was canceled", 0);
+}
+
+/* A COMMIT held behind plugs goes to libpq once the last of them is pulled. */
+static void commit_released(pgs_tx *root)
+{
+    if (root->commit == CM_HELD && root->settling == 0 && !root->plug)
+        root->commit = CM_SENT;
 }
 
 static void progress(pgs_tx *tx)
@@ -198,6 +230,7 @@ static void progress(pgs_tx *tx)
             }
             if (conn_of(tx))
                 conn_unplug(conn_of(tx), tx->plug);
+            commit_released(root_of(tx));
             progress(tx);
         }
         break;
@@ -231,13 +264,12 @@ static void end_root(pgs_tx *tx)
         if (rc == PGS_OK)
             rc = send_stmt(tx, K_COMMIT, "COMMIT", 0, NULL, 0, NULL, NULL);
         if (rc == PGS_OK) {
-            tx->commit_sent = 1;
+            tx->commit = tx->settling > 0 || tx->plug ? CM_HELD : CM_SENT;
             tx->outcome = PGS_TX_UNKNOWN; /* until the reply says otherwise */
             return;
         }
         /* Not sent: the connection is gone, and the server dropped the transaction with it. */
-        note_failure_code(tx, rc == PGS_EMISUSE ? PGS_ECLOSED : (pgs_code)rc,
-                          "could not send COMMIT: the connection is gone");
+        note_unsent(tx, "COMMIT", rc);
         tx->outcome = PGS_TX_ROLLED_BACK;
         return;
     }
@@ -254,9 +286,12 @@ static int is_aborted(const PGresult *res)
     return res && PQresultStatus(res) == PGRES_PIPELINE_ABORTED;
 }
 
-static void commit_replied(pgs_tx *tx, const PGresult *res, const pgs_error *err)
+/* COMMIT's reply, or what came instead, decides the outcome: COMMITTED only when the server
+ * said so; UNKNOWN only when COMMIT may have reached the server and nothing received proves
+ * it was skipped; otherwise ROLLED_BACK with the first error. */
+static void commit_replied(pgs_tx *tx, pgs_conn *c, const PGresult *res, const pgs_error *err)
 {
-    tx->commit_answered = 1;
+    tx->commit = CM_ANSWERED;
     if (!err) {
         if (strcmp(PQcmdStatus((PGresult *)res), "COMMIT") == 0) {
             tx->outcome = PGS_TX_COMMITTED;
@@ -292,9 +327,14 @@ static void commit_replied(pgs_tx *tx, const PGresult *res, const pgs_error *err
         }
         return;
     }
-    if (tx->commit_held) {
+    if (conn_not_run(c)) {
+        /* Never written, or skipped by the server: after an earlier error of its pipeline
+         * segment (the pool's reset, a statement of ours), or after the server's FATAL. The
+         * closed session takes the transaction with it. */
         tx->outcome = PGS_TX_ROLLED_BACK;
-        note_failure_code(tx, tx->cancel_code, "the transaction was canceled before COMMIT was sent");
+        if (tx->cancel_code != PGS_OK)
+            note_failure_code(tx, tx->cancel_code, "the transaction was canceled before COMMIT ran");
+        note_failure(tx, err);
         return;
     }
     tx->outcome = PGS_TX_UNKNOWN;
@@ -337,6 +377,25 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
             renamed.code = PGS_ETIMEDOUT; /* the server's statement_timeout we set */
             err = &renamed;
         }
+    } else if (err && root->cancel_code != PGS_OK && err->code != root->cancel_code &&
+               op->kind != K_COMMIT && op->kind != K_TXID) {
+        /* The connection our cancel closed (or that failed on the way, the pool's reset ahead
+         * of us included): every pending statement hears the cancel's code. */
+        char msg[sizeof err->message + 96];
+        snprintf(msg, sizeof msg, "%s (%s)",
+                 root->cancel_code == PGS_ETIMEDOUT ? "the transaction's time limit passed"
+                                                    : "the transaction was canceled",
+                 err->message);
+        err_set(&renamed, root->cancel_code, err->sqlstate, msg, NULL);
+        err = &renamed;
+    }
+    /* The transaction's status as the server now has it, for pgs_conn_txstatus in the
+     * callbacks below (libpq learns it only at a sync). */
+    if (c && conn_owner(c) == root) {
+        if (err && op->kind != K_COMMIT && op->kind != K_ROLLBACK)
+            conn_set_xact(c, PQTRANS_INERROR);
+        else if (!err && op->kind == K_ROLLBACK_TO)
+            conn_set_xact(c, PQTRANS_INTRANS);
     }
     switch (op->kind) {
     case K_BEGIN:
@@ -347,6 +406,7 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
             tx->plug = 0;
             if (tx->conn)
                 conn_unplug(tx->conn, plug);
+            commit_released(tx);
         }
         if (tx->on_begun) {
             pgs_tx_cb cb = tx->on_begun;
@@ -366,7 +426,7 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
             snprintf(tx->xid, sizeof tx->xid, "%s", PQgetvalue(res, 0, 0));
         break;
     case K_COMMIT:
-        commit_replied(tx, res, err);
+        commit_replied(tx, c, res, err);
         break;
     case K_ROLLBACK:
         /* Rolled back either way (a lost session's transaction dies with it); a body error
@@ -422,10 +482,9 @@ static void fire_done(void *arg, int what)
 static void kill_tx(pgs_tx *root, pgs_code code)
 {
     root->cancel_code = code;
-    /* A COMMIT held behind a settling savepoint has not left: cancel as if not sent, and the
-     * closed connection makes its rollback certain. */
-    root->commit_held = root->commit_sent && !root->commit_answered && root->settling > 0;
-    if (root->commit_sent && !root->commit_answered && !root->commit_held) {
+    /* A COMMIT held behind a plug has not left: cancel as if not sent (the closed connection
+     * makes its rollback certain). */
+    if (root->commit == CM_SENT) {
         /* COMMIT is never cancelled. Statements still ahead of it are: the server's replies
          * then show whether COMMIT ran or was skipped. Either way wait a bounded grace for
          * its reply, which tells the truth; without one the outcome is unknown. */
@@ -551,6 +610,7 @@ int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, vo
     }
     /* From here the transaction counts as open: BEGIN is queued. */
     conn_set_owner(conn, tx, conn_freed_under_tx);
+    conn_set_xact(conn, PQTRANS_INTRANS);
     if (tx->opts.begin_alone)
         tx->plug = conn_plug(conn); /* statements wait for BEGIN's reply */
     if (tx->opts.statement_timeout_ms > 0) {
@@ -658,7 +718,9 @@ struct run {
     pgs_tx_body body;
     pgs_tx_done_cb done;
     void *arg;
-    int attempts;
+    int attempts;       /* the body's runs so far (a pool's retry carries them over) */
+    pgs_tx_result last; /* the last attempt's outcome, while a retry waits */
+    pgs_error last_err;
     uint64_t rng;
     loop_ev *ev;
 };
@@ -682,10 +744,23 @@ static void run_attempt(void *arg, int what)
 {
     (void)what;
     run *r = arg;
-    r->attempts++;
     pgs_tx *tx;
     if (r->conn && conn_owner(r->conn) == r)
         conn_set_owner(r->conn, NULL, NULL);
+    if (r->attempts > 0 && (!r->conn || !conn_ready(r->conn))) {
+        /* The connection died (or was closed) during the backoff: the failure that asked for
+         * the retry stands, and the body has run as often as it says (pgs_pool_run_tx takes
+         * the retry to another guard). */
+        pgs_tx_result res = r->last;
+        pgs_error e;
+        char msg[sizeof e.message + 64];
+        snprintf(msg, sizeof msg, "%s; not retried: the connection was lost before the retry",
+                 r->last_err.message);
+        err_set(&e, r->last_err.code, r->last_err.sqlstate, msg, NULL);
+        res.err = &e;
+        run_finish(r, &res);
+        return;
+    }
     int rc = r->conn ? pgs_tx_begin(r->conn, &r->opts, NULL, NULL, &tx) : PGS_ECLOSED;
     if (rc != PGS_OK) {
         pgs_error e;
@@ -694,11 +769,12 @@ static void run_attempt(void *arg, int what)
         run_finish(r, &res);
         return;
     }
+    r->attempts++;
     tx->run = r;
     r->body(tx, r->arg);
 }
 
-static int retryable(const pgs_tx_result *res)
+int tx_retryable(const pgs_tx_result *res)
 {
     return res->outcome == PGS_TX_ROLLED_BACK && res->err && res->err->code == PGS_ESQL &&
            (strcmp(res->err->sqlstate, "40001") == 0 || strcmp(res->err->sqlstate, "40P01") == 0);
@@ -718,11 +794,20 @@ static int backoff_ms(run *r)
     return (int)(r->rng % (uint64_t)(limit + 1));
 }
 
+static void keep_last(run *r, const pgs_tx_result *res)
+{
+    r->last = *res;
+    if (res->err)
+        r->last_err = *res->err;
+    r->last.err = NULL;
+}
+
 static void run_after(run *r, pgs_tx_result *res)
 {
-    if (retryable(res) && r->attempts <= r->opts.retries && r->conn && conn_ready(r->conn) &&
+    if (tx_retryable(res) && r->attempts <= r->opts.retries && r->conn && conn_ready(r->conn) &&
         !conn_owner(r->conn)) {
         /* Hold the session through the backoff, so nothing else takes it meanwhile. */
+        keep_last(r, res);
         conn_set_owner(r->conn, r, run_conn_freed);
         loop_ev_timer(r->ev, backoff_ms(r));
         return;
@@ -730,8 +815,8 @@ static void run_after(run *r, pgs_tx_result *res)
     run_finish(r, res);
 }
 
-int pgs_run_tx(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body, pgs_tx_done_cb done,
-               void *arg)
+int tx_run(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body, pgs_tx_done_cb done,
+           void *arg, const pgs_tx_result *prior)
 {
     if (!conn || !body || !done || check_opts(opts) != PGS_OK)
         return PGS_EINVAL;
@@ -753,8 +838,21 @@ int pgs_run_tx(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body, pgs_tx
         free(r);
         return PGS_ENOMEM;
     }
-    loop_ev_post(r->ev); /* the body runs from the loop, never inside this call */
+    if (prior) {
+        /* A retry the pool moved here: it backs off as it would have on the old guard. */
+        r->attempts = prior->attempts;
+        keep_last(r, prior);
+        loop_ev_timer(r->ev, backoff_ms(r));
+    } else {
+        loop_ev_post(r->ev); /* the body runs from the loop, never inside this call */
+    }
     return PGS_OK;
+}
+
+int pgs_run_tx(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body, pgs_tx_done_cb done,
+               void *arg)
+{
+    return tx_run(conn, opts, body, done, arg, NULL);
 }
 
 /* ---- resolving an unknown commit ---- */

@@ -221,6 +221,41 @@ void th_wait_backend_gone(int pid, double seconds)
     ck_assert_msg(n == 0, "backend %d still in pg_stat_activity after %.1f s", pid, seconds);
 }
 
+void th_terminate(int pid)
+{
+    char p[16];
+    snprintf(p, sizeof p, "%d", pid);
+    const char *v[] = {p};
+    char *r = th_scalar("SELECT pg_terminate_backend($1)::text", 1, v);
+    ck_assert_msg(r && strcmp(r, "true") == 0, "could not terminate backend %d", pid);
+    free(r);
+}
+
+PGconn *th_lock_table(const char *table, const char *mode)
+{
+    PGconn *pg = observer();
+    char sql[512];
+    snprintf(sql, sizeof sql, "LOCK TABLE %s IN %s MODE", table, mode);
+    PQclear(PQexec(pg, "BEGIN"));
+    PGresult *r = PQexec(pg, sql);
+    ck_assert_msg(PQresultStatus(r) == PGRES_COMMAND_OK, "%s: %s", sql, PQerrorMessage(pg));
+    PQclear(r);
+    return pg;
+}
+
+void th_unlock(PGconn *blocker)
+{
+    PQclear(PQexec(blocker, "COMMIT"));
+    PQfinish(blocker);
+}
+
+void th_run_for(struct event_base *base, double seconds)
+{
+    struct timeval tv = {(long)seconds, (long)((seconds - (long)seconds) * 1e6)};
+    event_base_loopexit(base, &tv);
+    event_base_dispatch(base);
+}
+
 static int loopback_socket(int *port, int do_listen)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);

@@ -38,6 +38,15 @@ long th_scalar_long(const char *sql, int nparams, const char *const *values);
 /* Poll until the backend with this pid is gone from pg_stat_activity (or fail after seconds). */
 void th_wait_backend_gone(int pid, double seconds);
 
+/* pg_terminate_backend(pid) from the observer (fails the test unless it answered true). */
+void th_terminate(int pid);
+/* Another session that holds a lock on `table` (schema-qualified if need be, already escaped)
+ * in `mode` ("ACCESS EXCLUSIVE", ...) inside an open transaction, until th_unlock. */
+PGconn *th_lock_table(const char *table, const char *mode);
+void th_unlock(PGconn *blocker);
+/* Run the loop for about `seconds` (whatever fires meanwhile). */
+void th_run_for(struct event_base *base, double seconds);
+
 /* A record of one statement's callback: how often it fired, in which order, what it got. */
 typedef struct th_call {
     int fired;

@@ -802,6 +802,228 @@ START_TEST(test_server_restart_fails_clearly_then_recovers)
 }
 END_TEST
 
+/* ---- exact outcomes and a live guard under faults ---- */
+
+/* The temporary table a guard made, locked by another session, so the pool's reset of that
+ * guard (DISCARD TEMP) waits. Returns the schema-qualified name, escaped. */
+static void temp_table_of(struct event_base *b, pgs_conn *c, const char *table, char *out,
+                          size_t cap)
+{
+    char sql[128];
+    snprintf(sql, sizeof sql, "CREATE TEMP TABLE %s (x int)", table);
+    query_value(b, c, sql);
+    const char *nsp = query_value(b, c, "SELECT pg_my_temp_schema()::regnamespace::text");
+    snprintf(out, cap, "%s.%s", nsp, table);
+}
+
+/* Guards come back and their session reset waits (a lock another session holds on their
+ * temporary table); their backends are then terminated and gone before anyone asks. The
+ * waiters must get live guards, never those. */
+START_TEST(test_dead_guards_whose_reset_is_in_flight_are_never_handed_out)
+{
+    enum { N = 3 };
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = N};
+    pgs_pool *p = new_pool(b, "pgs_pool_deadreset", o);
+    pgs_conn *c[N];
+    char tables[N][160];
+    for (int i = 0; i < N; i++)
+        c[i] = acquire(b, p);
+    for (int i = 0; i < N; i++)
+        temp_table_of(b, c[i], "pgs_dead_reset", tables[i], sizeof tables[i]);
+    char list[600];
+    snprintf(list, sizeof list, "%s, %s, %s", tables[0], tables[1], tables[2]);
+    PGconn *blocker = th_lock_table(list, "ACCESS SHARE");
+    for (int i = 0; i < N; i++)
+        release(b, c[i]);
+    th_run_for(b, 0.3); /* their resets are on the wire, waiting for the lock */
+    free(th_scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                   "WHERE application_name = 'pgs_pool_deadreset'",
+                   0, NULL));
+    th_unlock(blocker); /* (their exit drops their temporary tables: it needs the lock too) */
+    for (double end = th_now() + 5; backends("pgs_pool_deadreset") > 0 && th_now() < end;)
+        usleep(10000);
+    ck_assert_int_eq(backends("pgs_pool_deadreset"), 0);
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    ck_assert_int_eq(st.idle, N); /* the loop has not run: nothing has been read yet */
+    ck_assert_int_eq(run_probes(b, p, N), N);
+    pgs_pool_stats(p, &st);
+    ck_assert_int_ge(st.replaced, N);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
+/* The transaction's own cancel request stops the pool's reset that shares its pipeline
+ * segment (the reset waits for a lock): COMMIT was skipped, so rolled back, not unknown. */
+static pgs_tx *cancel_me;
+static th_call body_call;
+
+static void insert_and_commit(pgs_tx *tx, void *arg)
+{
+    (void)arg;
+    cancel_me = tx;
+    pgs_tx_query(tx, "INSERT INTO pgs_pool_probe VALUES (1)", 0, NULL, th_record, &body_call);
+    pgs_tx_end(tx, 1, NULL, NULL);
+}
+
+typedef struct run_rec {
+    int fired;
+    pgs_tx_outcome outcome;
+    pgs_error err;
+    int has_err;
+    int attempts;
+    pgs_pool *pool;
+    pgs_pool_counts in_done; /* the pool's counts when done ran */
+    got again;               /* an acquire from inside done */
+} run_rec;
+
+static void on_run_done(const pgs_tx_result *r, void *arg)
+{
+    run_rec *d = arg;
+    d->fired++;
+    d->outcome = r->outcome;
+    d->has_err = r->err != NULL;
+    if (r->err)
+        d->err = *r->err;
+    d->attempts = r->attempts;
+    if (d->pool)
+        pgs_pool_stats(d->pool, &d->in_done);
+}
+
+START_TEST(test_cancel_that_stops_the_pool_reset_is_rolled_back_not_unknown)
+{
+    free(th_scalar("DROP TABLE IF EXISTS pgs_pool_probe", 0, NULL));
+    free(th_scalar("CREATE TABLE pgs_pool_probe (x int)", 0, NULL));
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 1};
+    pgs_pool *p = new_pool(b, "pgs_pool_cancelreset", o);
+    pgs_conn *c = acquire(b, p);
+    char table[160];
+    temp_table_of(b, c, "pgs_cancel_reset", table, sizeof table);
+    PGconn *blocker = th_lock_table(table, "ACCESS SHARE");
+    run_rec d = {0};
+    th_call *ins = &body_call;
+    memset(ins, 0, sizeof *ins);
+    cancel_me = NULL;
+    ck_assert_int_eq(pgs_pool_run_tx(p, NULL, insert_and_commit, on_run_done, &d), PGS_OK);
+    release(b, c); /* to the waiting run, its reset in the same segment as BEGIN ... COMMIT */
+    th_run_for(b, 0.3);
+    ck_assert_ptr_nonnull(cancel_me);
+    ck_assert_int_eq(d.fired, 0);
+    ck_assert_int_eq(pgs_tx_cancel(cancel_me), PGS_OK);
+    th_run_until(b, &d.fired, 10);
+    th_unlock(blocker);
+    ck_assert_msg(d.outcome == PGS_TX_ROLLED_BACK, "outcome %d: %s", d.outcome, d.err.message);
+    ck_assert_int_eq(d.err.code, PGS_ECANCELED);
+    ck_assert_int_eq(ins->fired, 1);
+    ck_assert_int_eq(ins->code, PGS_ECANCELED);
+    ck_assert_int_eq(th_scalar_long("SELECT count(*) FROM pgs_pool_probe", 0, NULL), 0);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
+/* pgs_pool_run_tx: a serialization failure, then the guard's connection dies. The
+ * transaction rolled back, so the retry runs on another guard. */
+static int conflict_runs;
+static pgs_conn *conflict_conn;
+
+static void conflict_seen(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)res;
+    (void)err;
+    (void)arg;
+    conflict_conn = c;
+}
+
+static void conflict_then_insert(pgs_tx *tx, void *arg)
+{
+    (void)arg;
+    if (conflict_runs++ == 0)
+        pgs_tx_query(tx,
+                     "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = "
+                     "'serialization_failure'; END $$",
+                     0, NULL, conflict_seen, NULL);
+    else
+        pgs_tx_query(tx, "INSERT INTO pgs_pool_probe VALUES (2)", 0, NULL, conflict_seen, NULL);
+    pgs_tx_end(tx, 1, NULL, NULL);
+}
+
+START_TEST(test_pool_run_tx_retries_on_another_guard_when_the_connection_died)
+{
+    free(th_scalar("DROP TABLE IF EXISTS pgs_pool_probe", 0, NULL));
+    free(th_scalar("CREATE TABLE pgs_pool_probe (x int)", 0, NULL));
+    struct event_base *b = th_loop_begin();
+    th_proxy *px = th_proxy_start(atoi(th_conninfo_value("port")));
+    pgs_pool_opts o = {.max_size = 2};
+    pgs_pool *p = NULL;
+    ck_assert_int_eq(pgs_pool_new(b, th_proxy_conninfo(px), &o, &p), PGS_OK);
+    run_rec d = {0};
+    conflict_runs = 0;
+    conflict_conn = NULL;
+    pgs_tx_opts to = {.retries = 3, .retry_base_ms = 500, .retry_max_ms = 500};
+    ck_assert_int_eq(pgs_pool_run_tx(p, &to, conflict_then_insert, on_run_done, &d), PGS_OK);
+    /* the first attempt rolled back (its ROLLBACK answered): the backoff runs now */
+    while (!d.fired && !(conflict_conn && pgs_conn_txstatus(conflict_conn) == PQTRANS_IDLE))
+        event_base_loop(b, EVLOOP_ONCE);
+    int cut = conflict_runs == 1; /* (the backoff's jitter may, rarely, have run it again) */
+    if (cut)
+        th_proxy_cut(px);
+    th_run_until(b, &d.fired, 15);
+    ck_assert_msg(d.outcome == PGS_TX_COMMITTED, "outcome %d: %s", d.outcome, d.err.message);
+    ck_assert_int_eq(d.attempts, 2);
+    ck_assert_int_eq(conflict_runs, 2);
+    ck_assert_int_eq(th_scalar_long("SELECT count(*) FROM pgs_pool_probe", 0, NULL), 1);
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    if (cut)
+        ck_assert_int_ge(st.replaced, 1);
+    close_pool(b, p);
+    th_proxy_stop(px);
+    th_loop_end(b);
+}
+END_TEST
+
+/* pgs_pool_run_tx's done fires once the guard is back: the counts say so, and an acquire from
+ * inside done gets that guard rather than a new connection. */
+static void select_and_commit(pgs_tx *tx, void *arg)
+{
+    (void)arg;
+    pgs_tx_query(tx, "SELECT 1", 0, NULL, th_record, &body_call);
+    pgs_tx_end(tx, 1, NULL, NULL);
+}
+
+static void done_then_acquire(const pgs_tx_result *r, void *arg)
+{
+    run_rec *d = arg;
+    on_run_done(r, d);
+    ck_assert_int_eq(pgs_pool_acquire(d->pool, on_got, &d->again, NULL), PGS_OK);
+}
+
+START_TEST(test_pool_run_tx_done_fires_with_the_guard_back)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 2};
+    pgs_pool *p = new_pool(b, "pgs_pool_doneback", o);
+    run_rec d = {.pool = p};
+    ck_assert_int_eq(pgs_pool_run_tx(p, NULL, select_and_commit, done_then_acquire, &d), PGS_OK);
+    th_run_until(b, &d.again.fired, 10);
+    ck_assert_int_eq(d.outcome, PGS_TX_COMMITTED);
+    ck_assert_int_eq(d.in_done.in_use, 0);
+    ck_assert_int_eq(d.in_done.size, 1);
+    ck_assert_int_eq(d.again.code, PGS_OK);
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    ck_assert_int_eq(st.size, 1); /* no connection opened for the second acquire */
+    ck_assert_int_eq(backends("pgs_pool_doneback"), 1);
+    release(b, d.again.conn);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
 static Suite *pool_suite(int restart_only)
 {
     Suite *s = suite_create("pool");
@@ -822,6 +1044,10 @@ static Suite *pool_suite(int restart_only)
         tcase_add_test(t, test_close_with_waiters_and_guards_out);
         tcase_add_test(t, test_reentrant_calls_are_refused_or_safe);
         tcase_add_test(t, test_idle_timeout_keeps_min_size);
+        tcase_add_test(t, test_dead_guards_whose_reset_is_in_flight_are_never_handed_out);
+        tcase_add_test(t, test_cancel_that_stops_the_pool_reset_is_rolled_back_not_unknown);
+        tcase_add_test(t, test_pool_run_tx_retries_on_another_guard_when_the_connection_died);
+        tcase_add_test(t, test_pool_run_tx_done_fires_with_the_guard_back);
     }
     suite_add_tcase(s, t);
     return s;

@@ -898,6 +898,215 @@ START_TEST(test_cancel_with_commit_held_behind_a_savepoint_rolls_back)
 }
 END_TEST
 
+/* ---- exact outcomes under faults ---- */
+
+typedef struct status_call {
+    th_call k;
+    PGTransactionStatusType status; /* pgs_conn_txstatus in the callback */
+} status_call;
+
+static void record_status(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    status_call *s = arg;
+    s->status = pgs_conn_txstatus(c);
+    th_record(c, res, err, &s->k);
+}
+
+START_TEST(test_txstatus_is_right_in_every_callback)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    pgs_tx *tx, *sp;
+    status_call first = {0}, bad = {0}, skipped = {0}, after = {0}, last = {0};
+    txdone d = {0}, ds = {0};
+    ck_assert_int_eq(pgs_conn_txstatus(c), PQTRANS_IDLE);
+    ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
+    ck_assert_int_eq(pgs_conn_txstatus(c), PQTRANS_INTRANS); /* open from BEGIN's queueing */
+    ck_assert_int_eq(pgs_tx_query(tx, "SELECT 1", 0, NULL, record_status, &first), PGS_OK);
+    th_run_until(b, &first.k.fired, 10);
+    ck_assert_int_eq(first.status, PQTRANS_INTRANS);
+    /* a savepoint child fails: the transaction is in error until its rollback is answered */
+    ck_assert_int_eq(pgs_tx_savepoint(tx, NULL, NULL, &sp), PGS_OK);
+    ck_assert_int_eq(pgs_tx_query(sp, "SELECT 1/0", 0, NULL, record_status, &bad), PGS_OK);
+    ck_assert_int_eq(pgs_tx_query(sp, "SELECT 2", 0, NULL, record_status, &skipped), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(sp, 1, on_txdone, &ds), PGS_OK);
+    /* the parent's next statement, queued now, runs after ROLLBACK TO and RELEASE */
+    ck_assert_int_eq(pgs_tx_query(tx, "SELECT 3", 0, NULL, record_status, &after), PGS_OK);
+    th_run_until(b, &after.k.fired, 10);
+    ck_assert_str_eq(bad.k.sqlstate, "22012");
+    ck_assert_int_eq(bad.status, PQTRANS_INERROR);
+    ck_assert_int_eq(skipped.status, PQTRANS_INERROR);
+    ck_assert_int_eq(ds.outcome, PGS_TX_ROLLED_BACK);
+    ck_assert_int_eq(after.k.code, PGS_OK);
+    ck_assert_int_eq(after.status, PQTRANS_INTRANS); /* nothing queued after it */
+    /* a failure in the transaction itself */
+    ck_assert_int_eq(pgs_tx_query(tx, "SELECT 1/0", 0, NULL, record_status, &last), PGS_OK);
+    th_run_until(b, &last.k.fired, 10);
+    ck_assert_int_eq(last.status, PQTRANS_INERROR);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    th_run_until(b, &d.fired, 10);
+    ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
+    ck_assert_int_eq(pgs_conn_txstatus(c), PQTRANS_IDLE);
+    ck_assert_int_eq(PQtransactionStatus(pgs_conn_pgconn(c)), PQTRANS_IDLE);
+    th_close(b, c);
+    ck_assert_int_eq(pgs_conn_txstatus(NULL), PQTRANS_UNKNOWN);
+    th_loop_end(b);
+}
+END_TEST
+
+/* A statement timeout that ends the wait for a lock reports PGS_ETIMEDOUT whether the statement
+ * was new (the wait is in the statement cache's Parse) or cached (in its Bind). */
+START_TEST(test_statement_timeout_is_a_timeout_cached_or_not)
+{
+    fresh_table("tx_parse_lock");
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    const char *cached_sql = "SELECT count(*) FROM tx_parse_lock";
+    th_call warm = {0};
+    ck_assert_int_eq(pgs_query(c, cached_sql, 0, NULL, th_record, &warm), PGS_OK);
+    th_run_until(b, &warm.fired, 10);
+    const char *sqls[] = {"SELECT count(*) FROM tx_parse_lock WHERE id > 0", cached_sql};
+    for (int i = 0; i < 2; i++) {
+        PGconn *blocker = th_lock_table("tx_parse_lock", "ACCESS EXCLUSIVE");
+        pgs_tx *tx;
+        th_call k = {0};
+        txdone d = {0};
+        pgs_tx_opts o = {.statement_timeout_ms = 300};
+        ck_assert_int_eq(pgs_tx_begin(c, &o, NULL, NULL, &tx), PGS_OK);
+        ck_assert_int_eq(pgs_tx_query(tx, sqls[i], 0, NULL, th_record, &k), PGS_OK);
+        ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+        th_run_until(b, &d.fired, 10);
+        th_unlock(blocker);
+        ck_assert_msg(k.code == PGS_ETIMEDOUT, "%s: %s %s %s", i ? "cached" : "new",
+                      pgs_strerror(k.code), k.sqlstate, k.message);
+        ck_assert_str_eq(k.sqlstate, "57014");
+        ck_assert_ptr_null(strstr(k.message, "not run"));
+        ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
+        ck_assert_int_eq(d.err.code, PGS_ETIMEDOUT);
+        ck_assert_str_eq(d.err.sqlstate, "57014");
+    }
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+/* The server's FATAL ends the session at an earlier statement of COMMIT's own pipeline
+ * segment: COMMIT never ran, so the transaction rolled back (not "unknown"). */
+START_TEST(test_fatal_before_commit_in_its_segment_is_rolled_back_not_unknown)
+{
+    fresh_table("tx_fatal_seg");
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    int pid = th_backend_pid(c);
+    pgs_tx *tx;
+    th_call sleep = {0}, k = {0};
+    txdone d = {0};
+    pgs_tx_opts o = {.resolvable = 1};
+    ck_assert_int_eq(pgs_tx_begin(c, &o, NULL, NULL, &tx), PGS_OK);
+    ck_assert_int_eq(pgs_tx_query(tx, "SELECT pg_sleep(5)", 0, NULL, th_record, &sleep), PGS_OK);
+    ck_assert_int_eq(insert(tx, "tx_fatal_seg", "1", &k), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK); /* one write, COMMIT in it */
+    th_run_for(b, 0.3);
+    th_terminate(pid);
+    th_run_until(b, &d.fired, 10);
+    ck_assert_int_eq(sleep.code, PGS_ECONN);
+    ck_assert_str_eq(sleep.sqlstate, "57P01");
+    ck_assert_int_eq(k.fired, 1);
+    ck_assert_msg(d.outcome == PGS_TX_ROLLED_BACK, "outcome %d: %s", d.outcome, d.err.message);
+    ck_assert_int_eq(d.err.code, PGS_ECONN);
+    ck_assert_str_eq(d.err.sqlstate, "57P01");
+    ck_assert_int_eq(rows("tx_fatal_seg"), 0);
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+/* The connection is cut (no FATAL: nothing from the server) while COMMIT still waits behind a
+ * savepoint's end: COMMIT was never written, so the transaction rolled back. */
+START_TEST(test_loss_with_commit_held_behind_a_savepoint_is_rolled_back_not_unknown)
+{
+    fresh_table("tx_held_cut");
+    struct event_base *b = th_loop_begin();
+    th_proxy *p = th_proxy_start(atoi(th_conninfo_value("port")));
+    pgs_conn *c = th_open_at(b, th_proxy_conninfo(p), NULL);
+    pgs_tx *tx, *sp;
+    th_call k = {0}, slow = {0};
+    txdone d = {0}, ds = {0};
+    ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
+    ck_assert_int_eq(insert(tx, "tx_held_cut", "1", &k), PGS_OK);
+    ck_assert_int_eq(pgs_tx_savepoint(tx, NULL, NULL, &sp), PGS_OK);
+    ck_assert_int_eq(pgs_tx_query(sp, "SELECT pg_sleep(5)", 0, NULL, th_record, &slow), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(sp, 1, on_txdone, &ds), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK); /* COMMIT waits for the child */
+    th_run_for(b, 0.3);
+    th_proxy_cut(p);
+    th_run_until(b, &d.fired, 10);
+    ck_assert_int_eq(slow.code, PGS_ECONN);
+    ck_assert_msg(d.outcome == PGS_TX_ROLLED_BACK, "outcome %d: %s", d.outcome, d.err.message);
+    ck_assert_int_eq(d.err.code, PGS_ECONN);
+    ck_assert_ptr_null(strstr(d.err.message, "COMMIT was in flight"));
+    th_close(b, c);
+    th_proxy_stop(p);
+    /* the server rolled it back when the connection went */
+    for (double end = th_now() + 5; rows("tx_held_cut") != 0 && th_now() < end;)
+        usleep(20000);
+    ck_assert_int_eq(rows("tx_held_cut"), 0);
+    th_loop_end(b);
+}
+END_TEST
+
+/* pgs_run_tx: a serialization failure, then the connection dies during the backoff. The
+ * failure is what the done reports, and attempts counts the body's runs. */
+static int conflict_runs;
+static pgs_conn *conflict_conn;
+
+static void conflict_seen(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)res;
+    (void)err;
+    (void)arg;
+    conflict_conn = c;
+}
+
+static void conflict_body(pgs_tx *tx, void *arg)
+{
+    (void)arg;
+    conflict_runs++;
+    pgs_tx_query(tx,
+                 "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = 'serialization_failure'; "
+                 "END $$",
+                 0, NULL, conflict_seen, NULL);
+    pgs_tx_end(tx, 1, NULL, NULL);
+}
+
+START_TEST(test_retry_whose_connection_died_in_the_backoff_reports_the_failure)
+{
+    struct event_base *b = th_loop_begin();
+    th_proxy *p = th_proxy_start(atoi(th_conninfo_value("port")));
+    pgs_conn *c = th_open_at(b, th_proxy_conninfo(p), NULL);
+    txdone d = {0};
+    conflict_runs = 0;
+    conflict_conn = NULL;
+    pgs_tx_opts o = {.retries = 3, .retry_base_ms = 500, .retry_max_ms = 500};
+    ck_assert_int_eq(pgs_run_tx(c, &o, conflict_body, on_txdone, &d), PGS_OK);
+    /* the first attempt rolled back (its ROLLBACK answered): the backoff runs now */
+    while (!d.fired && !(conflict_conn && pgs_conn_txstatus(c) == PQTRANS_IDLE))
+        event_base_loop(b, EVLOOP_ONCE);
+    th_proxy_cut(p);
+    th_run_until(b, &d.fired, 10);
+    ck_assert_int_eq(d.fired, 1);
+    ck_assert_int_eq(d.attempts, conflict_runs);
+    if (conflict_runs == 1) { /* (the backoff's jitter may, rarely, have run it again first) */
+        ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
+        ck_assert_msg(d.err.code == PGS_ESQL, "%s: %s", pgs_strerror(d.err.code), d.err.message);
+        ck_assert_str_eq(d.err.sqlstate, "40001");
+    }
+    th_close(b, c);
+    th_proxy_stop(p);
+    th_loop_end(b);
+}
+END_TEST
+
 static Suite *tx_suite(void)
 {
     Suite *s = suite_create("tx");
@@ -922,6 +1131,11 @@ static Suite *tx_suite(void)
     tcase_add_test(t, test_write_only_run_tx_takes_one_round_trip);
     tcase_add_test(t, test_connection_closed_under_open_transaction);
     tcase_add_test(t, test_cancel_with_commit_held_behind_a_savepoint_rolls_back);
+    tcase_add_test(t, test_txstatus_is_right_in_every_callback);
+    tcase_add_test(t, test_statement_timeout_is_a_timeout_cached_or_not);
+    tcase_add_test(t, test_fatal_before_commit_in_its_segment_is_rolled_back_not_unknown);
+    tcase_add_test(t, test_loss_with_commit_held_behind_a_savepoint_is_rolled_back_not_unknown);
+    tcase_add_test(t, test_retry_whose_connection_died_in_the_backoff_reports_the_failure);
     suite_add_tcase(s, t);
     return s;
 }

@@ -6,15 +6,26 @@ say() { printf '==> %s\n' "$*" >&2; }
 
 # gcc brings libasan/libubsan through libgcc-12-dev; libc6-dev is only a Recommends of gcc, and
 # --no-install-recommends would leave us without <stdio.h>. postgresql brings the server
-# binaries (initdb, pg_ctl) and the postgres OS user the throwaway cluster runs as.
-PACKAGES=(gcc libc6-dev pkg-config meson ninja-build libpq-dev libevent-dev check postgresql)
+# binaries (initdb, pg_ctl) and the postgres OS user the throwaway cluster runs as. pgbouncer:
+# the `pooler` suite runs the guards behind a real transaction-mode pooler
+# (tests/with-pgbouncer.sh starts a throwaway one; its service stays unused).
+PACKAGES=(gcc libc6-dev pkg-config meson ninja-build libpq-dev libevent-dev check postgresql
+	pgbouncer)
 
 # --- dependencies -----------------------------------------------------------------------------
 
-# Installed means the state "install ok installed": `dpkg -s` also succeeds (exit 0) for a
-# removed package whose config files remain.
+# Installed means the state "install ok installed" (or "hold ok installed" after apt-mark hold):
+# `dpkg -s` also succeeds (exit 0) for a removed package whose config files remain. No pipe:
+# callers run under `set -o pipefail`, and `dpkg -s libc6-dev | grep -q` lost the race often
+# (grep exits at the Status line, dpkg dies of SIGPIPE writing the rest of its 4.5 KiB), so
+# installed packages counted as missing. One line per installed architecture (multiarch).
 is_installed() {
-	dpkg -s "$1" 2>/dev/null | grep -q '^Status: install ok installed'
+	local status
+	status=$(dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null) || return 1
+	case $'\n'$status$'\n' in
+	*$'\n''install ok installed'$'\n'* | *$'\n''hold ok installed'$'\n'*) return 0 ;;
+	esac
+	return 1
 }
 
 install_missing() {
