@@ -319,10 +319,10 @@ static long sleeping_on_server(void)
 /* No pg_sleep of this suite left over on the server (from an earlier test that failed). */
 static void end_stray_sleepers(void)
 {
-    th_scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
-              "application_name = '" APP "' AND query LIKE 'SELECT pg_sleep%' "
-              "AND pid <> pg_backend_pid()",
-              0, NULL);
+    free(th_scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                   "application_name = '" APP "' AND query LIKE 'SELECT pg_sleep%' "
+                   "AND pid <> pg_backend_pid()",
+                   0, NULL));
     double end = th_now() + 5;
     while (sleeping_on_server() > 0 && th_now() < end)
         usleep(20000);
