@@ -360,34 +360,26 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
     if (op->kind != K_TXID && op->kind != K_COMMIT)
         root->ahead--;
     pgs_error renamed;
-    if (err && err->code == PGS_ESQL && op->kind != K_COMMIT && op->kind != K_TXID) {
-        int cancel_hit = strcmp(err->sqlstate, "57014") == 0 || is_aborted(res);
-        if (root->cancel_code != PGS_OK && cancel_hit) {
-            /* The server's answer to our cancel request, or a statement skipped after it. */
+    if (err && op->kind != K_COMMIT && op->kind != K_TXID) {
+        int aborted = is_aborted(res);
+        int timeout = err->code == PGS_ESQL && strcmp(err->sqlstate, "57014") == 0;
+        if (root->cancel_code != PGS_OK && err->code != root->cancel_code &&
+            (timeout || aborted || err->code != PGS_ESQL)) {
+            /* The server's answer to our cancel request, a statement skipped after it, or the
+             * connection the cancel closed (or that failed on the way, the pool's reset ahead
+             * of us included): every pending statement hears the cancel's code. */
             char msg[sizeof err->message + 96];
-            snprintf(msg, sizeof msg, "%s (the server said: %s)",
+            snprintf(msg, sizeof msg, "%s (%s)",
                      root->cancel_code == PGS_ETIMEDOUT ? "the transaction's time limit passed"
                                                         : "the transaction was canceled",
                      err->message);
             err_set(&renamed, root->cancel_code, err->sqlstate, msg, NULL);
             err = &renamed;
-        } else if (strcmp(err->sqlstate, "57014") == 0 && !is_aborted(res) &&
-                   tx->opts.statement_timeout_ms > 0) {
+        } else if (timeout && !aborted && tx->opts.statement_timeout_ms > 0) {
             renamed = *err;
             renamed.code = PGS_ETIMEDOUT; /* the server's statement_timeout we set */
             err = &renamed;
         }
-    } else if (err && root->cancel_code != PGS_OK && err->code != root->cancel_code &&
-               op->kind != K_COMMIT && op->kind != K_TXID) {
-        /* The connection our cancel closed (or that failed on the way, the pool's reset ahead
-         * of us included): every pending statement hears the cancel's code. */
-        char msg[sizeof err->message + 96];
-        snprintf(msg, sizeof msg, "%s (%s)",
-                 root->cancel_code == PGS_ETIMEDOUT ? "the transaction's time limit passed"
-                                                    : "the transaction was canceled",
-                 err->message);
-        err_set(&renamed, root->cancel_code, err->sqlstate, msg, NULL);
-        err = &renamed;
     }
     /* The transaction's status as the server now has it, for pgs_conn_txstatus in the
      * callbacks below (libpq learns it only at a sync). */

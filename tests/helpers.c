@@ -256,6 +256,25 @@ void th_run_for(struct event_base *base, double seconds)
     event_base_dispatch(base);
 }
 
+pgs_conn *th_seen_conn;
+
+void th_note_conn(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)res;
+    (void)err;
+    (void)arg;
+    th_seen_conn = c;
+}
+
+void th_run_until_idle_or(struct event_base *base, const int *done)
+{
+    double end = th_now() + 15;
+    while (!*done && !(th_seen_conn && pgs_conn_txstatus(th_seen_conn) == PQTRANS_IDLE)) {
+        ck_assert_msg(th_now() < end, "timed out waiting for the transaction to end");
+        event_base_loop(base, EVLOOP_ONCE);
+    }
+}
+
 static int loopback_socket(int *port, int do_listen)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);

@@ -47,6 +47,16 @@ void th_unlock(PGconn *blocker);
 /* Run the loop for about `seconds` (whatever fires meanwhile). */
 void th_run_for(struct event_base *base, double seconds);
 
+/* A statement that fails as a conflicting serializable transaction would (SQLSTATE 40001). */
+#define TH_SERIALIZATION_FAILURE                                                                   \
+    "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = 'serialization_failure'; END $$"
+/* A pgs_result_cb that remembers the connection it ran on in th_seen_conn. */
+extern pgs_conn *th_seen_conn;
+void th_note_conn(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg);
+/* Run the loop until *done, or until th_seen_conn is set and its session is idle again (a
+ * transaction that ran there has ended: a retry's backoff runs). */
+void th_run_until_idle_or(struct event_base *base, const int *done);
+
 /* A record of one statement's callback: how often it fired, in which order, what it got. */
 typedef struct th_call {
     int fired;

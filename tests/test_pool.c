@@ -928,26 +928,14 @@ END_TEST
 /* pgs_pool_run_tx: a serialization failure, then the guard's connection dies. The
  * transaction rolled back, so the retry runs on another guard. */
 static int conflict_runs;
-static pgs_conn *conflict_conn;
-
-static void conflict_seen(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
-{
-    (void)res;
-    (void)err;
-    (void)arg;
-    conflict_conn = c;
-}
 
 static void conflict_then_insert(pgs_tx *tx, void *arg)
 {
     (void)arg;
     if (conflict_runs++ == 0)
-        pgs_tx_query(tx,
-                     "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = "
-                     "'serialization_failure'; END $$",
-                     0, NULL, conflict_seen, NULL);
+        pgs_tx_query(tx, TH_SERIALIZATION_FAILURE, 0, NULL, th_note_conn, NULL);
     else
-        pgs_tx_query(tx, "INSERT INTO pgs_pool_probe VALUES (2)", 0, NULL, conflict_seen, NULL);
+        pgs_tx_query(tx, "INSERT INTO pgs_pool_probe VALUES (2)", 0, NULL, th_note_conn, NULL);
     pgs_tx_end(tx, 1, NULL, NULL);
 }
 
@@ -962,12 +950,11 @@ START_TEST(test_pool_run_tx_retries_on_another_guard_when_the_connection_died)
     ck_assert_int_eq(pgs_pool_new(b, th_proxy_conninfo(px), &o, &p), PGS_OK);
     run_rec d = {0};
     conflict_runs = 0;
-    conflict_conn = NULL;
+    th_seen_conn = NULL;
     pgs_tx_opts to = {.retries = 3, .retry_base_ms = 500, .retry_max_ms = 500};
     ck_assert_int_eq(pgs_pool_run_tx(p, &to, conflict_then_insert, on_run_done, &d), PGS_OK);
     /* the first attempt rolled back (its ROLLBACK answered): the backoff runs now */
-    while (!d.fired && !(conflict_conn && pgs_conn_txstatus(conflict_conn) == PQTRANS_IDLE))
-        event_base_loop(b, EVLOOP_ONCE);
+    th_run_until_idle_or(b, &d.fired);
     int cut = conflict_runs == 1; /* (the backoff's jitter may, rarely, have run it again) */
     if (cut)
         th_proxy_cut(px);

@@ -1058,24 +1058,12 @@ END_TEST
 /* pgs_run_tx: a serialization failure, then the connection dies during the backoff. The
  * failure is what the done reports, and attempts counts the body's runs. */
 static int conflict_runs;
-static pgs_conn *conflict_conn;
-
-static void conflict_seen(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
-{
-    (void)res;
-    (void)err;
-    (void)arg;
-    conflict_conn = c;
-}
 
 static void conflict_body(pgs_tx *tx, void *arg)
 {
     (void)arg;
     conflict_runs++;
-    pgs_tx_query(tx,
-                 "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = 'serialization_failure'; "
-                 "END $$",
-                 0, NULL, conflict_seen, NULL);
+    pgs_tx_query(tx, TH_SERIALIZATION_FAILURE, 0, NULL, th_note_conn, NULL);
     pgs_tx_end(tx, 1, NULL, NULL);
 }
 
@@ -1086,12 +1074,11 @@ START_TEST(test_retry_whose_connection_died_in_the_backoff_reports_the_failure)
     pgs_conn *c = th_open_at(b, th_proxy_conninfo(p), NULL);
     txdone d = {0};
     conflict_runs = 0;
-    conflict_conn = NULL;
+    th_seen_conn = NULL;
     pgs_tx_opts o = {.retries = 3, .retry_base_ms = 500, .retry_max_ms = 500};
     ck_assert_int_eq(pgs_run_tx(c, &o, conflict_body, on_txdone, &d), PGS_OK);
     /* the first attempt rolled back (its ROLLBACK answered): the backoff runs now */
-    while (!d.fired && !(conflict_conn && pgs_conn_txstatus(c) == PQTRANS_IDLE))
-        event_base_loop(b, EVLOOP_ONCE);
+    th_run_until_idle_or(b, &d.fired);
     th_proxy_cut(p);
     th_run_until(b, &d.fired, 10);
     ck_assert_int_eq(d.fired, 1);
