@@ -1,14 +1,13 @@
 /* Transaction guards: BEGIN with options, statements, savepoints, commit/rollback, cancel,
- * timeouts, unknown commits and retries. Sits on the connection layer (conn.h) and the loop
- * adapter (loop.h); knows nothing of pools. Every statement goes through the connection's
- * pipeline, and each result is mapped back through the FIFO of what was sent. */
-#include <stdint.h>
+ * timeouts, and the exact outcome (COMMIT's life decides it). Sits on the connection layer
+ * (conn.h) and the loop adapter (loop.h); knows nothing of pools. Every statement goes through
+ * the connection's pipeline, and each result is mapped back through the FIFO of what was sent.
+ * pgs_run_tx and its retries are tx_run.c's, resolving an unknown commit tx_resolve.c's. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-#include "tx.h"
+#include "tx_private.h"
 
 #include "conn.h"
 #include "error.h"
@@ -16,8 +15,6 @@
 
 enum {
     DEFAULT_COMMIT_GRACE_MS = 5000,
-    DEFAULT_RETRY_BASE_MS = 5,
-    DEFAULT_RETRY_MAX_MS = 500,
     STMT = CONN_NO_SYNC | CONN_FLUSH, /* inside a transaction: no sync, results sent at once */
 };
 
@@ -47,8 +44,6 @@ typedef enum commit_phase {
     CM_SENT,     /* handed to libpq: it may have reached the server */
     CM_ANSWERED, /* its reply came, or proof that the server never ran it */
 } commit_phase;
-
-typedef struct run run;
 
 struct pgs_tx {
     pgs_conn *conn; /* root only (children use the root's); NULL once the guard was freed */
@@ -89,8 +84,6 @@ typedef struct tx_op {
 } tx_op;
 
 static void progress(pgs_tx *tx);
-static void run_after(run *r, pgs_tx_result *res);
-static void run_conn_freed(void *owner);
 
 static pgs_tx *root_of(pgs_tx *tx)
 {
@@ -549,14 +542,14 @@ static void conn_freed_under_tx(void *owner)
 }
 
 /* Can a transaction guard take this connection now? */
-static int check_conn_idle(pgs_conn *conn)
+int tx_check_conn(pgs_conn *conn)
 {
     /* Nothing of the caller's in flight, and no transaction the caller began with a raw
      * BEGIN: a guard only ever commits what it began. */
     return conn_clean(conn) ? PGS_OK : PGS_EMISUSE;
 }
 
-static int check_opts(const pgs_tx_opts *o)
+int tx_check_opts(const pgs_tx_opts *o)
 {
     if (o && (o->isolation < PGS_ISO_DEFAULT || o->isolation > PGS_ISO_SERIALIZABLE ||
               o->statement_timeout_ms < 0 || o->timeout_ms < 0 || o->commit_grace_ms < 0 ||
@@ -579,9 +572,9 @@ int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, vo
 {
     if (out)
         *out = NULL;
-    if (!conn || !out || check_opts(opts) != PGS_OK)
+    if (!conn || !out || tx_check_opts(opts) != PGS_OK)
         return PGS_EINVAL;
-    int rc = check_conn_idle(conn);
+    int rc = tx_check_conn(conn);
     if (rc != PGS_OK)
         return rc;
     pgs_tx *tx = tx_new(conn, NULL);
@@ -702,218 +695,7 @@ int pgs_tx_end(pgs_tx *tx, int ok, pgs_tx_done_cb done, void *arg)
     return PGS_OK;
 }
 
-/* ---- pgs_run_tx ---- */
-
-struct run {
-    pgs_conn *conn;
-    pgs_tx_opts opts;
-    pgs_tx_body body;
-    pgs_tx_done_cb done;
-    void *arg;
-    int attempts;       /* the body's runs so far (a pool's retry carries them over) */
-    pgs_tx_result last; /* the last attempt's outcome, while a retry waits */
-    pgs_error last_err;
-    uint64_t rng;
-    loop_ev *ev;
-};
-
-static void run_finish(run *r, pgs_tx_result *res)
+void tx_attach_run(pgs_tx *tx, run *r)
 {
-    res->attempts = r->attempts;
-    pgs_tx_done_cb done = r->done;
-    void *arg = r->arg;
-    loop_ev_free(r->ev);
-    free(r);
-    done(res, arg);
-}
-
-static void run_conn_freed(void *owner)
-{
-    ((run *)owner)->conn = NULL;
-}
-
-static void run_attempt(void *arg, int what)
-{
-    (void)what;
-    run *r = arg;
-    pgs_tx *tx;
-    if (r->conn && conn_owner(r->conn) == r)
-        conn_set_owner(r->conn, NULL, NULL);
-    if (r->attempts > 0 && (!r->conn || !conn_ready(r->conn))) {
-        /* The connection died (or was closed) during the backoff: the failure that asked for
-         * the retry stands, and the body has run as often as it says (pgs_pool_run_tx takes
-         * the retry to another guard). */
-        pgs_tx_result res = r->last;
-        pgs_error e;
-        char msg[sizeof e.message + 64];
-        snprintf(msg, sizeof msg, "%s; not retried: the connection was lost before the retry",
-                 r->last_err.message);
-        err_set(&e, r->last_err.code, r->last_err.sqlstate, msg, NULL);
-        res.err = &e;
-        run_finish(r, &res);
-        return;
-    }
-    int rc = r->conn ? pgs_tx_begin(r->conn, &r->opts, NULL, NULL, &tx) : PGS_ECLOSED;
-    if (rc != PGS_OK) {
-        pgs_error e;
-        err_set(&e, rc, NULL, "could not begin the transaction", NULL);
-        pgs_tx_result res = {.outcome = PGS_TX_ROLLED_BACK, .err = &e};
-        run_finish(r, &res);
-        return;
-    }
-    r->attempts++;
     tx->run = r;
-    r->body(tx, r->arg);
-}
-
-int tx_retryable(const pgs_tx_result *res)
-{
-    return res->outcome == PGS_TX_ROLLED_BACK && res->err && res->err->code == PGS_ESQL &&
-           (strcmp(res->err->sqlstate, "40001") == 0 || strcmp(res->err->sqlstate, "40P01") == 0);
-}
-
-/* Exponential backoff with full jitter: a random wait up to base * 2^(attempt-1). */
-static int backoff_ms(run *r)
-{
-    int base = r->opts.retry_base_ms ? r->opts.retry_base_ms : DEFAULT_RETRY_BASE_MS;
-    int cap = r->opts.retry_max_ms ? r->opts.retry_max_ms : DEFAULT_RETRY_MAX_MS;
-    long long limit = (long long)base << (r->attempts - 1 < 20 ? r->attempts - 1 : 20);
-    if (limit > cap)
-        limit = cap;
-    r->rng ^= r->rng << 13;
-    r->rng ^= r->rng >> 7;
-    r->rng ^= r->rng << 17;
-    return (int)(r->rng % (uint64_t)(limit + 1));
-}
-
-static void keep_last(run *r, const pgs_tx_result *res)
-{
-    r->last = *res;
-    if (res->err)
-        r->last_err = *res->err;
-    r->last.err = NULL;
-}
-
-static void run_after(run *r, pgs_tx_result *res)
-{
-    if (tx_retryable(res) && r->attempts <= r->opts.retries && r->conn && conn_ready(r->conn) &&
-        !conn_owner(r->conn)) {
-        /* Hold the session through the backoff, so nothing else takes it meanwhile. */
-        keep_last(r, res);
-        conn_set_owner(r->conn, r, run_conn_freed);
-        loop_ev_timer(r->ev, backoff_ms(r));
-        return;
-    }
-    run_finish(r, res);
-}
-
-int tx_run(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body, pgs_tx_done_cb done,
-           void *arg, const pgs_tx_result *prior)
-{
-    if (!conn || !body || !done || check_opts(opts) != PGS_OK)
-        return PGS_EINVAL;
-    int rc = check_conn_idle(conn);
-    if (rc != PGS_OK)
-        return rc;
-    run *r = calloc(1, sizeof *r);
-    if (!r)
-        return PGS_ENOMEM;
-    r->conn = conn;
-    if (opts)
-        r->opts = *opts;
-    r->body = body;
-    r->done = done;
-    r->arg = arg;
-    r->rng = (uint64_t)(uintptr_t)r ^ ((uint64_t)time(NULL) << 32) ^ 0x9e3779b97f4a7c15ull;
-    r->ev = loop_ev_new(conn_base(conn), run_attempt, r);
-    if (!r->ev) {
-        free(r);
-        return PGS_ENOMEM;
-    }
-    if (prior) {
-        /* A retry the pool moved here: it backs off as it would have on the old guard. */
-        r->attempts = prior->attempts;
-        keep_last(r, prior);
-        loop_ev_timer(r->ev, backoff_ms(r));
-    } else {
-        loop_ev_post(r->ev); /* the body runs from the loop, never inside this call */
-    }
-    return PGS_OK;
-}
-
-int pgs_run_tx(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body, pgs_tx_done_cb done,
-               void *arg)
-{
-    return tx_run(conn, opts, body, done, arg, NULL);
-}
-
-/* ---- resolving an unknown commit ---- */
-
-typedef struct resolve {
-    pgs_resolve_cb cb;
-    void *arg;
-    char xid[24];
-    pgs_txid_status status;
-    int failed;
-    pgs_error err;
-} resolve;
-
-static void resolve_closed(void *arg)
-{
-    resolve *rs = arg;
-    rs->cb(rs->failed ? PGS_TXID_UNKNOWN : rs->status, rs->failed ? &rs->err : NULL, rs->arg);
-    free(rs);
-}
-
-static void resolve_answer(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
-{
-    resolve *rs = arg;
-    if (err) {
-        rs->failed = 1;
-        rs->err = *err;
-    } else if (PQgetisnull(res, 0, 0)) {
-        rs->status = PGS_TXID_UNKNOWN; /* too old: the server no longer knows */
-    } else {
-        const char *v = PQgetvalue(res, 0, 0);
-        rs->status = strcmp(v, "committed") == 0   ? PGS_TXID_COMMITTED
-                     : strcmp(v, "aborted") == 0   ? PGS_TXID_ABORTED
-                     : strcmp(v, "in progress") == 0 ? PGS_TXID_IN_PROGRESS
-                                                   : PGS_TXID_UNKNOWN;
-    }
-    pgs_conn_close(c, resolve_closed, rs);
-}
-
-static void resolve_open(pgs_conn *c, const pgs_error *err, void *arg)
-{
-    resolve *rs = arg;
-    const char *v[] = {rs->xid};
-    int rc = err ? (int)err->code
-                 : pgs_query(c, "SELECT txid_status($1::bigint)", 1, v, resolve_answer, rs);
-    if (rc != PGS_OK) {
-        rs->failed = 1;
-        if (err)
-            rs->err = *err;
-        else
-            err_set(&rs->err, rc, NULL, "could not ask the server", NULL);
-        pgs_conn_close(c, resolve_closed, rs);
-    }
-}
-
-int pgs_tx_resolve(struct event_base *base, const char *conninfo, const char *xid,
-                   pgs_resolve_cb cb, void *arg)
-{
-    if (!base || !conninfo || !xid || !cb || !*xid || strlen(xid) >= 24 ||
-        strspn(xid, "0123456789") != strlen(xid))
-        return PGS_EINVAL;
-    resolve *rs = calloc(1, sizeof *rs);
-    if (!rs)
-        return PGS_ENOMEM;
-    rs->cb = cb;
-    rs->arg = arg;
-    memcpy(rs->xid, xid, strlen(xid) + 1);
-    pgs_conn *c;
-    int rc = pgs_conn_open(base, conninfo, NULL, resolve_open, rs, &c);
-    if (rc != PGS_OK)
-        free(rs);
-    return rc;
 }
