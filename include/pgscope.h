@@ -32,6 +32,21 @@ extern "C" {
 #define PGS_API
 #endif
 
+/* The version of this header. pgs_version() says which library a program runs with: a
+ * program can refuse a library whose major (or, before 1.0, minor) version differs from the
+ * header it was built with, as the ABI may differ. */
+#define PGSCOPE_VERSION_MAJOR 0
+#define PGSCOPE_VERSION_MINOR 3
+#define PGSCOPE_VERSION_PATCH 0
+#define PGSCOPE_VERSION "0.3.0"
+/* MAJOR * 10000 + MINOR * 100 + PATCH, for #if comparisons. */
+#define PGSCOPE_VERSION_NUMBER                                                                  \
+    (PGSCOPE_VERSION_MAJOR * 10000 + PGSCOPE_VERSION_MINOR * 100 + PGSCOPE_VERSION_PATCH)
+
+/* The library's version as PGSCOPE_VERSION_NUMBER computes it (its header's, when it was
+ * built); `text`, when not NULL, gets the version string ("0.3.0", static). */
+PGS_API int pgs_version(const char **text);
+
 /* ---------------------------------------------------------------------------------------- */
 /* Errors                                                                                    */
 /* ---------------------------------------------------------------------------------------- */
@@ -479,8 +494,8 @@ typedef struct pgs_pool_opts {
     void *cb_arg;
 } pgs_pool_opts;
 
-/* Counters for export. */
-typedef struct pgs_pool_stats {
+/* Counters for export (pgs_pool_stats fills them; the type's tag and name are one). */
+typedef struct pgs_pool_counts {
     int size;    /* connections open or opening */
     int idle;    /* ready to hand out */
     int in_use;  /* handed out */

@@ -1,5 +1,5 @@
-/* pgs_error: codes, SQLSTATEs and messages with passwords redacted. The bottom layer: knows
- * libpq's result fields, nothing of connections or loops. */
+/* pgs_error: codes, SQLSTATEs and messages with passwords redacted, and the library's version.
+ * The bottom layer: knows libpq's result fields, nothing of connections or loops. */
 #include "error.h"
 
 #include <ctype.h>
@@ -25,6 +25,13 @@ static const char *const code_names[] = {
     [PGS_EUNSUPPORTED] = "PGS_EUNSUPPORTED: not supported by pgscope",
     [PGS_EBUSY] = "PGS_EBUSY: too many requests waiting",
 };
+
+int pgs_version(const char **text)
+{
+    if (text)
+        *text = PGSCOPE_VERSION;
+    return PGSCOPE_VERSION_NUMBER;
+}
 
 const char *pgs_strerror(int code)
 {

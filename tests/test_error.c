@@ -1,8 +1,26 @@
 /* pgs_error: every code has a name, and passwords never survive into a message. No server. */
+#include <stdio.h>
 #include <string.h>
 
 #include "error.h"
 #include "helpers.h"
+
+START_TEST(test_version_macros_match_the_library_and_the_build)
+{
+    const char *text = NULL;
+    ck_assert_int_eq(pgs_version(&text), PGSCOPE_VERSION_NUMBER);
+    ck_assert_str_eq(text, PGSCOPE_VERSION);
+    ck_assert_str_eq(PGSCOPE_VERSION, PGS_PROJECT_VERSION); /* meson.build's version */
+    char parts[32];
+    snprintf(parts, sizeof parts, "%d.%d.%d", PGSCOPE_VERSION_MAJOR, PGSCOPE_VERSION_MINOR,
+             PGSCOPE_VERSION_PATCH);
+    ck_assert_str_eq(parts, PGSCOPE_VERSION);
+    ck_assert_int_eq(pgs_version(NULL), PGSCOPE_VERSION_NUMBER);
+    pgs_pool_counts counts = {0}; /* the stats type's name is its tag too */
+    struct pgs_pool_counts *same = &counts;
+    ck_assert_int_eq(same->size, 0);
+}
+END_TEST
 
 START_TEST(test_every_code_has_its_own_name)
 {
@@ -82,6 +100,7 @@ int main(void)
 {
     Suite *s = suite_create("error");
     TCase *t = tcase_create("error");
+    tcase_add_test(t, test_version_macros_match_the_library_and_the_build);
     tcase_add_test(t, test_every_code_has_its_own_name);
     tcase_add_test(t, test_redacts_the_known_password_anywhere);
     tcase_add_test(t, test_redacts_password_keyword_values_and_uris);
