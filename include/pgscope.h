@@ -126,9 +126,9 @@ typedef void (*pgs_lost_cb)(pgs_conn *conn, const pgs_error *err, void *arg);
 
 /* Options for pgs_conn_open. Zero-initialise ({0}); every zero field means its default. */
 typedef struct pgs_conn_opts {
-    /* Whole connect deadline across all hosts, in ms. 0: the conninfo's connect_timeout if
-     * set (libpq's own poll loop ignores it, so the library enforces it with a timer),
-     * otherwise 30 s. Negative: no deadline. */
+    /* Whole connect deadline across all hosts, in ms. 0: the conninfo's connect_timeout (or
+     * else PGCONNECT_TIMEOUT) if set (libpq's own poll loop ignores it, so the library enforces
+     * it with a timer), otherwise 30 s. Negative: no deadline. */
     int connect_timeout_ms;
     /* How long a cancel request may take before the library stops waiting for it and closes
      * the connection anyway (the request itself may still arrive). 0: 5 s. */

@@ -420,6 +420,8 @@ int pgs_conn_open(struct event_base *base, const char *conninfo, const pgs_conn_
     if (pw)
         c->password = strdup(pw);
     const char *t = option(c->parsed, "connect_timeout");
+    if (!t) /* libpq's environment fills in what the conninfo leaves out */
+        t = getenv("PGCONNECT_TIMEOUT");
     int timeout_s = t ? atoi(t) : 0;
     if (c->opts.connect_timeout_ms == 0) /* libpq treats 1 as 2 s; so do we */
         c->opts.connect_timeout_ms =

@@ -341,6 +341,30 @@ START_TEST(test_connect_unknown_database)
 }
 END_TEST
 
+/* connect_timeout from libpq's environment when the conninfo has none. */
+START_TEST(test_connect_timeout_from_the_environment)
+{
+    int port;
+    int lfd = th_silent_listener(&port);
+    char ci[256];
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=x dbname=x", port);
+    setenv("PGCONNECT_TIMEOUT", "1", 1); /* libpq's rule: 1 s counts as 2 */
+    struct event_base *b = th_loop_begin();
+    open_rec r = {0};
+    pgs_conn *c = NULL;
+    double t0 = th_now();
+    ck_assert_int_eq(pgs_conn_open(b, ci, NULL, on_open_rec, &r, &c), PGS_OK);
+    unsetenv("PGCONNECT_TIMEOUT");
+    th_run_until(b, &r.fired, 10);
+    ck_assert_int_eq(r.err.code, PGS_ETIMEDOUT);
+    double took = r.at - t0;
+    ck_assert_msg(took >= 1.9 && took < 5.0, "timed out after %.3f s, want ~2 s", took);
+    th_close(b, c);
+    th_loop_end(b);
+    close(lfd);
+}
+END_TEST
+
 START_TEST(test_connect_timeout_against_silent_listener)
 {
     int port;
@@ -1439,6 +1463,7 @@ static Suite *conn_suite(void)
     tcase_add_test(t, test_connect_wrong_password);
     tcase_add_test(t, test_connect_unknown_database);
     tcase_add_test(t, test_connect_timeout_against_silent_listener);
+    tcase_add_test(t, test_connect_timeout_from_the_environment);
     tcase_add_test(t, test_host_name_resolved_through_evdns);
     tcase_add_test(t, test_unresolvable_host_fails_with_reason_then_next_host_used);
     tcase_add_test(t, test_close_while_connecting);
