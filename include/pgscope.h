@@ -310,8 +310,9 @@ typedef struct pgs_tx_opts {
     /* Send BEGIN on its own round trip: statements wait for its reply instead of going out in
      * the same write. Slower; for comparison (the benchmark's plain 3-round-trip mode). */
     int begin_alone;
-    /* Read the transaction id just before COMMIT (txid_current_if_assigned(), in the same
-     * round trip, flushed so that it leaves the server before COMMIT runs), so that a COMMIT
+    /* Read the transaction id just before COMMIT (txid_current_if_assigned() and the server's
+     * start time, in the same round trip, flushed so that it leaves the server before COMMIT
+     * runs), so that a COMMIT
      * lost in flight (PGS_ECOMMIT_UNKNOWN) can be resolved with pgs_tx_resolve. Costs one
      * statement and one more server write per transaction (see README, Performance). Without
      * it an unknown COMMIT is still reported as unknown, only without an id. */
@@ -340,10 +341,12 @@ typedef struct pgs_tx_result {
      * PGS_ETIMEDOUT for a statement timeout), PGS_ECANCELED, PGS_ETIMEDOUT, PGS_ECONN,
      * PGS_ECLOSED, PGS_EMISUSE, or PGS_ECOMMIT_UNKNOWN. */
     const pgs_error *err;
-    /* The transaction id (decimal text) read before COMMIT with pgs_tx_opts.resolvable; ""
-     * without it, when no id was assigned (the transaction wrote nothing, so its outcome
-     * changes nothing), or when it did not arrive. */
-    char xid[24];
+    /* The id pgs_tx_resolve takes, read before COMMIT with pgs_tx_opts.resolvable: the
+     * transaction id, a slash and when the server had started ("731/1764553207123456": the
+     * time tells resolve whether the server restarted since, after which the id may have gone
+     * to another transaction); "" without resolvable, when no id was assigned (the
+     * transaction wrote nothing, so its outcome changes nothing), or when it did not arrive. */
+    char xid[48];
     /* How many times the body ran (pgs_run_tx, pgs_pool_run_tx: 0 when it never did); 1
      * otherwise. */
     int attempts;
@@ -405,14 +408,19 @@ typedef enum pgs_txid_status {
     PGS_TXID_COMMITTED = 1,
     PGS_TXID_ABORTED,
     PGS_TXID_IN_PROGRESS, /* not finished yet: ask again later */
-    PGS_TXID_UNKNOWN,     /* too old for the server to remember, or no id */
+    PGS_TXID_UNKNOWN,     /* too old for the server to remember, no id, or the server restarted
+                             since the id was read (after a crash the server may give an id
+                             whose assignment never reached its WAL to another transaction:
+                             its status says nothing of ours) */
 } pgs_txid_status;
 
 typedef void (*pgs_resolve_cb)(pgs_txid_status status, const pgs_error *err, void *arg);
 
-/* Resolve an unknown commit over a fresh connection (txid_status()). cb fires exactly once:
+/* Resolve an unknown commit over a fresh connection (txid_status()). xid is a result's xid
+ * (or a bare transaction id: then a restart in between goes unnoticed). cb fires exactly once:
  * err NULL and the status, or err (connect or SQL failure) and PGS_TXID_UNKNOWN.
- * Returns PGS_OK, or PGS_EINVAL (NULL base/conninfo/xid/cb, xid not a number), PGS_ENOMEM. */
+ * Returns PGS_OK, or PGS_EINVAL (NULL base/conninfo/xid/cb, xid not of that form),
+ * PGS_ENOMEM. */
 PGS_API int pgs_tx_resolve(struct event_base *base, const char *conninfo, const char *xid,
                            pgs_resolve_cb cb, void *arg);
 

@@ -151,6 +151,18 @@ void lost_from_libpq(pgs_conn *c)
     conn_lost(c, &e);
 }
 
+/* The layers above let go of a guard that is going: a transaction guard it was closed under
+ * must stop using it, a keeper (the pool) counts it gone. */
+static void detach_conn(pgs_conn *c)
+{
+    if (c->owner && c->owner_freed)
+        c->owner_freed(c->owner);
+    c->owner = NULL;
+    if (c->keeper)
+        c->keeper->freed(c->keeper_arg, c);
+    c->keeper = NULL;
+}
+
 static void free_conn(pgs_conn *c)
 {
     for (op *o = c->spare, *next; o; o = next) {
@@ -161,11 +173,6 @@ static void free_conn(pgs_conn *c)
     free(c->segment_err);
     if (c->dead_err != &out_of_memory)
         free(c->dead_err);
-    /* The guard was closed under a transaction: it must stop using this handle. */
-    if (c->owner && c->owner_freed)
-        c->owner_freed(c->owner);
-    if (c->keeper)
-        c->keeper->freed(c->keeper_arg, c);
     if (c->pg)
         PQfinish(c->pg);
     free(c->goodbye); /* (after PQfinish: the notice receiver may write it until then) */
@@ -237,11 +244,12 @@ not_ready:
         c->opts.on_lost(c, c->dead_err, c->opts.lost_arg);
     }
     if (c->state == CS_CLOSING && !c->cancel && !c->failed.head && !c->on_open) {
-        pgs_done_cb done = c->done;
-        void *done_arg = c->done_arg;
+        /* The handle stays valid until done returns (every call on it is refused by now),
+         * and the layers above have let go of it before. */
+        detach_conn(c);
+        if (c->done)
+            c->done(c->done_arg);
         free_conn(c);
-        if (done)
-            done(done_arg);
     }
 }
 

@@ -13,6 +13,14 @@
 #include "error.h"
 #include "loop.h"
 
+/* The id pgs_tx_resolve needs: the transaction id and, after a slash, when the server started
+ * (in microseconds): after a crash restart the server may give an id whose assignment never
+ * reached its WAL to another transaction, so the answer for an id read before a restart is
+ * not to be trusted. NULL (no id: nothing was written) when no id was assigned. */
+#define RESOLVABLE_ID                                                                              \
+    "SELECT txid_current_if_assigned()::text || '/' || "                                           \
+    "(extract(epoch from pg_catalog.pg_postmaster_start_time()) * 1000000)::bigint::text"
+
 enum {
     DEFAULT_COMMIT_GRACE_MS = 5000,
     STMT = CONN_NO_SYNC | CONN_FLUSH, /* inside a transaction: no sync, results sent at once */
@@ -71,7 +79,7 @@ struct pgs_tx {
     int ahead;            /* root: statements of the tree queued before COMMIT, unanswered */
     int settling;         /* root: children holding later statements back (a plug) */
     pgs_tx_outcome outcome;
-    char xid[24];
+    char xid[48];
     loop_ev *defer; /* done, from the loop */
     loop_ev *timer; /* root: the whole-transaction timeout, then the commit grace */
 };
@@ -252,7 +260,7 @@ static void end_root(pgs_tx *tx)
          * resolved. Otherwise COMMIT alone: one server write for the whole transaction. */
         int rc = PGS_OK;
         if (tx->opts.resolvable)
-            rc = send_stmt(tx, K_TXID, "SELECT txid_current_if_assigned()::text", 0, NULL,
+            rc = send_stmt(tx, K_TXID, RESOLVABLE_ID, 0, NULL,
                            STMT | CONN_FLUSH_NOW, NULL, NULL);
         if (rc == PGS_OK)
             rc = send_stmt(tx, K_COMMIT, "COMMIT", 0, NULL, 0, NULL, NULL);

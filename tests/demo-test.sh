@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # demo-test.sh DEMO: runs pgscope-demo's tour and a 2000-transfer run against the test server,
-# and asserts on the exit status and on the facts it printed; then that errors are one line.
+# and asserts on the exit status and on the facts it printed; that the README's sample of the
+# tour has the shape of a real run; that --count is honoured where it applies and refused where
+# it does not; that connect_timeout in the conninfo is obeyed; that errors are one line.
+# The conninfo (and so the password) reaches the demo through its environment, never its argv.
 set -uo pipefail
 demo=$1
+readme=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../README.md
 fails=0
 passes=0
 expect() { # expect NAME CONDITION...
@@ -16,9 +20,16 @@ expect() { # expect NAME CONDITION...
 	fi
 }
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+tmp=$(mktemp -d)
+listener=
+cleanup() {
+	[[ -n $listener ]] && kill "$listener" 2>/dev/null
+	rm -rf "$out" "$tmp"
+}
+trap cleanup EXIT
+export PGSCOPE_DEMO_CONNINFO=$PGSCOPE_TEST_CONNINFO
 
-"$demo" --conninfo "$PGSCOPE_TEST_CONNINFO" tour >"$out" 2>&1
+"$demo" tour >"$out" 2>&1
 rc=$?
 cat "$out"
 expect "tour exits 0" test "$rc" -eq 0
@@ -27,22 +38,115 @@ expect "tour: no failed check" bash -c "! grep -q 'FAIL' '$out'"
 expect "tour: backend gone after cancel and timeout" test "$(grep -c '\[ok\]   backend gone' "$out")" -eq 2
 expect "tour: invariant held" grep -q 'invariant held' "$out"
 expect "tour: the overdraft's SQLSTATE shown" grep -q 'SQLSTATE 23514' "$out"
+expect "tour: 500 transfers by default" grep -q '^  500 transfers in' "$out"
 
-"$demo" --conninfo "$PGSCOPE_TEST_CONNINFO" transfer --count 2000 >"$out" 2>&1
+# The README's sample of the tour (between the demo-sample markers) has the shape of this run:
+# each of its lines, but for "..." (lines left out), is a line of the run, in the same order,
+# once digits are one placeholder and account names another (which account pays depends on
+# the balances earlier runs left).
+shape() {
+	sed -E 's/[0-9]+/0/g; s/\b(alice|bob|carol|dave|erin|frank|grace|heidi)\b/NAME/g'
+}
+awk '/<!-- demo-sample:begin -->/ { on = 1; next } /<!-- demo-sample:end -->/ { on = 0 }
+	on && !/^```/' "$readme" >"$tmp/sample"
+shape <"$tmp/sample" >"$tmp/sample.shape"
+shape <"$out" >"$tmp/run.shape"
+sample_matches() {
+	awk 'NR == FNR { run[++n] = $0; next }
+		$0 == "..." { next }
+		{ found = 0
+		  while (i < n) if (run[++i] == $0) { found = 1; break }
+		  if (!found) { print "README sample line not in the run (in order): " $0; bad = 1; exit } }
+		END { exit bad }' "$tmp/run.shape" "$tmp/sample.shape" >&2
+}
+expect "README: the tour sample is there" test "$(grep -cv '^\.\.\.$' "$tmp/sample")" -ge 20
+expect "README: the tour sample has the shape of a real run" sample_matches
+
+"$demo" tour --count 40 >"$out" 2>&1
+rc=$?
+expect "tour --count 40 exits 0" test "$rc" -eq 0
+expect "tour --count 40: its transfer part runs 40" grep -q '^  40 transfers in' "$out"
+expect "tour --count 40: the header says 40" grep -q '^== transfer: 40 random' "$out"
+
+"$demo" transfer --count 2000 >"$out" 2>&1
 rc=$?
 cat "$out"
 expect "transfer exits 0" test "$rc" -eq 0
 expect "transfer: 2000 done" grep -q '2000 transfers in' "$out"
 expect "transfer: invariant held" grep -q '\[ok\]   invariant held' "$out"
 
-"$demo" --conninfo "host=127.0.0.1 port=1 password=DemoSecret1" commit >"$out" 2>&1
+# Options for scenarios that take none: refused, in a clear message, before connecting.
+for args in "commit --count 5" "cancel --concurrency 3" "--count 5 retry"; do
+	# shellcheck disable=SC2086 # word splitting intended
+	"$demo" $args >"$out" 2>&1
+	rc=$?
+	cat "$out"
+	expect "$args: exit 2" test "$rc" -eq 2
+	expect "$args: says where the option applies" grep -q 'applies to transfer and tour, not to' "$out"
+	expect "$args: connects to nothing" bash -c "! grep -q 'connected to' '$out'"
+done
+"$demo" transfer --count 5 --concurrency 2 --check-args >"$out" 2>&1
+expect "--check-args: valid arguments, exit 0" test $? -eq 0
+expect "--check-args: nothing printed" test ! -s "$out"
+"$demo" --check-args bogus >"$out" 2>&1
+expect "--check-args: unknown scenario, exit 2" test $? -eq 2
+expect "--check-args: unknown scenario named" grep -q 'no scenario "bogus"' "$out"
+
+# --conninfo wins over PGSCOPE_DEMO_CONNINFO (which names the working server here).
+"$demo" --conninfo "host=127.0.0.1 port=1" commit >"$out" 2>&1
+rc=$?
+cat "$out"
+expect "--conninfo over the environment: exit 2" test "$rc" -eq 2
+expect "--conninfo over the environment: one line" test "$(wc -l <"$out")" -eq 1
+
+PGSCOPE_DEMO_CONNINFO="host=127.0.0.1 port=1 password=DemoSecret1" "$demo" commit >"$out" 2>&1
 rc=$?
 cat "$out"
 expect "unreachable server: exit 2" test "$rc" -eq 2
 expect "unreachable server: one line" test "$(wc -l <"$out")" -eq 1
 expect "unreachable server: no password" bash -c "! grep -q DemoSecret1 '$out'"
-"$demo" --conninfo "$PGSCOPE_TEST_CONNINFO" nonsense >"$out" 2>&1
+"$demo" nonsense >"$out" 2>&1
 expect "unknown scenario: exit 2" test $? -eq 2
+"$demo" "host=127.0.0.1 password=DemoSecret1" >"$out" 2>&1
+rc=$?
+cat "$out"
+expect "a conninfo given as the scenario: exit 2" test "$rc" -eq 2
+expect "a conninfo given as the scenario: not echoed" bash -c "! grep -q DemoSecret1 '$out'"
+
+# connect_timeout in the conninfo decides: a listener that accepts and never answers (python3:
+# meson's own language, so always there), connect_timeout=2: the demo gives up after 2 s, not
+# after its own 10 s default.
+python3 -c '
+import socket, sys, time
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(16)
+print(s.getsockname()[1], flush=True)
+held = []
+while True:
+    held.append(s.accept()[0])
+' >"$tmp/port" &
+listener=$!
+for ((i = 0; i < 100; i++)); do
+	[[ -s $tmp/port ]] && break
+	sleep 0.05
+done
+port=$(cat "$tmp/port")
+expect "silent listener started" test -n "$port"
+start=$(date +%s%N)
+PGSCOPE_DEMO_CONNINFO="host=127.0.0.1 port=$port connect_timeout=2 password=DemoSecret1" \
+	"$demo" commit >"$out" 2>&1
+rc=$?
+ms=$((($(date +%s%N) - start) / 1000000))
+cat "$out"
+echo "connect_timeout=2 against a silent server: gave up after $ms ms"
+expect "connect_timeout=2: exit 2" test "$rc" -eq 2
+expect "connect_timeout=2: says it timed out" grep -q 'timed out after 2000 ms' "$out"
+expect "connect_timeout=2: well under 10 s (< 8 s)" test "$ms" -lt 8000
+expect "connect_timeout=2: no password" bash -c "! grep -q DemoSecret1 '$out'"
+kill "$listener" 2>/dev/null
+wait "$listener" 2>/dev/null
+listener=
 
 echo "demo: $passes passed, $fails failed"
 [ "$fails" -eq 0 ]

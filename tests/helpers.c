@@ -2,13 +2,10 @@
  * Check's forked child: a libpq connection must not cross a fork. */
 #include "helpers.h"
 
+#include "faultproxy.h"
+
 #include <arpa/inet.h>
 #include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <poll.h>
-#include <pthread.h>
-#include <stdint.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -169,7 +166,11 @@ void th_close(struct event_base *base, pgs_conn *c)
     ck_assert_int_eq(done, 1);
 }
 
-/* A fresh connection per call, closed before returning, so no test leaves a descriptor. */
+/* A fresh connection per call, closed before returning, so no test leaves a descriptor;
+ * unless th_observer_keep(1) asked th_scalar to keep one until th_observer_keep(0). */
+static int keep_observer;
+static PGconn *kept_observer;
+
 static void quiet(void *arg, const char *message)
 {
     (void)arg;
@@ -184,9 +185,20 @@ static PGconn *observer(void)
     return pg;
 }
 
+void th_observer_keep(int on)
+{
+    keep_observer = on;
+    if (!on && kept_observer) {
+        PQfinish(kept_observer);
+        kept_observer = NULL;
+    }
+}
+
 char *th_scalar(const char *sql, int nparams, const char *const *values)
 {
-    PGconn *pg = observer();
+    PGconn *pg = kept_observer ? kept_observer : observer();
+    if (keep_observer)
+        kept_observer = pg;
     PGresult *r = PQexecParams(pg, sql, nparams, NULL, values, NULL, NULL, 0);
     ExecStatusType st = PQresultStatus(r);
     ck_assert_msg(st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK, "observer: %s: %s", sql,
@@ -195,7 +207,8 @@ char *th_scalar(const char *sql, int nparams, const char *const *values)
     if (st == PGRES_TUPLES_OK && PQntuples(r) > 0 && !PQgetisnull(r, 0, 0))
         v = strdup(PQgetvalue(r, 0, 0));
     PQclear(r);
-    PQfinish(pg);
+    if (!keep_observer)
+        PQfinish(pg);
     return v;
 }
 
@@ -311,200 +324,111 @@ int th_run_suite(Suite *s)
     return failed == 0 ? 0 : 1;
 }
 
-/* ---- the fault proxy ---- */
+/* ---- transactions ---- */
 
-
-enum { PROXY_MAX = 16 };
-
-typedef struct proxy_pair {
-    int client, server;
-    int last; /* 1: the last data went client->server, 2: server->client */
-} proxy_pair;
-
-struct th_proxy {
-    pthread_t tid;
-    pthread_mutex_t mu;
-    int listen_fd, target_port, port;
-    int ctl[2]; /* wakes the thread for cut/stall/stop */
-    proxy_pair pairs[PROXY_MAX];
-    int npairs;
-    int turns, stalled, cut, stop;
-};
-
-static void pair_close(th_proxy *p, int i)
+void th_record_tx(const pgs_tx_result *r, void *arg)
 {
-    close(p->pairs[i].client);
-    close(p->pairs[i].server);
-    p->pairs[i] = p->pairs[--p->npairs];
+    th_txdone *d = arg;
+    d->fired++;
+    d->at = th_now();
+    d->outcome = r->outcome;
+    d->has_err = r->err != NULL;
+    if (r->err)
+        d->err = *r->err;
+    memcpy(d->xid, r->xid, sizeof d->xid);
+    d->attempts = r->attempts;
 }
 
-static int connect_target(int port)
+void th_fresh_table(const char *name)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
-        close(fd);
-        fd = -1;
+    char sql[256];
+    snprintf(sql, sizeof sql, "DROP TABLE IF EXISTS %s", name);
+    free(th_scalar(sql, 0, NULL));
+    snprintf(sql, sizeof sql, "CREATE TABLE %s (id int PRIMARY KEY, v text)", name);
+    free(th_scalar(sql, 0, NULL));
+}
+
+long th_rows(const char *table)
+{
+    char sql[128];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
+    return th_scalar_long(sql, 0, NULL);
+}
+
+typedef struct resolved {
+    int fired;
+    pgs_txid_status status;
+    int has_err;
+    char message[512];
+} resolved;
+
+static void on_resolved(pgs_txid_status status, const pgs_error *err, void *arg)
+{
+    resolved *r = arg;
+    r->fired++;
+    r->status = status;
+    r->has_err = err != NULL;
+    if (err)
+        snprintf(r->message, sizeof r->message, "%s", err->message);
+}
+
+pgs_txid_status th_resolve(struct event_base *base, const char *xid)
+{
+    for (double end = th_now() + 5;; usleep(20000)) {
+        resolved r = {0};
+        ck_assert_int_eq(pgs_tx_resolve(base, th_conninfo(NULL), xid, on_resolved, &r), PGS_OK);
+        ck_assert_int_eq(r.fired, 0);
+        th_run_until(base, &r.fired, 10);
+        ck_assert_int_eq(r.fired, 1);
+        ck_assert_msg(!r.has_err, "resolving %s: %s", xid, r.message);
+        if (r.status != PGS_TXID_IN_PROGRESS)
+            return r.status;
+        ck_assert_msg(th_now() < end, "transaction %s still in progress after 5 s", xid);
     }
-    return fd;
 }
 
-/* Move what is readable from one side to the other; -1 when either side is done. */
-static int pump(int from, int to)
-{
-    char buf[65536];
-    ssize_t n = read(from, buf, sizeof buf);
-    if (n <= 0)
-        return -1;
-    for (ssize_t off = 0; off < n;) {
-        ssize_t w = write(to, buf + off, (size_t)(n - off));
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return -1;
-        off += w;
-    }
-    return 0;
-}
-
-static void *proxy_thread(void *arg)
-{
-    th_proxy *p = arg;
-    for (;;) {
-        struct pollfd fds[2 + 2 * PROXY_MAX];
-        pthread_mutex_lock(&p->mu);
-        int stop = p->stop, stalled = p->stalled;
-        if (p->cut) {
-            while (p->npairs)
-                pair_close(p, 0);
-            p->cut = 0;
-        }
-        pthread_mutex_unlock(&p->mu);
-        if (stop)
-            break;
-        int n = 0;
-        fds[n++] = (struct pollfd){p->ctl[0], POLLIN, 0};
-        fds[n++] = (struct pollfd){p->listen_fd, POLLIN, 0};
-        for (int i = 0; i < p->npairs && !stalled; i++) {
-            fds[n++] = (struct pollfd){p->pairs[i].client, POLLIN, 0};
-            fds[n++] = (struct pollfd){p->pairs[i].server, POLLIN, 0};
-        }
-        if (poll(fds, (nfds_t)n, -1) < 0)
-            continue;
-        if (fds[0].revents) {
-            char b[64];
-            if (read(p->ctl[0], b, sizeof b) < 0)
-                continue;
-        }
-        if (fds[1].revents && p->npairs < PROXY_MAX) {
-            int c = accept4(p->listen_fd, NULL, NULL, SOCK_CLOEXEC);
-            int s = c >= 0 ? connect_target(p->target_port) : -1;
-            if (s >= 0) {
-                p->pairs[p->npairs++] = (proxy_pair){c, s, 0};
-            } else if (c >= 0) {
-                close(c);
-            }
-            continue; /* the pollfd array no longer matches the pairs */
-        }
-        for (int i = p->npairs - 1, k = n - 2; i >= 0 && !stalled; i--, k -= 2) {
-            proxy_pair *pp = &p->pairs[i];
-            int bad = 0;
-            if (fds[k].revents) {
-                pthread_mutex_lock(&p->mu);
-                p->turns += pp->last != 1;
-                pp->last = 1;
-                pthread_mutex_unlock(&p->mu);
-                bad |= pump(pp->client, pp->server);
-            }
-            if (!bad && fds[k + 1].revents) {
-                pthread_mutex_lock(&p->mu);
-                pp->last = 2;
-                pthread_mutex_unlock(&p->mu);
-                bad |= pump(pp->server, pp->client);
-            }
-            if (bad)
-                pair_close(p, i);
-        }
-    }
-    while (p->npairs)
-        pair_close(p, 0);
-    return NULL;
-}
+/* ---- the fault proxy (tools/faultproxy.c), as the suites use it ---- */
 
 th_proxy *th_proxy_start(int target_port)
 {
-    th_proxy *p = calloc(1, sizeof *p);
-    ck_assert_ptr_nonnull(p);
-    p->target_port = target_port;
-    p->listen_fd = th_silent_listener(&p->port);
-    ck_assert_int_eq(pipe2(p->ctl, O_CLOEXEC), 0);
-    pthread_mutex_init(&p->mu, NULL);
-    ck_assert_int_eq(pthread_create(&p->tid, NULL, proxy_thread, p), 0);
+    th_proxy *p = fp_start(target_port);
+    ck_assert_msg(p != NULL, "the fault proxy to port %d did not start", target_port);
     return p;
 }
 
 int th_proxy_port(th_proxy *p)
 {
-    return p->port;
+    return fp_port(p);
 }
 
 const char *th_proxy_conninfo(th_proxy *p)
 {
     char extra[64];
-    snprintf(extra, sizeof extra, "host=127.0.0.1 hostaddr=127.0.0.1 port=%d", p->port);
+    snprintf(extra, sizeof extra, "host=127.0.0.1 hostaddr=127.0.0.1 port=%d", fp_port(p));
     return th_conninfo(extra);
-}
-
-static void proxy_poke(th_proxy *p)
-{
-    if (write(p->ctl[1], "x", 1) < 0)
-        ck_abort_msg("proxy: cannot wake the thread");
 }
 
 void th_proxy_cut(th_proxy *p)
 {
-    pthread_mutex_lock(&p->mu);
-    p->cut = 1;
-    pthread_mutex_unlock(&p->mu);
-    proxy_poke(p);
+    fp_cut(p);
 }
 
 void th_proxy_stall(th_proxy *p, int on)
 {
-    pthread_mutex_lock(&p->mu);
-    p->stalled = on;
-    pthread_mutex_unlock(&p->mu);
-    proxy_poke(p);
+    fp_stall(p, on);
 }
 
 int th_proxy_turns(th_proxy *p)
 {
-    pthread_mutex_lock(&p->mu);
-    int t = p->turns;
-    pthread_mutex_unlock(&p->mu);
-    return t;
+    return fp_turns(p);
 }
 
 void th_proxy_reset_turns(th_proxy *p)
 {
-    pthread_mutex_lock(&p->mu);
-    p->turns = 0;
-    for (int i = 0; i < p->npairs; i++)
-        p->pairs[i].last = 0;
-    pthread_mutex_unlock(&p->mu);
+    fp_reset_turns(p);
 }
 
 void th_proxy_stop(th_proxy *p)
 {
-    pthread_mutex_lock(&p->mu);
-    p->stop = 1;
-    pthread_mutex_unlock(&p->mu);
-    proxy_poke(p);
-    pthread_join(p->tid, NULL);
-    close(p->listen_fd);
-    close(p->ctl[0]);
-    close(p->ctl[1]);
-    pthread_mutex_destroy(&p->mu);
-    free(p);
+    fp_stop(p);
 }

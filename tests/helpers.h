@@ -35,6 +35,10 @@ void th_close(struct event_base *base, pgs_conn *c);
 char *th_scalar(const char *sql, int nparams, const char *const *values);
 /* th_scalar as a number. */
 long th_scalar_long(const char *sql, int nparams, const char *const *values);
+/* on = 1: th_scalar (and what uses it) keeps one observer connection for every call, where a
+ * test makes many (connecting costs more than the query); on = 0 closes it. Both calls on the
+ * same side of th_loop_begin / th_loop_end, so the descriptor count holds. */
+void th_observer_keep(int on);
 /* Poll until the backend with this pid is gone from pg_stat_activity (or fail after seconds). */
 void th_wait_backend_gone(int pid, double seconds);
 
@@ -89,11 +93,29 @@ int th_closed_port(void);
 /* Build and run a Check suite; returns the process exit status. */
 int th_run_suite(Suite *s);
 
-#endif
+/* A transaction's end as a pgs_tx_done_cb (th_record_tx) records it. */
+typedef struct th_txdone {
+    int fired;
+    pgs_tx_outcome outcome;
+    int has_err;
+    pgs_error err;
+    char xid[48];
+    int attempts;
+    double at;
+} th_txdone;
+void th_record_tx(const pgs_tx_result *r, void *arg);
+/* A fresh table `name` (id int PRIMARY KEY, v text), made by the observer. */
+void th_fresh_table(const char *name);
+/* SELECT count(*) FROM table, by the observer. */
+long th_rows(const char *table);
+/* pgs_tx_resolve on a fresh connection, asked again while the server says IN_PROGRESS (fails
+ * the test on an error, or when it stays in progress for 5 s). */
+pgs_txid_status th_resolve(struct event_base *base, const char *xid);
 
 /* A loopback TCP proxy in front of the server (a thread of the test process), for real
- * network faults and for counting round trips on the wire. */
-typedef struct th_proxy th_proxy;
+ * network faults and for counting round trips on the wire: the fault proxy of
+ * tools/faultproxy.h itself, so a test may also call its fp_* functions on it. */
+typedef struct fp_proxy th_proxy;
 /* Proxy to 127.0.0.1:target_port; listens on a free loopback port. */
 th_proxy *th_proxy_start(int target_port);
 int th_proxy_port(th_proxy *p);
@@ -108,3 +130,5 @@ void th_proxy_stall(th_proxy *p, int on);
 int th_proxy_turns(th_proxy *p);
 void th_proxy_reset_turns(th_proxy *p);
 void th_proxy_stop(th_proxy *p);
+
+#endif

@@ -1011,6 +1011,70 @@ START_TEST(test_pool_run_tx_done_fires_with_the_guard_back)
 }
 END_TEST
 
+/* After a restart the server may give an id whose assignment never reached its WAL (a crash)
+ * to another transaction: pgs_tx_resolve then says UNKNOWN, never that transaction's status. */
+static void commit_one(pgs_tx *tx, void *arg)
+{
+    (void)arg;
+    pgs_tx_query(tx, "INSERT INTO pgs_pool_probe VALUES (7)", 0, NULL, th_note_conn, NULL);
+    pgs_tx_end(tx, 1, NULL, NULL);
+}
+
+typedef struct resolved_rec {
+    int fired;
+    pgs_txid_status status;
+    int has_err;
+} resolved_rec;
+
+static void on_resolved_rec(pgs_txid_status st, const pgs_error *err, void *arg)
+{
+    resolved_rec *r = arg;
+    r->fired++;
+    r->status = st;
+    r->has_err = err != NULL;
+}
+
+static pgs_txid_status resolve_now(struct event_base *b, const char *xid)
+{
+    resolved_rec r = {0};
+    ck_assert_int_eq(pgs_tx_resolve(b, th_conninfo(NULL), xid, on_resolved_rec, &r), PGS_OK);
+    th_run_until(b, &r.fired, 15);
+    ck_assert_int_eq(r.has_err, 0);
+    return r.status;
+}
+
+static char kept_xid[48];
+
+static void keep_xid(const pgs_tx_result *r, void *arg)
+{
+    snprintf(kept_xid, sizeof kept_xid, "%s", r->xid);
+    on_run_done(r, arg);
+}
+
+START_TEST(test_resolve_after_a_restart_says_unknown)
+{
+    free(th_scalar("DROP TABLE IF EXISTS pgs_pool_probe", 0, NULL));
+    free(th_scalar("CREATE TABLE pgs_pool_probe (x int)", 0, NULL));
+    struct event_base *b = th_loop_begin();
+    pgs_pool_opts o = {.max_size = 1};
+    pgs_pool *p = new_pool(b, "pgs_pool_resolve", o);
+    run_rec d = {0};
+    pgs_tx_opts to = {.resolvable = 1};
+    ck_assert_int_eq(pgs_pool_run_tx(p, &to, commit_one, keep_xid, &d), PGS_OK);
+    th_run_until(b, &d.fired, 15);
+    ck_assert_int_eq(d.outcome, PGS_TX_COMMITTED);
+    ck_assert_msg(strchr(kept_xid, '/'), "xid %s", kept_xid);
+    ck_assert_int_eq(resolve_now(b, kept_xid), PGS_TXID_COMMITTED);
+    char bare[48];
+    snprintf(bare, sizeof bare, "%.*s", (int)strcspn(kept_xid, "/"), kept_xid);
+    close_pool(b, p);
+    pgctl("restart -w -m fast");
+    ck_assert_int_eq(resolve_now(b, kept_xid), PGS_TXID_UNKNOWN); /* restarted since */
+    ck_assert_int_eq(resolve_now(b, bare), PGS_TXID_COMMITTED); /* (a bare id: not noticed) */
+    th_loop_end(b);
+}
+END_TEST
+
 static Suite *pool_suite(int restart_only)
 {
     Suite *s = suite_create("pool");
@@ -1018,6 +1082,7 @@ static Suite *pool_suite(int restart_only)
     tcase_set_timeout(t, 60);
     if (restart_only) {
         tcase_add_test(t, test_server_restart_fails_clearly_then_recovers);
+        tcase_add_test(t, test_resolve_after_a_restart_says_unknown);
     } else {
         tcase_add_test(t, test_thousand_transactions_on_a_pool_of_four);
         tcase_add_test(t, test_acquire_timeout_and_waiter_bound_have_their_own_codes);

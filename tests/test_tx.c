@@ -12,7 +12,7 @@ typedef struct txdone {
     pgs_tx_outcome outcome;
     int has_err;
     pgs_error err;
-    char xid[24];
+    char xid[48];
     int attempts;
     double at;
 } txdone;

@@ -15,7 +15,8 @@
 
 static struct event_base *base;
 static const char *conninfo = "";
-static int failures; /* checks that did not hold */
+static int connect_timeout_ms; /* for every guard and the pool: see demo_connect_timeout */
+static int failures;           /* checks that did not hold */
 
 /* ---- output ---- */
 
@@ -89,7 +90,7 @@ static pgs_conn *open_conn(void)
 {
     opened o = {0};
     pgs_conn *c;
-    pgs_conn_opts opts = {.connect_timeout_ms = 10000};
+    pgs_conn_opts opts = {.connect_timeout_ms = connect_timeout_ms};
     if (pgs_conn_open(base, conninfo, &opts, on_opened, &o, &c) != PGS_OK)
         fatal("cannot start a connection", NULL);
     wait_for(&o.fired);
@@ -600,9 +601,19 @@ static void scenario_retry(void)
 
 /* ---- transfer: many at once on a pool ---- */
 
+/* Transfers that neither committed nor were refused by the CHECK, grouped by code and message,
+ * so the summary says what happened to them. */
+typedef struct failure_kind {
+    int code; /* a pgs_code, or -1: the rest */
+    char msg[200];
+    int n;
+} failure_kind;
+
 typedef struct load {
     pgs_pool *pool;
     int count, concurrency, started, finished, commits, rollbacks, retries, other;
+    failure_kind kinds[8];
+    int nkinds;
     unsigned seed;
     double t0, last_print;
     int tty;
@@ -629,18 +640,48 @@ static void progress_line(load *l, int last)
     fflush(stdout);
 }
 
+/* Counts a failure under its code and the first line of its message; past the first seven
+ * kinds, under "other reasons" (code -1), the last slot. */
+static void note_failure(load *l, const pgs_tx_result *r)
+{
+    int code = r->err ? (int)r->err->code : PGS_OK;
+    char msg[sizeof l->kinds[0].msg];
+    const char *text = r->err ? r->err->message : outcome_name(r->outcome);
+    size_t len = strcspn(text, "\n");
+    if (len >= sizeof msg)
+        len = sizeof msg - 1;
+    memcpy(msg, text, len);
+    msg[len] = '\0';
+    int size = (int)(sizeof l->kinds / sizeof l->kinds[0]), i = 0;
+    while (i < l->nkinds && (l->kinds[i].code != code || strcmp(l->kinds[i].msg, msg) != 0))
+        i++;
+    if (i == l->nkinds && l->nkinds < size - 1) {
+        l->kinds[i].code = code;
+        memcpy(l->kinds[i].msg, msg, sizeof msg);
+        l->nkinds++;
+    } else if (i == l->nkinds) {
+        i = size - 1;
+        l->kinds[i].code = -1;
+        l->nkinds = size;
+    }
+    l->kinds[i].n++;
+}
+
 static void load_done(const pgs_tx_result *r, void *arg)
 {
     load_job *lj = arg;
     load *l = lj->l;
     l->finished++;
-    l->retries += r->attempts - 1;
-    if (r->outcome == PGS_TX_COMMITTED)
+    if (r->attempts > 1)
+        l->retries += r->attempts - 1;
+    if (r->outcome == PGS_TX_COMMITTED) {
         l->commits++;
-    else if (r->err && strcmp(r->err->sqlstate, "23514") == 0)
+    } else if (r->err && strcmp(r->err->sqlstate, "23514") == 0) {
         l->rollbacks++; /* an overdraft: the CHECK refused it, as it should */
-    else
+    } else {
         l->other++;
+        note_failure(l, r);
+    }
     free(lj);
     if (l->tty && (now_s() - l->last_print >= 0.1 || l->finished == l->count)) {
         l->last_print = now_s(); /* ten updates a second at most: the line is for people */
@@ -663,7 +704,9 @@ static void load_next(load *l)
     make_job(&lj->j, from, to, 1 + (long)(rand_r(&l->seed) % 300));
     lj->j.in_id_order = 1;
     l->started++;
-    pgs_tx_opts opts = {.isolation = PGS_ISO_SERIALIZABLE, .retries = 10};
+    /* Eight accounts: the more transfers at once, the more often each one conflicts, so the
+     * more retries it may need (10, and one more for every 8 at a time). */
+    pgs_tx_opts opts = {.isolation = PGS_ISO_SERIALIZABLE, .retries = 10 + l->concurrency / 8};
     if (pgs_pool_run_tx(l->pool, &opts, load_body, load_done, lj) != PGS_OK)
         fatal("cannot queue a transfer", NULL);
 }
@@ -673,16 +716,47 @@ static void on_pool_closed(void *arg)
     *(int *)arg = 1;
 }
 
+/* How many more connections the server takes now: max_connections, less the slots reserved
+ * for superusers (and, from PostgreSQL 16, for pg_use_reserved_connections), less the client
+ * connections already open (this one among them). Tells how it got there in `how`. */
+static int free_connections(pgs_conn *c, char *how, size_t len)
+{
+    rows r = query(c,
+                   "SELECT current_setting('max_connections')::int, "
+                   "current_setting('superuser_reserved_connections')::int "
+                   "+ coalesce(current_setting('reserved_connections', true)::int, 0), "
+                   "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int",
+                   0, NULL, 0);
+    int max = atoi(r.v[0][0]), reserved = atoi(r.v[0][1]), in_use = atoi(r.v[0][2]);
+    int left = max - reserved - in_use;
+    snprintf(how, len, "max_connections %d, less %d reserved and %d in use", max, reserved,
+             in_use);
+    return left;
+}
+
 static void scenario_transfer(int count, int concurrency)
 {
+    pgs_conn *c = open_conn();
+    char how[160];
+    int left = free_connections(c, how, sizeof how);
+    if (left < 1) {
+        fprintf(stderr, "pgscope-demo: the server takes no more connections (%s)\n", how);
+        exit(2);
+    }
+    int asked = concurrency;
+    if (concurrency > left)
+        concurrency = left;
     printf("\n== transfer: %d random serializable transfers, %d at a time, on a pool of %d\n",
            count, concurrency, concurrency);
-    pgs_conn *c = open_conn();
+    if (concurrency < asked)
+        say("warning: concurrency %d capped at %d, what the server takes now (%s)", asked,
+            concurrency, how);
     load_schema(c);
     long total0 = total_balance(c);
     load l = {.count = count, .concurrency = concurrency, .seed = (unsigned)time(NULL),
               .tty = isatty(STDOUT_FILENO)};
-    pgs_pool_opts po = {.max_size = concurrency, .acquire_timeout_ms = 60000};
+    pgs_pool_opts po = {.max_size = concurrency, .acquire_timeout_ms = 60000,
+                        .conn = {.connect_timeout_ms = connect_timeout_ms}};
     if (pgs_pool_new(base, conninfo, &po, &l.pool) != PGS_OK)
         fatal("cannot create the pool", NULL);
     l.t0 = now_s();
@@ -695,6 +769,14 @@ static void scenario_transfer(int count, int concurrency)
         progress_line(&l, 1);
     say("%d transfers in %.2f s (%.0f/s): %d committed, %d refused as overdrafts, %d retries",
         l.count, el, l.count / el, l.commits, l.rollbacks, l.retries);
+    for (int i = 0; i < l.nkinds; i++) {
+        const failure_kind *k = &l.kinds[i];
+        const char *name = k->code < 0 ? NULL : pgs_strerror(k->code);
+        if (name)
+            say("%d failed with %.*s: %s", k->n, (int)strcspn(name, ":"), name, k->msg);
+        else
+            say("%d failed for other reasons", k->n);
+    }
     long total1 = total_balance(c);
     say("total balance before %ld, after %ld", total0, total1);
     check(l.other == 0, "every transfer committed or was refused by the CHECK (%d other)", l.other);
@@ -711,7 +793,11 @@ static const char *const usage_text =
     "usage: pgscope-demo [--conninfo CONNINFO] [SCENARIO] [options]\n"
     "\n"
     "Shows pgscope's guarantees against a PostgreSQL server, and what the server holds after.\n"
-    "Connects to --conninfo, or where libpq's environment (PGHOST, PGPORT, PGUSER, ...) points.\n"
+    "Connects to --conninfo, else to $PGSCOPE_DEMO_CONNINFO, else where libpq's environment\n"
+    "(PGHOST, PGPORT, PGUSER, PGPASSWORD, ~/.pgpass, ...) points. A password in --conninfo is\n"
+    "visible to every user of the machine (ps): give it in PGSCOPE_DEMO_CONNINFO, PGPASSWORD\n"
+    "or ~/.pgpass instead. Connecting gives up after the conninfo's connect_timeout, else\n"
+    "PGCONNECT_TIMEOUT's, else 10 s.\n"
     "\n"
     "scenarios:\n"
     "  tour       all of the below in order (the default)\n"
@@ -725,11 +811,48 @@ static const char *const usage_text =
     "\n"
     "options:\n"
     "  --conninfo S     libpq connection string or URI\n"
-    "  --count N        transfers for `transfer` (default 1000)\n"
-    "  --concurrency C  pool size and transfers at once for `transfer` (default 8)\n"
+    "  --count N        transfers for `transfer` (default 1000) and `tour` (default 500)\n"
+    "  --concurrency C  pool size and transfers at once for `transfer` and `tour` (default 8;\n"
+    "                   capped at the connections the server has free)\n"
+    "  --check-args     check the arguments, then exit (0: valid, 2: not) without connecting\n"
     "  -h, --help       this text (also: pgscope-demo SCENARIO --help)\n"
     "\n"
     "Exit status: 0 when every check held, 1 when one did not, 2 on an error.\n";
+
+static const char *const scenario_names[] = {"tour",   "commit",  "rollback", "savepoint",
+                                             "cancel", "timeout", "retry",    "transfer"};
+
+/* A bad command line: what is wrong, the usage line and the scenarios, exit 2. */
+static void bad_usage(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("pgscope-demo: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\n%.*s", (int)(strchr(usage_text, '\n') - usage_text + 1), usage_text);
+    fputs("scenarios:", stderr);
+    for (size_t i = 0; i < sizeof scenario_names / sizeof scenario_names[0]; i++)
+        fprintf(stderr, " %s", scenario_names[i]);
+    fputs(" (see pgscope-demo --help)\n", stderr);
+    exit(2);
+}
+
+/* An argument as an error message may quote it: not when it may hold a password (a conninfo or
+ * URI given where a scenario or option belongs), and an option only up to its '='. */
+static int may_hold_password(const char *arg)
+{
+    return strchr(arg, '=') || strstr(arg, "://") || strchr(arg, '@');
+}
+
+static const char *shown(const char *arg, char *buf, size_t len)
+{
+    if (arg[0] == '-') {
+        snprintf(buf, len, "%.*s", (int)strcspn(arg, "="), arg);
+        return buf;
+    }
+    return may_hold_password(arg) ? "***" : arg;
+}
 
 static void scenario_help(const char *name)
 {
@@ -742,60 +865,97 @@ static void scenario_help(const char *name)
         const char *end = strchr(line + 1, '\n');
         printf("%.*s\n", (int)(end - line - 14), line + 14);
     }
+    int pool = strcmp(name, "transfer") == 0 || strcmp(name, "tour") == 0;
     printf("usage: pgscope-demo [--conninfo CONNINFO] %s%s\n", name,
-           strcmp(name, "transfer") == 0 ? " [--count N] [--concurrency C]" : "");
+           pool ? " [--count N] [--concurrency C]" : "");
 }
 
 static int positive(const char *s, const char *what)
 {
     char *end;
     long v = strtol(s, &end, 10);
-    if (*s == '\0' || *end != '\0' || v <= 0 || v > 10000000) {
-        fprintf(stderr, "pgscope-demo: %s must be a positive number, not \"%s\"\n", what, s);
-        exit(2);
-    }
+    if (*s == '\0' || *end != '\0' || v <= 0 || v > 10000000)
+        bad_usage("%s must be a number from 1 to 10000000, not \"%s\"", what, s);
     return (int)v;
+}
+
+/* The connect deadline for every guard: 0 (the library's rule: the conninfo's
+ * connect_timeout) when the conninfo has one; else PGCONNECT_TIMEOUT's, as libpq reads it
+ * (below 2 s counts as 2 s); else 10 s, which is enough for a local or nearby server. A
+ * conninfo that does not parse gets 0 too: opening the guard says what is wrong with it. */
+static int demo_connect_timeout(const char *ci)
+{
+    char *why = NULL;
+    PQconninfoOption *opts = PQconninfoParse(ci, &why);
+    PQfreemem(why); /* libpq's reason may quote the password: never shown from here */
+    if (!opts)
+        return 0;
+    int has = 0;
+    for (PQconninfoOption *o = opts; o->keyword; o++)
+        if (strcmp(o->keyword, "connect_timeout") == 0 && o->val && o->val[0])
+            has = 1;
+    PQconninfoFree(opts);
+    if (has)
+        return 0;
+    const char *env = getenv("PGCONNECT_TIMEOUT");
+    int s = env ? atoi(env) : 0;
+    if (s > 0)
+        return (s < 2 ? 2 : s) * 1000;
+    return 10000;
 }
 
 int main(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        {"conninfo", required_argument, 0, 'c'}, {"count", required_argument, 0, 'n'},
-        {"concurrency", required_argument, 0, 'j'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
-    int count = 1000, concurrency = 8, help = 0;
-    for (int ch; (ch = getopt_long(argc, argv, "h", longopts, NULL)) != -1;) {
+    static const struct option longopts[] = {{"conninfo", required_argument, 0, 'c'},
+                                             {"count", required_argument, 0, 'n'},
+                                             {"concurrency", required_argument, 0, 'j'},
+                                             {"check-args", no_argument, 0, 'k'},
+                                             {"help", no_argument, 0, 'h'},
+                                             {0, 0, 0, 0}};
+    int count = 1000, concurrency = 8, help = 0, check_only = 0;
+    const char *count_opt = NULL, *concurrency_opt = NULL, *conninfo_opt = NULL;
+    char buf[64];
+    opterr = 0; /* its messages name the program by its path: bad_usage says it instead */
+    for (int ch; (ch = getopt_long(argc, argv, ":h", longopts, NULL)) != -1;) {
         switch (ch) {
         case 'c':
-            conninfo = optarg;
+            conninfo_opt = optarg;
             break;
         case 'n':
             count = positive(optarg, "--count");
+            count_opt = optarg;
             break;
         case 'j':
             concurrency = positive(optarg, "--concurrency");
+            concurrency_opt = optarg;
+            break;
+        case 'k':
+            check_only = 1;
             break;
         case 'h':
             help = 1;
             break;
+        case ':':
+            bad_usage("%s needs a value", shown(argv[optind - 1], buf, sizeof buf));
+            break;
         default:
-            fprintf(stderr, "pgscope-demo: see pgscope-demo --help\n");
-            return 2;
+            if (optopt)
+                bad_usage("unknown option \"-%c\"", optopt);
+            bad_usage("unknown option \"%s\"", shown(argv[optind - 1], buf, sizeof buf));
         }
     }
     const char *scenario = optind < argc ? argv[optind] : "tour";
-    if (optind + 1 < argc) {
-        fprintf(stderr, "pgscope-demo: unexpected argument \"%s\"\n", argv[optind + 1]);
-        return 2;
-    }
-    static const char *const names[] = {"tour",   "commit",  "rollback", "savepoint",
-                                        "cancel", "timeout", "retry",    "transfer"};
+    if (optind + 1 < argc)
+        bad_usage("unexpected argument \"%s\" (one scenario at a time)",
+                  shown(argv[optind + 1], buf, sizeof buf));
     int known = 0;
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-        known |= strcmp(scenario, names[i]) == 0;
-    if (!known) {
-        fprintf(stderr, "pgscope-demo: no scenario \"%s\" (see pgscope-demo --help)\n", scenario);
-        return 2;
-    }
+    for (size_t i = 0; i < sizeof scenario_names / sizeof scenario_names[0]; i++)
+        known |= strcmp(scenario, scenario_names[i]) == 0;
+    if (!known && scenario[0] != '-' && may_hold_password(scenario))
+        bad_usage("no scenario \"***\" (a connection string goes in --conninfo or "
+                  "PGSCOPE_DEMO_CONNINFO)");
+    if (!known)
+        bad_usage("no scenario \"%s\"", shown(scenario, buf, sizeof buf));
     if (help) {
         if (optind < argc)
             scenario_help(scenario);
@@ -803,10 +963,22 @@ int main(int argc, char **argv)
             fputs(usage_text, stdout);
         return 0;
     }
+    int all = strcmp(scenario, "tour") == 0;
+    if (!all && strcmp(scenario, "transfer") != 0) {
+        if (count_opt)
+            bad_usage("--count applies to transfer and tour, not to %s", scenario);
+        if (concurrency_opt)
+            bad_usage("--concurrency applies to transfer and tour, not to %s", scenario);
+    }
+    if (check_only)
+        return 0;
+    /* The environment, not argv: what is on a command line every user can read (ps). */
+    const char *env_conninfo = getenv("PGSCOPE_DEMO_CONNINFO");
+    conninfo = conninfo_opt ? conninfo_opt : env_conninfo ? env_conninfo : "";
+    connect_timeout_ms = demo_connect_timeout(conninfo);
     base = event_base_new();
     if (!base)
         fatal("cannot create an event loop", NULL);
-    int all = strcmp(scenario, "tour") == 0;
     {
         pgs_conn *c = open_conn();
         PGconn *pg = pgs_conn_pgconn(c);
@@ -827,7 +999,7 @@ int main(int argc, char **argv)
     if (all || strcmp(scenario, "retry") == 0)
         scenario_retry();
     if (all || strcmp(scenario, "transfer") == 0)
-        scenario_transfer(all ? 500 : count, concurrency);
+        scenario_transfer(all && !count_opt ? 500 : count, concurrency);
     event_base_free(base);
     printf("\n%s\n", failures ? "SOME CHECKS FAILED" : "every check held");
     return failures ? 1 : 0;

@@ -4,9 +4,10 @@
 # user for TCP (so tests exercise real SCRAM authentication), and removes every trace afterwards.
 #
 # Usage:
-#   tools/pgtmp.sh run [--] CMD ARGS...   start a cluster, run CMD with the env below, tear down,
+#   tools/pgtmp.sh run [--tls] [--] CMD ARGS...
+#                                         start a cluster, run CMD with the env below, tear down,
 #                                         exit with CMD's status
-#   eval "$(tools/pgtmp.sh start [--owner PID])"
+#   eval "$(tools/pgtmp.sh start [--tls] [--owner PID])"
 #                                         start a cluster, print `export VAR='value'` lines; a
 #                                         detached watchdog removes the cluster when PID (default:
 #                                         the calling shell) exits. Inside a pipeline or subshell
@@ -16,12 +17,19 @@
 #   tools/pgtmp.sh pgctl ARGS...          pg_ctl -D "$PGSCOPE_PGDATA" ARGS as the right OS user,
 #                                         e.g. `pgctl stop -m immediate` / `pgctl start -w`
 #                                         (paths in ARGS must be absolute)
+#   --tls (or PGSCOPE_PGTMP_TLS=1)        the server also speaks TLS (ssl = on), with a throwaway
+#                                         CA made in the cluster's dir (needs openssl); without
+#                                         it ssl stays off, so libpq's default sslmode=prefer
+#                                         talks plain TCP to it
 #
 # Environment given to CMD / printed by start:
 #   PGSCOPE_TEST_CONNINFO    host=127.0.0.1 port=P user=pgscope password=W dbname=pgscope
 #                            (the only variable the test suite reads)
 #   PGSCOPE_SOCKET_CONNINFO  host=<socket dir> port=P user=pgscope dbname=pgscope (trust, no pw)
 #   PGSCOPE_SOCKET_DIR, PGSCOPE_PORT, PGSCOPE_PGDATA, PGSCOPE_PGBIN, PGSCOPE_TMPDIR
+#   PGSCOPE_TLS_CA           with --tls only: the CA certificate that signed the server's
+#                            (subjectAltName DNS:localhost, IP:127.0.0.1), for sslrootcert=
+#   PGSCOPE_TLS_OTHER_CA     with --tls only: an unrelated CA's certificate (for wrong-CA tests)
 #
 # Input: PGSCOPE_PGBIN, if set, picks the PostgreSQL bin dir (default: the highest
 # /usr/lib/postgresql/*/bin).
@@ -233,6 +241,9 @@ start_cluster() {
 	# so `pgtmp.sh pgctl start` after a crash test comes back on the same port with the same
 	# options. postgresql.conf includes it last, so it overrides initdb's defaults.
 	printf "\n# pgtmp.sh\ninclude = 'pgscope.conf'\n" >>"$DATA/postgresql.conf"
+	if [[ -n $TLS ]]; then
+		make_tls
+	fi
 
 	local try port_ok=
 	for ((try = 1; try <= PORT_TRIES; try++)); do
@@ -266,6 +277,9 @@ start_cluster() {
 
 	create_role_and_db
 	check_password_login
+	if [[ -n $TLS ]]; then
+		check_tls_login
+	fi
 	log "ready: 127.0.0.1:$PORT, socket $SOCK, dir $TMP"
 }
 
@@ -286,10 +300,61 @@ write_settings() {
 		logging_collector = off
 		log_min_messages = warning
 	EOF
+	# Off unless asked: with ssl on, every client with libpq's default sslmode=prefer would pay
+	# for a TLS handshake. ssl_ca_file only lets clients present certificates; none must.
+	if [[ -n $TLS ]]; then
+		cat >>"$DATA/pgscope.conf" <<-EOF
+			ssl = on
+			ssl_cert_file = '$TMP/tls/server.crt'
+			ssl_key_file = '$TMP/tls/server.key'
+			ssl_ca_file = '$TMP/tls/ca.crt'
+		EOF
+	fi
 	if is_root; then
 		chown postgres: "$DATA/pgscope.conf"
 	fi
 }
+
+# The --tls material, all in $TMP/tls and gone with the cluster: a CA (self-signed), the server's
+# key and a certificate from that CA for localhost and 127.0.0.1 (so sslmode=verify-full works
+# with host=localhost), and a second, unrelated CA. EC P-256 keys: generated in milliseconds.
+# The CA keys are deleted once they signed; the server key is 0600, owned by the server's user.
+make_tls() {
+	command -v openssl >/dev/null || die "--tls needs the openssl command (apt-get install openssl)"
+	local out
+	mkdir -m 711 "$TMP/tls"
+	if ! out=$(make_tls_files "$TMP/tls" 2>&1); then
+		printf '%s\n' "$out" >&2
+		die "making the TLS certificates failed"
+	fi
+	if is_root; then
+		chown postgres: "$TMP/tls/server.key"
+	fi
+}
+
+# In a subshell: umask 077 makes each key file private from the moment it exists. Chained with
+# &&: set -e does not act inside the caller's `if`.
+make_tls_files() (
+	umask 077
+	cd "$1" || exit 1
+	ca() { # NAME CN
+		openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+			-keyout "$1.key" -out "$1.crt" -days 7 -subj "/CN=$2" \
+			-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+	}
+	ca ca "pgtmp.sh throwaway CA" &&
+		ca other-ca "pgtmp.sh unrelated CA" &&
+		openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+			-keyout server.key -out server.csr -subj "/CN=localhost" &&
+		printf '%s\n' 'subjectAltName = DNS:localhost, IP:127.0.0.1' \
+			'basicConstraints = critical, CA:FALSE' 'keyUsage = critical, digitalSignature' \
+			'extendedKeyUsage = serverAuth' >server.ext &&
+		openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key \
+			-set_serial "0x$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')" -days 7 \
+			-extfile server.ext -out server.crt &&
+		rm -f ca.key other-ca.key server.csr server.ext &&
+		chmod 644 ca.crt other-ca.crt server.crt
+)
 
 create_role_and_db() {
 	local out
@@ -329,11 +394,28 @@ check_password_login() {
 		die "unexpected error for a wrong password: $out"
 }
 
+# With --tls: the certificates are right (verify-full with our CA and host name) and the session
+# is really encrypted.
+check_tls_login() {
+	local out tls="host=localhost hostaddr=127.0.0.1 port=$PORT user=pgscope dbname=pgscope"
+	tls+=" sslmode=verify-full sslrootcert=$TMP/tls/ca.crt"
+	if ! out=$(PGPASSWORD=$PASSWORD PGPASSFILE=/dev/null "$PGBIN/psql" -X -q -w \
+		-v ON_ERROR_STOP=1 -At "$tls" -c 'SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()' \
+		2>&1) || [[ $out != t ]]; then
+		printf '%s\n' "${out//$PASSWORD/<redacted>}" >&2
+		die "TLS login with sslmode=verify-full failed"
+	fi
+}
+
 # One `export VAR='value'` per line, quoted for any POSIX shell.
 export_lines() {
 	local name val
 	for name in PGSCOPE_TEST_CONNINFO PGSCOPE_SOCKET_CONNINFO PGSCOPE_SOCKET_DIR PGSCOPE_PORT \
-		PGSCOPE_PGDATA PGSCOPE_PGBIN PGSCOPE_TMPDIR; do
+		PGSCOPE_PGDATA PGSCOPE_PGBIN PGSCOPE_TMPDIR PGSCOPE_TLS_CA PGSCOPE_TLS_OTHER_CA; do
+		if [[ -z ${!name:-} ]]; then # the TLS ones, without --tls: not a stale value either
+			printf 'unset %s\n' "$name"
+			continue
+		fi
 		val=${!name}
 		printf "export %s='%s'\n" "$name" "${val//\'/\'\\\'\'}"
 	done
@@ -349,6 +431,11 @@ set_env() {
 	PGSCOPE_TMPDIR=$TMP
 	export PGSCOPE_TEST_CONNINFO PGSCOPE_SOCKET_CONNINFO PGSCOPE_SOCKET_DIR PGSCOPE_PORT \
 		PGSCOPE_PGDATA PGSCOPE_PGBIN PGSCOPE_TMPDIR
+	# Without --tls none, not an outer cluster's stale paths.
+	unset PGSCOPE_TLS_CA PGSCOPE_TLS_OTHER_CA
+	if [[ -n $TLS ]]; then
+		export PGSCOPE_TLS_CA=$TMP/tls/ca.crt PGSCOPE_TLS_OTHER_CA=$TMP/tls/other-ca.crt
+	fi
 }
 
 # The watchdog lives in its own session (setsid) with stdio on /dev/null: it must survive the
@@ -383,6 +470,11 @@ watchdog() {
 
 TMP=
 TORN_DOWN=
+case ${PGSCOPE_PGTMP_TLS:-} in
+'' | 0) TLS= ;;
+1) TLS=1 ;;
+*) die "PGSCOPE_PGTMP_TLS must be 1 or 0, not '$PGSCOPE_PGTMP_TLS'" ;;
+esac
 WATCH_OWNER=$PPID
 CHILD=''
 
@@ -404,6 +496,10 @@ on_signal() {
 }
 
 cmd_run() {
+	if [[ ${1:-} == --tls ]]; then
+		TLS=1
+		shift
+	fi
 	[[ ${1:-} == -- ]] && shift
 	[[ $# -gt 0 ]] || usage
 	local status=0
@@ -445,6 +541,10 @@ cmd_start() {
 		--owner=*)
 			owner=${1#--owner=}
 			[[ $owner =~ ^[0-9]+$ ]] || die "--owner needs a PID"
+			shift
+			;;
+		--tls)
+			TLS=1
 			shift
 			;;
 		*) usage ;;

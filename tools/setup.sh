@@ -8,9 +8,10 @@ say() { printf '==> %s\n' "$*" >&2; }
 # --no-install-recommends would leave us without <stdio.h>. postgresql brings the server
 # binaries (initdb, pg_ctl) and the postgres OS user the throwaway cluster runs as. pgbouncer:
 # the `pooler` suite runs the guards behind a real transaction-mode pooler
-# (tests/with-pgbouncer.sh starts a throwaway one; its service stays unused).
+# (tests/with-pgbouncer.sh starts a throwaway one; its service stays unused). openssl: the
+# `tls` suite's server gets a throwaway CA and certificate (tools/pgtmp.sh --tls).
 PACKAGES=(gcc libc6-dev pkg-config meson ninja-build libpq-dev libevent-dev check postgresql
-	pgbouncer)
+	pgbouncer openssl)
 
 # --- dependencies -----------------------------------------------------------------------------
 
