@@ -463,16 +463,21 @@ void conn_set_keeper(pgs_conn *c, const conn_keeper *keeper, void *arg)
     c->keeper_arg = arg;
 }
 
-int conn_kill(pgs_conn *c, pgs_code code, const char *msg, int send_cancel)
+int conn_fail(pgs_conn *c, const pgs_error *why, int send_cancel)
 {
     if ((c->state != CS_READY && c->state != CS_CONNECTING) || c->returning)
         return PGS_EMISUSE;
     if (send_cancel && c->state == CS_READY && c->sent.head && !c->cancel)
         start_cancel(c);
+    go_dead(c, why);
+    return PGS_OK;
+}
+
+int conn_kill(pgs_conn *c, pgs_code code, const char *msg, int send_cancel)
+{
     pgs_error e;
     set_error(c, &e, code, code == PGS_ECANCELED ? "57014" : NULL, msg);
-    go_dead(c, &e);
-    return PGS_OK;
+    return conn_fail(c, &e, send_cancel);
 }
 
 void conn_cancel_request(pgs_conn *c)

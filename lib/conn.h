@@ -108,5 +108,7 @@ void conn_cancel_request(pgs_conn *c);
 /* End the connection now: optionally send a cancel request for what runs, close, and fail
  * every pending callback with `code` (from the loop). PGS_EMISUSE when already gone. */
 int conn_kill(pgs_conn *c, pgs_code code, const char *msg, int send_cancel);
+/* The same with the error itself (its SQLSTATE kept), e.g. the server's reason. */
+int conn_fail(pgs_conn *c, const pgs_error *why, int send_cancel);
 
 #endif

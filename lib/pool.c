@@ -513,7 +513,9 @@ static void reset_done(pgs_conn *conn, const PGresult *res, const pgs_error *err
     } else if (conn_ready(conn)) {
         char msg[sizeof err->message + 64];
         snprintf(msg, sizeof msg, "the pool's session reset failed: %s", err->message);
-        conn_kill(conn, PGS_ECONN, msg, 0);
+        pgs_error e;
+        err_set(&e, PGS_ECONN, err->sqlstate, msg, NULL); /* the server's SQLSTATE, if any */
+        conn_fail(conn, &e, 0);
     }
 }
 

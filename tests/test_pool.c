@@ -463,6 +463,7 @@ START_TEST(test_failed_reset_runs_nothing_after_it)
     ck_assert_msg(strstr(failed_insert.message, "session reset failed") &&
                       strstr(failed_insert.message, "lock timeout"),
                   "%s", failed_insert.message);
+    ck_assert_str_eq(failed_insert.sqlstate, "55P03"); /* the server's own: lock_timeout */
     ck_assert_int_eq(failed_select.fired, 1);
     ck_assert_int_eq(failed_select.code, PGS_ECONN);
     PQclear(PQexec(blocker, "COMMIT"));
