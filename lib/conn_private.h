@@ -284,6 +284,8 @@ void send_list(pgs_conn *c, op_list *list);
 
 /* results.c: the result FIFO, and the socket's handler */
 void conn_on_io(void *arg, int what);
+/* Deliver what libpq has answered already, without reading the socket. Callbacks may fire. */
+void read_answered(pgs_conn *c);
 int deliver(pgs_conn *c, op *o);
 
 #endif

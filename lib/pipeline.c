@@ -79,7 +79,16 @@ int push_output(pgs_conn *c)
             return -1;
         }
     }
-    return flush_output(c);
+    if (flush_output(c) != 0)
+        return -1;
+    /* After an error in the segment, libpq answers what is sent after it (PIPELINE_ABORTED)
+     * by itself, with no socket event to read it by: read it now. */
+    if (c->segment_err && c->sent.head) {
+        read_answered(c);
+        if (c->state != CS_READY)
+            return -1;
+    }
+    return 0;
 }
 
 /* Keep the values (v[0..nparams-1]) and sql (v[nparams]; NULL when the cache has the text) of

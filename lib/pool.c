@@ -595,14 +595,13 @@ static void pool_finished(void *arg, int what)
 {
     (void)what;
     pgs_pool *p = arg;
-    pgs_done_cb done = p->done;
-    void *done_arg = p->done_arg;
+    /* The handle stays valid until done returns: a call on it is refused (closing). */
+    if (p->done)
+        p->done(p->done_arg);
     loop_ev_free(p->retry);
     loop_ev_free(p->finish);
     free(p->conninfo);
     free(p);
-    if (done)
-        done(done_arg);
 }
 
 int pgs_pool_new(struct event_base *base, const char *conninfo, const pgs_pool_opts *opts,

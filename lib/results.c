@@ -45,11 +45,14 @@ int deliver(pgs_conn *c, op *o)
     default:
         if (res) {
             /* FATAL means the server ends the session (pg_terminate_backend: 57P01); libpq
-             * may have given up on it too (lost sync with the server). */
+             * may have given up on it too (lost sync with the server: an error of its own,
+             * with no SQLSTATE). A server's error that came before the guard was closed
+             * stays the statement's own. */
             int fatal = is_fatal(res);
             c->server_ended |= fatal;
-            err_from_result(&e, fatal || PQstatus(c->pg) == CONNECTION_BAD ? PGS_ECONN : PGS_ESQL,
-                            res, c->password);
+            int lost = fatal || !PQresultErrorField(res, PG_DIAG_SQLSTATE) ||
+                       (c->pg && PQstatus(c->pg) == CONNECTION_BAD);
+            err_from_result(&e, lost ? PGS_ECONN : PGS_ESQL, res, c->password);
         } else {
             loss_error(c, &e);
         }
@@ -199,6 +202,11 @@ static void read_results(pgs_conn *c)
             o->phase = OP_SYNC;
         }
     }
+}
+
+void read_answered(pgs_conn *c)
+{
+    read_results(c);
 }
 
 static void read_notifies(pgs_conn *c)

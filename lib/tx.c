@@ -72,7 +72,9 @@ struct pgs_tx {
     int ok;       /* what the end asked */
     int failed;   /* first failure in err */
     pgs_error err;
-    int orphan; /* ended by its parent: freed without a done */
+    int orphan; /* ended by its parent: no done; freed with its parent, after the parent's */
+    pgs_tx *orphans;     /* such children of this one, done, waiting to be freed with it */
+    pgs_tx *next_orphan;
     commit_phase commit;  /* root */
     pgs_code cancel_code; /* root: PGS_ECANCELED / PGS_ETIMEDOUT once cancelled */
     int in_grace;         /* root: cancelled with COMMIT out; waiting for its reply */
@@ -446,6 +448,10 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
 
 static void tx_free(pgs_tx *tx)
 {
+    for (pgs_tx *o = tx->orphans, *next; o; o = next) {
+        next = o->next_orphan;
+        tx_free(o);
+    }
     loop_ev_free(tx->defer);
     loop_ev_free(tx->timer);
     free(tx);
@@ -455,6 +461,13 @@ static void fire_done(void *arg, int what)
 {
     (void)what;
     pgs_tx *tx = arg;
+    if (tx->orphan && tx->parent) {
+        /* Its handle stays valid until the parent's done returns (the header's promise): a
+         * call on it is refused meanwhile. */
+        tx->next_orphan = tx->parent->orphans;
+        tx->parent->orphans = tx;
+        return;
+    }
     pgs_tx_result r = {.outcome = tx->outcome, .err = NULL, .attempts = 1};
     if (tx->failed)
         r.err = &tx->err;

@@ -7,18 +7,8 @@
 set -uo pipefail
 demo=$1
 readme=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../README.md
-fails=0
-passes=0
-expect() { # expect NAME CONDITION...
-	local name=$1
-	shift
-	if "$@"; then
-		passes=$((passes + 1))
-	else
-		echo "FAILED: $name" >&2
-		fails=$((fails + 1))
-	fi
-}
+# shellcheck source=tests/expect.sh
+. "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/expect.sh"
 out=$(mktemp)
 tmp=$(mktemp -d)
 listener=

@@ -11,18 +11,8 @@
 set -uo pipefail
 demo=$(readlink -f "$1")
 repo=$(dirname "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")")
-fails=0
-passes=0
-expect() { # expect NAME CONDITION...
-	local name=$1
-	shift
-	if "$@"; then
-		passes=$((passes + 1))
-	else
-		echo "FAILED: $name" >&2
-		fails=$((fails + 1))
-	fi
-}
+# shellcheck source=tests/expect.sh
+. "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/expect.sh"
 tmp=$(mktemp -d)
 run_demo_pid=
 cleanup() {

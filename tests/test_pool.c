@@ -1021,29 +1021,6 @@ static void commit_one(pgs_tx *tx, void *arg)
     pgs_tx_end(tx, 1, NULL, NULL);
 }
 
-typedef struct resolved_rec {
-    int fired;
-    pgs_txid_status status;
-    int has_err;
-} resolved_rec;
-
-static void on_resolved_rec(pgs_txid_status st, const pgs_error *err, void *arg)
-{
-    resolved_rec *r = arg;
-    r->fired++;
-    r->status = st;
-    r->has_err = err != NULL;
-}
-
-static pgs_txid_status resolve_now(struct event_base *b, const char *xid)
-{
-    resolved_rec r = {0};
-    ck_assert_int_eq(pgs_tx_resolve(b, th_conninfo(NULL), xid, on_resolved_rec, &r), PGS_OK);
-    th_run_until(b, &r.fired, 15);
-    ck_assert_int_eq(r.has_err, 0);
-    return r.status;
-}
-
 static char kept_xid[48];
 
 static void keep_xid(const pgs_tx_result *r, void *arg)
@@ -1065,13 +1042,13 @@ START_TEST(test_resolve_after_a_restart_says_unknown)
     th_run_until(b, &d.fired, 15);
     ck_assert_int_eq(d.outcome, PGS_TX_COMMITTED);
     ck_assert_msg(strchr(kept_xid, '/'), "xid %s", kept_xid);
-    ck_assert_int_eq(resolve_now(b, kept_xid), PGS_TXID_COMMITTED);
+    ck_assert_int_eq(th_resolve(b, kept_xid), PGS_TXID_COMMITTED);
     char bare[48];
     snprintf(bare, sizeof bare, "%.*s", (int)strcspn(kept_xid, "/"), kept_xid);
     close_pool(b, p);
     pgctl("restart -w -m fast");
-    ck_assert_int_eq(resolve_now(b, kept_xid), PGS_TXID_UNKNOWN); /* restarted since */
-    ck_assert_int_eq(resolve_now(b, bare), PGS_TXID_COMMITTED); /* (a bare id: not noticed) */
+    ck_assert_int_eq(th_resolve(b, kept_xid), PGS_TXID_UNKNOWN); /* restarted since */
+    ck_assert_int_eq(th_resolve(b, bare), PGS_TXID_COMMITTED); /* (a bare id: not noticed) */
     th_loop_end(b);
 }
 END_TEST

@@ -7,44 +7,7 @@
 
 #include "helpers.h"
 
-typedef struct txdone {
-    int fired;
-    pgs_tx_outcome outcome;
-    int has_err;
-    pgs_error err;
-    char xid[48];
-    int attempts;
-    double at;
-} txdone;
-
-static void on_txdone(const pgs_tx_result *r, void *arg)
-{
-    txdone *d = arg;
-    d->fired++;
-    d->at = th_now();
-    d->outcome = r->outcome;
-    d->has_err = r->err != NULL;
-    if (r->err)
-        d->err = *r->err;
-    memcpy(d->xid, r->xid, sizeof d->xid);
-    d->attempts = r->attempts;
-}
-
-static void fresh_table(const char *name)
-{
-    char sql[256];
-    snprintf(sql, sizeof sql, "DROP TABLE IF EXISTS %s", name);
-    free(th_scalar(sql, 0, NULL));
-    snprintf(sql, sizeof sql, "CREATE TABLE %s (id int PRIMARY KEY, v text)", name);
-    free(th_scalar(sql, 0, NULL));
-}
-
-static long rows(const char *table)
-{
-    char sql[128];
-    snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
-    return th_scalar_long(sql, 0, NULL);
-}
+typedef th_txdone txdone; /* (helpers.h) */
 
 static int insert(pgs_tx *tx, const char *table, const char *id, th_call *k)
 {
@@ -61,12 +24,12 @@ static long seen_in_callback = -1;
 static void count_from_outside(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
 {
     th_record(c, res, err, arg);
-    seen_in_callback = rows("tx_commit"); /* a second connection, before COMMIT */
+    seen_in_callback = th_rows("tx_commit"); /* a second connection, before COMMIT */
 }
 
 START_TEST(test_commit_visible_after_done_not_before)
 {
-    fresh_table("tx_commit");
+    th_fresh_table("tx_commit");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     pgs_tx *tx;
@@ -81,13 +44,13 @@ START_TEST(test_commit_visible_after_done_not_before)
                      PGS_OK);
     th_run_until(b, &k2.fired, 10);
     ck_assert_int_eq(seen_in_callback, 0);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
     ck_assert_int_eq(d.fired, 0);
     th_run_until(b, &d.fired, 10);
     ck_assert_int_eq(d.outcome, PGS_TX_COMMITTED);
     ck_assert_int_eq(d.has_err, 0);
     ck_assert_str_ne(d.xid, ""); /* it wrote, so it had an id */
-    ck_assert_int_eq(rows("tx_commit"), 2);
+    ck_assert_int_eq(th_rows("tx_commit"), 2);
     ck_assert_int_eq(k1.fired, 1);
     ck_assert_int_eq(k2.fired, 1);
     /* the connection is free again */
@@ -102,7 +65,7 @@ END_TEST
 
 START_TEST(test_unique_violation_rolls_back_everything)
 {
-    fresh_table("tx_dup");
+    th_fresh_table("tx_dup");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     pgs_tx *tx;
@@ -113,7 +76,7 @@ START_TEST(test_unique_violation_rolls_back_everything)
     ck_assert_int_eq(insert(tx, "tx_dup", "2", &k[1]), PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_dup", "1", &k[2]), PGS_OK); /* 23505 */
     ck_assert_int_eq(insert(tx, "tx_dup", "3", &k[3]), PGS_OK); /* after the failure */
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);  /* asks to commit: cannot */
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);  /* asks to commit: cannot */
     th_run_until(b, &d.fired, 10);
     ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
     ck_assert_int_eq(d.has_err, 1);
@@ -123,7 +86,7 @@ START_TEST(test_unique_violation_rolls_back_everything)
     ck_assert_str_eq(k[2].sqlstate, "23505");
     ck_assert_int_eq(k[3].code, PGS_ESQL); /* got the error that aborted it, not a success */
     ck_assert_str_eq(k[3].sqlstate, "23505");
-    ck_assert_int_eq(rows("tx_dup"), 0);
+    ck_assert_int_eq(th_rows("tx_dup"), 0);
     for (int i = 0; i < 4; i++)
         ck_assert_int_eq(k[i].fired, 1);
     ck_assert_int_eq(PQtransactionStatus(pgs_conn_pgconn(c)), PQTRANS_IDLE);
@@ -135,7 +98,7 @@ END_TEST
 
 START_TEST(test_ok_zero_rolls_back)
 {
-    fresh_table("tx_ok0");
+    th_fresh_table("tx_ok0");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     pgs_tx *tx;
@@ -143,13 +106,13 @@ START_TEST(test_ok_zero_rolls_back)
     txdone d = {0};
     ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_ok0", "1", &k), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 0, on_txdone, &d), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_EMISUSE); /* ending twice */
+    ck_assert_int_eq(pgs_tx_end(tx, 0, th_record_tx, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_EMISUSE); /* ending twice */
     th_run_until(b, &d.fired, 10);
     ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
     ck_assert_int_eq(d.has_err, 0);
     ck_assert_int_eq(k.code, PGS_OK);
-    ck_assert_int_eq(rows("tx_ok0"), 0);
+    ck_assert_int_eq(th_rows("tx_ok0"), 0);
     th_close(b, c);
     th_loop_end(b);
     ck_assert_int_eq(d.fired, 1);
@@ -158,7 +121,7 @@ END_TEST
 
 START_TEST(test_options_reach_the_server)
 {
-    fresh_table("tx_ro");
+    th_fresh_table("tx_ro");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     pgs_tx *tx;
@@ -173,14 +136,14 @@ START_TEST(test_options_reach_the_server)
     ck_assert_int_eq(pgs_tx_query(tx, "SHOW transaction_deferrable", 0, NULL, th_record, &df),
                      PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_ro", "1", &w), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
     th_run_until(b, &d.fired, 10);
     ck_assert_str_eq(iso.value, "serializable");
     ck_assert_str_eq(ro.value, "on");
     ck_assert_str_eq(df.value, "on");
     ck_assert_str_eq(w.sqlstate, "25006"); /* read_only_sql_transaction */
     ck_assert_str_eq(d.err.sqlstate, "25006");
-    ck_assert_int_eq(rows("tx_ro"), 0);
+    ck_assert_int_eq(th_rows("tx_ro"), 0);
     /* and the default isolation is the server's */
     pgs_tx_opts rr = {.isolation = PGS_ISO_REPEATABLE_READ};
     txdone d2 = {0};
@@ -188,7 +151,7 @@ START_TEST(test_options_reach_the_server)
     ck_assert_int_eq(pgs_tx_begin(c, &rr, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(pgs_tx_query(tx, "SHOW transaction_isolation", 0, NULL, th_record, &iso2),
                      PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d2), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d2), PGS_OK);
     th_run_until(b, &d2.fired, 10);
     ck_assert_str_eq(iso2.value, "repeatable read");
     ck_assert_int_eq(d2.outcome, PGS_TX_COMMITTED);
@@ -225,7 +188,7 @@ START_TEST(test_misuse_is_reported_not_crashed)
     ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &other), PGS_EMISUSE);
     ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, th_record, &q), PGS_EMISUSE);
     ck_assert_int_eq(pgs_tx_query(tx, NULL, 0, NULL, th_record, &q), PGS_EINVAL);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
     ck_assert_int_eq(pgs_tx_query(tx, "SELECT 1", 0, NULL, th_record, &q), PGS_EMISUSE);
     ck_assert_int_eq(pgs_tx_savepoint(tx, NULL, NULL, &other), PGS_EMISUSE);
     th_run_until(b, &d.fired, 5);
@@ -240,7 +203,7 @@ END_TEST
 
 START_TEST(test_savepoint_error_rolled_back_outer_commits)
 {
-    fresh_table("tx_sp");
+    th_fresh_table("tx_sp");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     pgs_tx *tx, *sp;
@@ -252,9 +215,9 @@ START_TEST(test_savepoint_error_rolled_back_outer_commits)
     ck_assert_int_eq(insert(tx, "tx_sp", "9", &k[4]), PGS_EMISUSE); /* LIFO: the child first */
     ck_assert_int_eq(insert(sp, "tx_sp", "2", &k[1]), PGS_OK);
     ck_assert_int_eq(insert(sp, "tx_sp", "1", &k[2]), PGS_OK); /* 23505 inside the savepoint */
-    ck_assert_int_eq(pgs_tx_end(sp, 1, on_txdone, &inner), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(sp, 1, th_record_tx, &inner), PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_sp", "3", &k[3]), PGS_OK); /* runs after the rollback-to */
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &outer), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &outer), PGS_OK);
     th_run_until(b, &outer.fired, 10);
     ck_assert_int_eq(inner.fired, 1);
     ck_assert_int_eq(inner.outcome, PGS_TX_ROLLED_BACK);
@@ -263,7 +226,7 @@ START_TEST(test_savepoint_error_rolled_back_outer_commits)
     ck_assert_int_eq(outer.outcome, PGS_TX_COMMITTED);
     ck_assert_int_eq(outer.has_err, 0);
     ck_assert_int_eq(k[3].code, PGS_OK);
-    ck_assert_int_eq(rows("tx_sp"), 2); /* ids 1 and 3 */
+    ck_assert_int_eq(th_rows("tx_sp"), 2); /* ids 1 and 3 */
     ck_assert_int_eq(th_scalar_long("SELECT sum(id) FROM tx_sp", 0, NULL), 4);
     th_close(b, c);
     th_loop_end(b);
@@ -272,7 +235,7 @@ END_TEST
 
 START_TEST(test_three_levels_deep)
 {
-    fresh_table("tx_deep");
+    th_fresh_table("tx_deep");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     pgs_tx *t1, *t2, *t3;
@@ -284,10 +247,10 @@ START_TEST(test_three_levels_deep)
     ck_assert_int_eq(insert(t2, "tx_deep", "2", &k[1]), PGS_OK);
     ck_assert_int_eq(pgs_tx_savepoint(t2, NULL, NULL, &t3), PGS_OK);
     ck_assert_int_eq(insert(t3, "tx_deep", "3", &k[2]), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(t3, 0, on_txdone, &d3), PGS_OK); /* level 3 rolled back */
+    ck_assert_int_eq(pgs_tx_end(t3, 0, th_record_tx, &d3), PGS_OK); /* level 3 rolled back */
     ck_assert_int_eq(insert(t2, "tx_deep", "4", &k[3]), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(t2, 1, on_txdone, &d2), PGS_OK); /* level 2 released */
-    ck_assert_int_eq(pgs_tx_end(t1, 1, on_txdone, &d1), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(t2, 1, th_record_tx, &d2), PGS_OK); /* level 2 released */
+    ck_assert_int_eq(pgs_tx_end(t1, 1, th_record_tx, &d1), PGS_OK);
     th_run_until(b, &d1.fired, 10);
     ck_assert_int_eq(d3.outcome, PGS_TX_ROLLED_BACK);
     ck_assert_int_eq(d3.has_err, 0);
@@ -304,7 +267,7 @@ END_TEST
 
 START_TEST(test_parent_ended_with_open_child_rolls_back_both)
 {
-    fresh_table("tx_lifo");
+    th_fresh_table("tx_lifo");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     pgs_tx *tx, *sp;
@@ -314,11 +277,11 @@ START_TEST(test_parent_ended_with_open_child_rolls_back_both)
     ck_assert_int_eq(insert(tx, "tx_lifo", "1", &k[0]), PGS_OK);
     ck_assert_int_eq(pgs_tx_savepoint(tx, NULL, NULL, &sp), PGS_OK);
     ck_assert_int_eq(insert(sp, "tx_lifo", "2", &k[1]), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK); /* child still open */
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK); /* child still open */
     th_run_until(b, &d.fired, 10);
     ck_assert_int_eq(d.err.code, PGS_EMISUSE);
     ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
-    ck_assert_int_eq(rows("tx_lifo"), 0); /* misuse never commits */
+    ck_assert_int_eq(th_rows("tx_lifo"), 0); /* misuse never commits */
     ck_assert_int_eq(k[0].fired + k[1].fired, 2);
     ck_assert_int_eq(PQtransactionStatus(pgs_conn_pgconn(c)), PQTRANS_IDLE);
     th_close(b, c);
@@ -354,7 +317,7 @@ static void after(struct event_base *b, double seconds, event_callback_fn fn, vo
 
 START_TEST(test_cancel_mid_statement)
 {
-    fresh_table("tx_cancel");
+    th_fresh_table("tx_cancel");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     int pid = th_backend_pid(c);
@@ -377,14 +340,14 @@ START_TEST(test_cancel_mid_statement)
     ck_assert_int_eq(sleep.code, PGS_ECANCELED);
     ck_assert_int_eq(child.code, PGS_ECANCELED);
     ck_assert_msg(sleep.at - cn.at < 1.0, "cancel took %.3f s", sleep.at - cn.at);
-    ck_assert_int_eq(pgs_tx_end(sp, 1, on_txdone, &dc), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(sp, 1, th_record_tx, &dc), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
     th_run_until(b, &d.fired, 5);
     ck_assert_int_eq(dc.err.code, PGS_ECANCELED);
     ck_assert_int_eq(d.err.code, PGS_ECANCELED);
     ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
     th_wait_backend_gone(pid, 5);
-    ck_assert_int_eq(rows("tx_cancel"), 0);
+    ck_assert_int_eq(th_rows("tx_cancel"), 0);
     th_close(b, c);
     th_loop_end(b);
     ck_assert_int_eq(ins.fired + sleep.fired + child.fired + d.fired + dc.fired, 5);
@@ -393,7 +356,7 @@ END_TEST
 
 START_TEST(test_cancel_while_begin_in_flight)
 {
-    fresh_table("tx_cancel_begin");
+    th_fresh_table("tx_cancel_begin");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     int pid = th_backend_pid(c);
@@ -403,14 +366,14 @@ START_TEST(test_cancel_while_begin_in_flight)
     ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_cancel_begin", "1", &k), PGS_OK);
     ck_assert_int_eq(pgs_tx_cancel(tx), PGS_OK); /* BEGIN is queued, not answered */
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
     ck_assert_int_eq(k.fired + d.fired, 0);
     th_run_until(b, &d.fired, 10);
     ck_assert_int_eq(k.code, PGS_ECANCELED);
     ck_assert_int_eq(d.err.code, PGS_ECANCELED);
     ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
     th_wait_backend_gone(pid, 5);
-    ck_assert_int_eq(rows("tx_cancel_begin"), 0);
+    ck_assert_int_eq(th_rows("tx_cancel_begin"), 0);
     ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_EMISUSE); /* connection gone */
     th_close(b, c);
     th_loop_end(b);
@@ -420,7 +383,7 @@ END_TEST
 /* A table whose COMMIT takes a while: a deferred constraint trigger sleeps at commit time. */
 static void slow_commit_table(const char *name, const char *seconds)
 {
-    fresh_table(name);
+    th_fresh_table(name);
     char sql[512];
     snprintf(sql, sizeof sql,
              "CREATE OR REPLACE FUNCTION pgs_slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
@@ -445,7 +408,7 @@ START_TEST(test_cancel_while_commit_in_flight_waits_for_the_reply)
     ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_cancel_commit", "1", &k), PGS_OK);
     th_run_until(b, &k.fired, 10); /* everything before COMMIT answered */
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
     tx_canceller cn = {.tx = tx};
     struct event *t;
     after(b, 0.2, cancel_tx_from_timer, &cn, &t); /* COMMIT is running on the server */
@@ -454,7 +417,7 @@ START_TEST(test_cancel_while_commit_in_flight_waits_for_the_reply)
     ck_assert_int_eq(cn.rc, PGS_OK);
     /* COMMIT is never cancelled: it finished within the grace, and says so truthfully */
     ck_assert_int_eq(d.outcome, PGS_TX_COMMITTED);
-    ck_assert_int_eq(rows("tx_cancel_commit"), 1);
+    ck_assert_int_eq(th_rows("tx_cancel_commit"), 1);
     th_close(b, c);
 
     /* The same with the INSERT still unanswered when the cancel comes (all of it went in one
@@ -466,14 +429,14 @@ START_TEST(test_cancel_while_commit_in_flight_waits_for_the_reply)
     txdone d2 = {0};
     ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_cancel_commit", "2", &k2), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d2), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d2), PGS_OK);
     tx_canceller cn2 = {.tx = tx};
     after(b, 0.2, cancel_tx_from_timer, &cn2, &t);
     th_run_until(b, &d2.fired, 10);
     event_free(t);
     ck_assert_int_eq(cn2.rc, PGS_OK);
     ck_assert_int_ne(d2.outcome, PGS_TX_UNKNOWN); /* the reply came within the grace */
-    ck_assert_int_eq(rows("tx_cancel_commit"), d2.outcome == PGS_TX_COMMITTED ? 1 : 0);
+    ck_assert_int_eq(th_rows("tx_cancel_commit"), d2.outcome == PGS_TX_COMMITTED ? 1 : 0);
     if (d2.outcome != PGS_TX_COMMITTED)
         ck_assert_int_eq(d2.err.code, PGS_ECANCELED); /* what it was, wherever it hit */
     th_close(b, c);
@@ -483,7 +446,7 @@ END_TEST
 
 START_TEST(test_statement_timeout)
 {
-    fresh_table("tx_stmt_timeout");
+    th_fresh_table("tx_stmt_timeout");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     pgs_tx *tx;
@@ -493,7 +456,7 @@ START_TEST(test_statement_timeout)
     ck_assert_int_eq(pgs_tx_begin(c, &o, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_stmt_timeout", "1", &ins), PGS_OK);
     ck_assert_int_eq(pgs_tx_query(tx, "SELECT pg_sleep(5)", 0, NULL, th_record, &slow), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
     double t0 = th_now();
     th_run_until(b, &d.fired, 10);
     ck_assert_msg(th_now() - t0 < 3, "took %.2f s", th_now() - t0);
@@ -501,7 +464,7 @@ START_TEST(test_statement_timeout)
     ck_assert_str_eq(slow.sqlstate, "57014");
     ck_assert_int_eq(d.err.code, PGS_ETIMEDOUT);
     ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
-    ck_assert_int_eq(rows("tx_stmt_timeout"), 0);
+    ck_assert_int_eq(th_rows("tx_stmt_timeout"), 0);
     /* the setting was local to the transaction, and the connection is still usable */
     th_call show = {0};
     ck_assert_int_eq(pgs_query(c, "SHOW statement_timeout", 0, NULL, th_record, &show), PGS_OK);
@@ -514,7 +477,7 @@ END_TEST
 
 START_TEST(test_transaction_timeout)
 {
-    fresh_table("tx_timeout");
+    th_fresh_table("tx_timeout");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     int pid = th_backend_pid(c);
@@ -526,7 +489,7 @@ START_TEST(test_transaction_timeout)
     ck_assert_int_eq(pgs_tx_begin(c, &o, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_timeout", "1", &ins), PGS_OK);
     ck_assert_int_eq(pgs_tx_query(tx, "SELECT pg_sleep(30)", 0, NULL, th_record, &slow), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
     th_run_until(b, &d.fired, 10);
     double took = th_now() - t0;
     ck_assert_msg(took >= 0.29 && took < 2, "took %.2f s", took);
@@ -534,7 +497,7 @@ START_TEST(test_transaction_timeout)
     ck_assert_int_eq(d.err.code, PGS_ETIMEDOUT);
     ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
     th_wait_backend_gone(pid, 5);
-    ck_assert_int_eq(rows("tx_timeout"), 0);
+    ck_assert_int_eq(th_rows("tx_timeout"), 0);
     th_close(b, c);
     th_loop_end(b);
 }
@@ -555,24 +518,6 @@ static void on_resolved(pgs_txid_status status, const pgs_error *err, void *arg)
     r->status = status;
     r->has_err = err != NULL;
 }
-
-/* Ask until the server has finished with the transaction. */
-static pgs_txid_status resolve_xid(struct event_base *b, const char *xid)
-{
-    for (int i = 0; i < 50; i++) {
-        resolved r = {0};
-        ck_assert_int_eq(pgs_tx_resolve(b, th_conninfo(NULL), xid, on_resolved, &r), PGS_OK);
-        ck_assert_int_eq(r.fired, 0);
-        th_run_until(b, &r.fired, 10);
-        ck_assert_int_eq(r.has_err, 0);
-        if (r.status != PGS_TXID_IN_PROGRESS)
-            return r.status;
-        usleep(100000);
-    }
-    ck_abort_msg("transaction %s still in progress", xid);
-    return PGS_TXID_UNKNOWN;
-}
-
 
 typedef struct xid_watch {
     pgs_tx *tx;
@@ -612,7 +557,7 @@ static txdone commit_with_fault(struct event_base *b, const char *conninfo, cons
     ck_assert_int_eq(pgs_tx_begin(c, &resolvable, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(insert(tx, table, "1", &k), PGS_OK);
     th_run_until(b, &k.fired, 10); /* the body waited for its result, then ends */
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
     struct event *t;
     after(b, 0.3, fault_during_commit, &w, &t);
     th_run_until(b, &d.fired, 10);
@@ -635,8 +580,8 @@ START_TEST(test_commit_reply_lost_is_unknown_then_resolved_committed)
     ck_assert_str_eq(d.err.sqlstate, "08007");
     ck_assert_str_ne(d.xid, "");
     /* the server never saw the cut before it committed: resolution says so */
-    ck_assert_int_eq(resolve_xid(b, d.xid), PGS_TXID_COMMITTED);
-    ck_assert_int_eq(rows("tx_unknown_c"), 1);
+    ck_assert_int_eq(th_resolve(b, d.xid), PGS_TXID_COMMITTED);
+    ck_assert_int_eq(th_rows("tx_unknown_c"), 1);
     th_proxy_stop(p);
     th_loop_end(b);
 }
@@ -650,8 +595,8 @@ START_TEST(test_backend_killed_during_commit_is_unknown_then_resolved_aborted)
     ck_assert_int_eq(d.outcome, PGS_TX_UNKNOWN);
     ck_assert_int_eq(d.err.code, PGS_ECOMMIT_UNKNOWN);
     ck_assert_str_ne(d.xid, "");
-    ck_assert_int_eq(resolve_xid(b, d.xid), PGS_TXID_ABORTED);
-    ck_assert_int_eq(rows("tx_unknown_a"), 0);
+    ck_assert_int_eq(th_resolve(b, d.xid), PGS_TXID_ABORTED);
+    ck_assert_int_eq(th_rows("tx_unknown_a"), 0);
     resolved r = {0};
     ck_assert_int_eq(pgs_tx_resolve(b, th_conninfo(NULL), "12; DROP", on_resolved, &r),
                      PGS_EINVAL);
@@ -734,8 +679,8 @@ START_TEST(test_conflicting_serializable_transactions_both_commit_by_retry)
     txdone d1 = {0}, d2 = {0};
     bodies_run = 0;
     arm_barrier();
-    ck_assert_int_eq(pgs_run_tx(c1, &o, increment_body, on_txdone, &d1), PGS_OK);
-    ck_assert_int_eq(pgs_run_tx(c2, &o, increment_body, on_txdone, &d2), PGS_OK);
+    ck_assert_int_eq(pgs_run_tx(c1, &o, increment_body, th_record_tx, &d1), PGS_OK);
+    ck_assert_int_eq(pgs_run_tx(c2, &o, increment_body, th_record_tx, &d2), PGS_OK);
     ck_assert_int_eq(bodies_run, 0); /* never inside the call */
     th_run_until(b, &d1.fired, 20);
     th_run_until(b, &d2.fired, 20);
@@ -749,8 +694,8 @@ START_TEST(test_conflicting_serializable_transactions_both_commit_by_retry)
     pgs_tx_opts none = {.isolation = PGS_ISO_SERIALIZABLE};
     txdone e1 = {0}, e2 = {0};
     arm_barrier();
-    ck_assert_int_eq(pgs_run_tx(c1, &none, increment_body, on_txdone, &e1), PGS_OK);
-    ck_assert_int_eq(pgs_run_tx(c2, &none, increment_body, on_txdone, &e2), PGS_OK);
+    ck_assert_int_eq(pgs_run_tx(c1, &none, increment_body, th_record_tx, &e1), PGS_OK);
+    ck_assert_int_eq(pgs_run_tx(c2, &none, increment_body, th_record_tx, &e2), PGS_OK);
     th_run_until(b, &e1.fired, 20);
     th_run_until(b, &e2.fired, 20);
     ck_assert_int_eq((e1.outcome == PGS_TX_COMMITTED) + (e2.outcome == PGS_TX_COMMITTED), 1);
@@ -773,7 +718,7 @@ typedef struct rt_ctx {
 
 static void rt_done(const pgs_tx_result *r, void *arg)
 {
-    on_txdone(r, &((rt_ctx *)arg)->d);
+    th_record_tx(r, &((rt_ctx *)arg)->d);
 }
 
 static void rt_insert_rest(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg);
@@ -819,7 +764,7 @@ static int run_and_count_turns(struct event_base *b, pgs_conn *c, th_proxy *p, r
 
 START_TEST(test_write_only_run_tx_takes_one_round_trip)
 {
-    fresh_table("tx_rt");
+    th_fresh_table("tx_rt");
     struct event_base *b = th_loop_begin();
     th_proxy *p = th_proxy_start(atoi(th_conninfo_value("port")));
     pgs_conn *c = th_open_at(b, th_proxy_conninfo(p), NULL);
@@ -840,7 +785,7 @@ START_TEST(test_write_only_run_tx_takes_one_round_trip)
     rt_ctx alone = {.opts = {.begin_alone = 1}};
     free(th_scalar("DELETE FROM tx_rt WHERE id <= 3", 0, NULL));
     ck_assert_int_eq(run_and_count_turns(b, c, p, &alone), 2);
-    ck_assert_int_eq(rows("tx_rt"), 6);
+    ck_assert_int_eq(th_rows("tx_rt"), 6);
     th_close(b, c);
     th_proxy_stop(p);
     th_loop_end(b);
@@ -849,7 +794,7 @@ END_TEST
 
 START_TEST(test_connection_closed_under_open_transaction)
 {
-    fresh_table("tx_closed");
+    th_fresh_table("tx_closed");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     pgs_tx *tx;
@@ -862,19 +807,19 @@ START_TEST(test_connection_closed_under_open_transaction)
     ck_assert_int_eq(k.code, PGS_ECLOSED);
     ck_assert_int_eq(pgs_tx_query(tx, "SELECT 1", 0, NULL, th_record, &k), PGS_ECLOSED);
     ck_assert_int_eq(pgs_tx_cancel(tx), PGS_EMISUSE);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
     th_loop_end(b); /* the timeout timer went with the transaction */
     ck_assert_int_eq(d.fired, 1);
     ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
     ck_assert_int_eq(d.err.code, PGS_ECLOSED);
-    ck_assert_int_eq(rows("tx_closed"), 0);
+    ck_assert_int_eq(th_rows("tx_closed"), 0);
     ck_assert_int_eq(k.fired, 1);
 }
 END_TEST
 
 START_TEST(test_cancel_with_commit_held_behind_a_savepoint_rolls_back)
 {
-    fresh_table("tx_held");
+    th_fresh_table("tx_held");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     pgs_tx *tx, *sp;
@@ -884,14 +829,14 @@ START_TEST(test_cancel_with_commit_held_behind_a_savepoint_rolls_back)
     ck_assert_int_eq(insert(tx, "tx_held", "1", &k), PGS_OK);
     ck_assert_int_eq(pgs_tx_savepoint(tx, NULL, NULL, &sp), PGS_OK);
     ck_assert_int_eq(pgs_tx_query(sp, "SELECT pg_sleep(1)", 0, NULL, th_record, &slow), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(sp, 1, on_txdone, &ds), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK); /* COMMIT waits for the child */
+    ck_assert_int_eq(pgs_tx_end(sp, 1, th_record_tx, &ds), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK); /* COMMIT waits for the child */
     ck_assert_int_eq(pgs_tx_cancel(tx), PGS_OK);
     th_run_until(b, &d.fired, 10);
     ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK); /* never sent, so certain */
     ck_assert_int_eq(d.err.code, PGS_ECANCELED);
     ck_assert_int_eq(slow.code, PGS_ECANCELED);
-    ck_assert_int_eq(rows("tx_held"), 0);
+    ck_assert_int_eq(th_rows("tx_held"), 0);
     th_close(b, c);
     th_loop_end(b);
     ck_assert_int_eq(ds.fired + d.fired + k.fired + slow.fired, 4);
@@ -929,7 +874,7 @@ START_TEST(test_txstatus_is_right_in_every_callback)
     ck_assert_int_eq(pgs_tx_savepoint(tx, NULL, NULL, &sp), PGS_OK);
     ck_assert_int_eq(pgs_tx_query(sp, "SELECT 1/0", 0, NULL, record_status, &bad), PGS_OK);
     ck_assert_int_eq(pgs_tx_query(sp, "SELECT 2", 0, NULL, record_status, &skipped), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(sp, 1, on_txdone, &ds), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(sp, 1, th_record_tx, &ds), PGS_OK);
     /* the parent's next statement, queued now, runs after ROLLBACK TO and RELEASE */
     ck_assert_int_eq(pgs_tx_query(tx, "SELECT 3", 0, NULL, record_status, &after), PGS_OK);
     th_run_until(b, &after.k.fired, 10);
@@ -943,7 +888,7 @@ START_TEST(test_txstatus_is_right_in_every_callback)
     ck_assert_int_eq(pgs_tx_query(tx, "SELECT 1/0", 0, NULL, record_status, &last), PGS_OK);
     th_run_until(b, &last.k.fired, 10);
     ck_assert_int_eq(last.status, PQTRANS_INERROR);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
     th_run_until(b, &d.fired, 10);
     ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
     ck_assert_int_eq(pgs_conn_txstatus(c), PQTRANS_IDLE);
@@ -958,7 +903,7 @@ END_TEST
  * was new (the wait is in the statement cache's Parse) or cached (in its Bind). */
 START_TEST(test_statement_timeout_is_a_timeout_cached_or_not)
 {
-    fresh_table("tx_parse_lock");
+    th_fresh_table("tx_parse_lock");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     const char *cached_sql = "SELECT count(*) FROM tx_parse_lock";
@@ -974,7 +919,7 @@ START_TEST(test_statement_timeout_is_a_timeout_cached_or_not)
         pgs_tx_opts o = {.statement_timeout_ms = 300};
         ck_assert_int_eq(pgs_tx_begin(c, &o, NULL, NULL, &tx), PGS_OK);
         ck_assert_int_eq(pgs_tx_query(tx, sqls[i], 0, NULL, th_record, &k), PGS_OK);
-        ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK);
+        ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
         th_run_until(b, &d.fired, 10);
         th_unlock(blocker);
         ck_assert_msg(k.code == PGS_ETIMEDOUT, "%s: %s %s %s", i ? "cached" : "new",
@@ -994,7 +939,7 @@ END_TEST
  * segment: COMMIT never ran, so the transaction rolled back (not "unknown"). */
 START_TEST(test_fatal_before_commit_in_its_segment_is_rolled_back_not_unknown)
 {
-    fresh_table("tx_fatal_seg");
+    th_fresh_table("tx_fatal_seg");
     struct event_base *b = th_loop_begin();
     pgs_conn *c = th_open(b, NULL);
     int pid = th_backend_pid(c);
@@ -1005,7 +950,7 @@ START_TEST(test_fatal_before_commit_in_its_segment_is_rolled_back_not_unknown)
     ck_assert_int_eq(pgs_tx_begin(c, &o, NULL, NULL, &tx), PGS_OK);
     ck_assert_int_eq(pgs_tx_query(tx, "SELECT pg_sleep(5)", 0, NULL, th_record, &sleep), PGS_OK);
     ck_assert_int_eq(insert(tx, "tx_fatal_seg", "1", &k), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK); /* one write, COMMIT in it */
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK); /* one write, COMMIT in it */
     th_run_for(b, 0.3);
     th_terminate(pid);
     th_run_until(b, &d.fired, 10);
@@ -1015,7 +960,7 @@ START_TEST(test_fatal_before_commit_in_its_segment_is_rolled_back_not_unknown)
     ck_assert_msg(d.outcome == PGS_TX_ROLLED_BACK, "outcome %d: %s", d.outcome, d.err.message);
     ck_assert_int_eq(d.err.code, PGS_ECONN);
     ck_assert_str_eq(d.err.sqlstate, "57P01");
-    ck_assert_int_eq(rows("tx_fatal_seg"), 0);
+    ck_assert_int_eq(th_rows("tx_fatal_seg"), 0);
     th_close(b, c);
     th_loop_end(b);
 }
@@ -1025,7 +970,7 @@ END_TEST
  * savepoint's end: COMMIT was never written, so the transaction rolled back. */
 START_TEST(test_loss_with_commit_held_behind_a_savepoint_is_rolled_back_not_unknown)
 {
-    fresh_table("tx_held_cut");
+    th_fresh_table("tx_held_cut");
     struct event_base *b = th_loop_begin();
     th_proxy *p = th_proxy_start(atoi(th_conninfo_value("port")));
     pgs_conn *c = th_open_at(b, th_proxy_conninfo(p), NULL);
@@ -1036,8 +981,8 @@ START_TEST(test_loss_with_commit_held_behind_a_savepoint_is_rolled_back_not_unkn
     ck_assert_int_eq(insert(tx, "tx_held_cut", "1", &k), PGS_OK);
     ck_assert_int_eq(pgs_tx_savepoint(tx, NULL, NULL, &sp), PGS_OK);
     ck_assert_int_eq(pgs_tx_query(sp, "SELECT pg_sleep(5)", 0, NULL, th_record, &slow), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(sp, 1, on_txdone, &ds), PGS_OK);
-    ck_assert_int_eq(pgs_tx_end(tx, 1, on_txdone, &d), PGS_OK); /* COMMIT waits for the child */
+    ck_assert_int_eq(pgs_tx_end(sp, 1, th_record_tx, &ds), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK); /* COMMIT waits for the child */
     th_run_for(b, 0.3);
     th_proxy_cut(p);
     th_run_until(b, &d.fired, 10);
@@ -1048,9 +993,9 @@ START_TEST(test_loss_with_commit_held_behind_a_savepoint_is_rolled_back_not_unkn
     th_close(b, c);
     th_proxy_stop(p);
     /* the server rolled it back when the connection went */
-    for (double end = th_now() + 5; rows("tx_held_cut") != 0 && th_now() < end;)
+    for (double end = th_now() + 5; th_rows("tx_held_cut") != 0 && th_now() < end;)
         usleep(20000);
-    ck_assert_int_eq(rows("tx_held_cut"), 0);
+    ck_assert_int_eq(th_rows("tx_held_cut"), 0);
     th_loop_end(b);
 }
 END_TEST
@@ -1076,7 +1021,7 @@ START_TEST(test_retry_whose_connection_died_in_the_backoff_reports_the_failure)
     conflict_runs = 0;
     th_seen_conn = NULL;
     pgs_tx_opts o = {.retries = 3, .retry_base_ms = 500, .retry_max_ms = 500};
-    ck_assert_int_eq(pgs_run_tx(c, &o, conflict_body, on_txdone, &d), PGS_OK);
+    ck_assert_int_eq(pgs_run_tx(c, &o, conflict_body, th_record_tx, &d), PGS_OK);
     /* the first attempt rolled back (its ROLLBACK answered): the backoff runs now */
     th_run_until_idle_or(b, &d.fired);
     th_proxy_cut(p);
