@@ -162,13 +162,11 @@ typedef struct pgs_conn_opts {
  * reported an error, after pgs_conn_cancel, and after the connection was lost. Until then the
  * handle stays valid (a dead connection answers every new statement with an error code).
  *
- * The loop is never blocked by the connect: libpq's handshake, whose steps can take tens of
- * milliseconds of CPU (SCRAM's key derivation, a TLS handshake, GSSAPI looking for Kerberos
- * credentials with libpq's default gssencmode=prefer), runs on a short-lived worker thread
- * that owns the PGconn until the guard is up (or, when no thread can be had, step by step on
- * the loop). Host names are looked up with libevent's evdns. The event_base needs no thread
- * support: the worker wakes the loop through a pipe. libpq's notices during the handshake
- * are dropped.
+ * GSSAPI: libpq's default (gssencmode=prefer) looks for Kerberos credentials on the first
+ * connect of a process, inside the connect step, which blocks the loop for tens of ms; so
+ * unless the conninfo or PGGSSENCMODE sets gssencmode, or a service is named (service= or
+ * PGSERVICE: its file may set it), the guard connects with gssencmode=disable. Users of
+ * Kerberos set gssencmode=prefer or require.
  *
  * opts may be NULL (all defaults); it is copied. `conninfo` is copied.
  * Returns PGS_OK and sets *out, or PGS_EINVAL (NULL base, conninfo, on_open or out) or

@@ -29,8 +29,6 @@ void finish_if_due(pgs_conn *c)
 static void drop_pgconn(pgs_conn *c)
 {
     drop_lookups(c);
-    if (c->handshake)
-        stop_handshake(c);
     if (!c->pg)
         return;
     loop_ev_stop(c->io);

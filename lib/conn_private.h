@@ -91,7 +91,6 @@ struct pgs_conn {
     pgs_conn_opts opts;
     char *password; /* kept only to redact it from messages; wiped on free */
     PQconninfoOption *parsed; /* the conninfo, until libpq is started */
-    struct handshake *handshake; /* libpq's handshake on its worker thread: it has c->pg */
     struct host_slot *hosts;  /* the host list, while names are looked up */
     int nhosts;
     int lookups; /* in flight */
@@ -242,9 +241,6 @@ void lost_from_libpq(pgs_conn *c);
 /* connect.c: the handshake */
 void connect_step(pgs_conn *c, PostgresPollingStatusType st);
 void drop_lookups(pgs_conn *c);
-/* Stop a handshake running on its worker thread (close or timeout while connecting): the
- * worker finishes its libpq step and returns, and c->pg is finished. */
-void stop_handshake(pgs_conn *c);
 
 /* cancel.c: the cancel request (cancel_finished is conn.c's) */
 void start_cancel(pgs_conn *c);

@@ -3,11 +3,6 @@
  * reasons a connect fails. pgs_conn_open lives here; the guard's life is conn.c's. */
 #include "conn_private.h"
 
-#include <errno.h>
-#include <fcntl.h>
-#include <poll.h>
-#include <unistd.h>
-
 /* libpq puts a startup error's SQLSTATE only in the verbose message text ("FATAL:  28P01: ...",
  * with a LOCATION line): take the code out and leave the words. */
 static void connect_error(pgs_conn *c, pgs_error *e)
@@ -63,107 +58,6 @@ static void connected(pgs_conn *c)
 
 /* One step of the handshake. The socket may change between steps, so each step re-points a
  * one-shot watch at PQsocket() in the direction the poll asked for. */
-/* libpq's handshake runs on a worker thread: its steps can take tens of milliseconds of CPU
- * (SCRAM's key derivation, a TLS handshake, GSSAPI looking for Kerberos credentials), which
- * on the loop's thread would stall every other guard and timer. libpq allows a PGconn on any
- * one thread at a time: the worker owns it from PQconnectStartParams's return until it hands
- * it back (handshake_done, on the loop); the loop keeps the one deadline and can stop it. */
-typedef struct handshake {
-    pgs_conn *conn;
-    PGconn *pg;
-    loop_job *job;
-    int stop[2]; /* the loop writes here to make the worker return at once */
-    PostgresPollingStatusType result;
-} handshake;
-
-static void ignore_notice(void *arg, const PGresult *res)
-{
-    (void)arg;
-    (void)res; /* during the handshake (a worker's thread): nothing of the guard is touched */
-}
-
-/* On the worker: PQconnectPoll until it says OK or FAILED, waiting on the socket (which may
- * change between steps) in the direction it asks for, or until the loop says stop. */
-static void handshake_work(void *arg)
-{
-    handshake *h = arg;
-    /* Per the libpq docs, the first poll waits as if PQconnectPoll said "writing". */
-    PostgresPollingStatusType st = PGRES_POLLING_WRITING;
-    while (st == PGRES_POLLING_READING || st == PGRES_POLLING_WRITING) {
-        struct pollfd fds[2] = {
-            {PQsocket(h->pg), st == PGRES_POLLING_READING ? POLLIN : POLLOUT, 0},
-            {h->stop[0], POLLIN, 0},
-        };
-        int n = poll(fds, 2, -1);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 || fds[1].revents) {
-            st = PGRES_POLLING_FAILED; /* stopped: the loop reports why */
-            break;
-        }
-        st = PQconnectPoll(h->pg);
-    }
-    h->result = st;
-}
-
-static void handshake_free(handshake *h)
-{
-    close(h->stop[0]);
-    close(h->stop[1]);
-    free(h);
-}
-
-/* On the loop: the worker has returned; the PGconn is the guard's again. */
-static void handshake_done(void *arg)
-{
-    handshake *h = arg;
-    pgs_conn *c = h->conn;
-    PostgresPollingStatusType st = h->result;
-    c->handshake = NULL;
-    c->pg = h->pg;
-    handshake_free(h);
-    PQsetNoticeReceiver(c->pg, conn_notice, c);
-    connect_step(c, st);
-}
-
-void stop_handshake(pgs_conn *c)
-{
-    handshake *h = c->handshake;
-    c->handshake = NULL;
-    ssize_t n;
-    do
-        n = write(h->stop[1], "x", 1);
-    while (n < 0 && errno == EINTR);
-    loop_job_cancel(h->job); /* at most one libpq step: it returns once that is done */
-    PQfinish(h->pg);
-    handshake_free(h);
-}
-
-/* Hand c->pg to a worker for the handshake. Returns 0, or -1 when no thread could be had (the
- * handshake then runs on the loop, step by step). */
-static int start_handshake(pgs_conn *c)
-{
-    handshake *h = calloc(1, sizeof *h);
-    if (!h)
-        return -1;
-    if (pipe2(h->stop, O_CLOEXEC) != 0) {
-        free(h);
-        return -1;
-    }
-    h->conn = c;
-    h->pg = c->pg;
-    PQsetNoticeReceiver(h->pg, ignore_notice, NULL);
-    h->job = loop_job_start(c->base, handshake_work, handshake_done, h);
-    if (!h->job) {
-        PQsetNoticeReceiver(c->pg, conn_notice, c);
-        handshake_free(h);
-        return -1;
-    }
-    c->pg = NULL;
-    c->handshake = h;
-    return 0;
-}
-
 void connect_step(pgs_conn *c, PostgresPollingStatusType st)
 {
     if (st == PGRES_POLLING_READING || st == PGRES_POLLING_WRITING) {
@@ -226,7 +120,8 @@ static void list_add(char *buf, size_t cap, const char *item)
 }
 
 /* Start libpq. Resolved names become one entry per address: host keeps the name (TLS checks
- * it) and hostaddr carries the number, so libpq tries every address without a lookup. */
+ * it) and hostaddr carries the number, so libpq tries every address without a lookup.
+ * gssencmode defaults to disable (see pgs_conn_open). */
 static void start_libpq(pgs_conn *c)
 {
     const char *kw[64], *val[64];
@@ -279,6 +174,12 @@ static void start_libpq(pgs_conn *c)
             v = addrs;
         else if (hosts && strcmp(o->keyword, "port") == 0)
             v = option(c->parsed, "port") ? ports : NULL;
+        else if (strcmp(o->keyword, "gssencmode") == 0 && !(v && *v) &&
+                 !getenv("PGGSSENCMODE") && !option(c->parsed, "service") && !getenv("PGSERVICE"))
+            /* libpq's default, prefer, has the first connect of a process look for Kerberos
+             * credentials inside PQconnectPoll: tens of ms that block the loop. GSSAPI
+             * encryption only when asked for (a service file may ask). */
+            v = "disable";
         if (!v)
             continue;
         kw[n] = o->keyword;
@@ -301,10 +202,7 @@ static void start_libpq(pgs_conn *c)
         go_dead(c, &e);
         goto out;
     }
-    if (start_handshake(c) == 0)
-        goto out;
-    /* No thread: step by step on the loop. Per the libpq docs, the first poll waits as if
-     * PQconnectPoll said "writing". */
+    /* Per the libpq docs, the first poll waits as if PQconnectPoll said "writing". */
     if (loop_ev_watch_once(c->io, PQsocket(c->pg), LOOP_WRITE) != 0) {
         pgs_error e;
         set_error(c, &e, PGS_ECONNECT, NULL, "could not watch the connection's socket");

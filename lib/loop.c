@@ -194,13 +194,6 @@ loop_job *loop_job_start(struct event_base *base, void (*work)(void *), void (*d
     return j;
 }
 
-void loop_job_cancel(loop_job *j)
-{
-    event_free(j->ev);
-    pthread_join(j->tid, NULL);
-    job_free(j); /* (no release: the caller keeps arg) */
-}
-
 void loop_job_abandon(loop_job *j, void (*release)(void *))
 {
     event_free(j->ev);

@@ -37,9 +37,6 @@ typedef struct loop_job loop_job;
  * was abandoned first. Returns NULL when no thread or pipe could be had (nothing runs). */
 loop_job *loop_job_start(struct event_base *base, void (*work)(void *), void (*done)(void *),
                          void *arg);
-/* Wait for work to return (the caller has told it to, by its own means), then free the job:
- * done never runs. Blocks the loop for as long as work takes to notice. */
-void loop_job_cancel(loop_job *job);
 /* The loop stops waiting: done never runs. release(arg) runs once, on the worker thread when
  * work returns later, or at once when it has already returned. */
 void loop_job_abandon(loop_job *job, void (*release)(void *));

@@ -1283,59 +1283,29 @@ static void *slow_krb5_feed(void *arg)
     return NULL;
 }
 
-/* A 1 ms timer that records the longest gap between its firings (how long the loop stood, as
- * a clock on the wall sees it: on a loaded machine also how long the thread waited for a
- * core) and the most CPU the loop's thread spent between two firings (its own work only). */
+/* A 1 ms timer that records the longest gap between its firings: how long the loop stood. */
 typedef struct gap_rec {
     struct event *ev;
     double last, longest; /* ms */
-    double last_cpu, most_cpu;
 } gap_rec;
-
-static double thread_cpu_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 static void on_gap_tick(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
     gap_rec *g = arg;
-    double now = th_now() * 1000, cpu = thread_cpu_ms();
+    double now = th_now() * 1000;
     if (now - g->last > g->longest)
         g->longest = now - g->last;
-    if (cpu - g->last_cpu > g->most_cpu)
-        g->most_cpu = cpu - g->last_cpu;
     g->last = now;
-    g->last_cpu = cpu;
 }
-
-static void gap_start(struct event_base *b, gap_rec *g)
-{
-    g->ev = event_new(b, -1, EV_PERSIST, on_gap_tick, g);
-    struct timeval ms = {0, 1000};
-    ck_assert_int_eq(event_add(g->ev, &ms), 0);
-    g->last = th_now() * 1000;
-    g->last_cpu = thread_cpu_ms();
-}
-
-/* The loop's own work between two turns while a guard connects: pgs_conn_open parses the
- * conninfo and starts libpq (under 2 ms here; several times that under ASan). */
-#if defined(__SANITIZE_ADDRESS__)
-enum { MOST_CPU_MS = 15 };
-#else
-enum { MOST_CPU_MS = 4 };
-#endif
 
 START_TEST(test_connect_does_not_stall_the_loop)
 {
     /* libpq's own default, gssencmode=prefer, looks for Kerberos credentials inside
      * PQconnectPoll at the first TCP connect of a process (each test runs in a child of its own,
-     * and the suite's parent connects nowhere), for as long as Kerberos takes: it must not be
-     * on the loop's thread. A slow Kerberos makes such a stall certain if it were. */
+     * and the suite's parent connects nowhere): on the loop thread, for as long as Kerberos
+     * takes. A slow Kerberos makes such a stall certain. */
     slow_krb5 k = {0};
     snprintf(k.path, sizeof k.path, "/tmp/pgscope-krb5-%d.conf", (int)getpid());
     unlink(k.path);
@@ -1351,9 +1321,12 @@ START_TEST(test_connect_does_not_stall_the_loop)
     snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=x dbname=x", port);
     struct event_base *b = th_loop_begin();
     gap_rec g = {0};
+    g.ev = event_new(b, -1, EV_PERSIST, on_gap_tick, &g);
+    struct timeval ms = {0, 1000};
+    ck_assert_int_eq(event_add(g.ev, &ms), 0);
     open_rec r = {0};
     pgs_conn *c = NULL;
-    gap_start(b, &g);
+    g.last = th_now() * 1000;
     ck_assert_int_eq(pgs_conn_open(b, ci, NULL, on_open_rec, &r, &c), PGS_OK);
     th_run_for(b, 0.4);
     event_free(g.ev);
@@ -1365,10 +1338,8 @@ START_TEST(test_connect_does_not_stall_the_loop)
     th_loop_end(b);
     close(lfd);
     ck_assert_int_eq(r.fired, 1); /* PGS_ECLOSED */
-    /* (the slow Kerberos would stop it 300 ms; a loaded machine, tens of ms at most) */
-    ck_assert_msg(g.longest < 150, "the loop stood still for %.1f ms while a guard connected",
+    ck_assert_msg(g.longest < 20, "the loop stood still for %.1f ms while a guard connected",
                   g.longest);
-    ck_assert_msg(g.most_cpu < MOST_CPU_MS, "the loop worked %.1f ms in one turn", g.most_cpu);
 }
 END_TEST
 
@@ -1385,59 +1356,36 @@ static const char *gssencmode_of(pgs_conn *c)
     return v;
 }
 
-/* libpq's own default for gssencmode (prefer where libpq has GSSAPI): the handshake runs off
- * the loop, so Kerberos users need no setting of ours. */
-static const char *libpq_default_gssencmode(void)
-{
-    static char v[16];
-    PQconninfoOption *opts = PQconninfoParse("", NULL);
-    ck_assert_ptr_nonnull(opts);
-    snprintf(v, sizeof v, "(none)");
-    for (PQconninfoOption *o = opts; o->keyword; o++)
-        if (strcmp(o->keyword, "gssencmode") == 0 && o->compiled)
-            snprintf(v, sizeof v, "%s", o->compiled);
-    PQconninfoFree(opts);
-    return v;
-}
-
-START_TEST(test_gssencmode_is_libpqs_unless_asked_for)
+START_TEST(test_gssencmode_is_disable_unless_asked_for)
 {
     struct event_base *b = th_loop_begin();
-    char want[16];
-    snprintf(want, sizeof want, "%s", libpq_default_gssencmode());
     pgs_conn *c = th_open(b, NULL);
-    ck_assert_str_eq(gssencmode_of(c), want);
-    th_close(b, c);
-    c = th_open_at(b, th_conninfo("gssencmode=disable"), NULL);
     ck_assert_str_eq(gssencmode_of(c), "disable");
     th_close(b, c);
-    setenv("PGGSSENCMODE", "disable", 1);
+    /* asked for in the conninfo */
+    c = th_open_at(b, th_conninfo("gssencmode=prefer"), NULL);
+    ck_assert_str_eq(gssencmode_of(c), "prefer");
+    th_close(b, c);
+    /* in the environment */
+    setenv("PGGSSENCMODE", "prefer", 1);
     c = th_open(b, NULL);
     unsetenv("PGGSSENCMODE");
-    ck_assert_str_eq(gssencmode_of(c), "disable");
+    ck_assert_str_eq(gssencmode_of(c), "prefer");
+    th_close(b, c);
+    /* in a service file */
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/pgscope-service-%d.conf", (int)getpid());
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs("[pgs_gss]\ngssencmode=prefer\n", f);
+    fclose(f);
+    setenv("PGSERVICEFILE", path, 1);
+    c = th_open_at(b, th_conninfo("service=pgs_gss"), NULL);
+    unsetenv("PGSERVICEFILE");
+    unlink(path);
+    ck_assert_str_eq(gssencmode_of(c), "prefer");
     th_close(b, c);
     th_loop_end(b);
-}
-END_TEST
-
-/* A real connect (TCP, SCRAM's 4096 rounds of key derivation: 3-9 ms of CPU, 20-60 ms under
- * ASan) with a 1 ms timer running: the derivation runs off the loop, whose own work per turn
- * stays small. (This machine's timers fire every 4 ms or so at best, and the wall clock also
- * counts the waits for a core on a loaded machine: hence CPU time is what is bounded.) */
-START_TEST(test_real_connect_does_not_stall_the_loop)
-{
-    struct event_base *b = th_loop_begin();
-    gap_rec g = {0};
-    gap_start(b, &g);
-    pgs_conn *c = th_open(b, NULL);
-    event_free(g.ev);
-    th_close(b, c);
-    th_loop_end(b);
-    ck_assert_msg(g.most_cpu < MOST_CPU_MS,
-                  "the loop worked %.1f ms in one turn while a guard connected (the key "
-                  "derivation alone takes 3-9 ms)",
-                  g.most_cpu);
-    ck_assert_msg(g.longest < 150, "the loop stood still for %.1f ms", g.longest);
 }
 END_TEST
 
@@ -1457,8 +1405,7 @@ static Suite *conn_suite(void)
     tcase_add_test(t, test_connect_bad_conninfo_syntax);
     tcase_add_test(t, test_conninfo_parse_errors_never_show_the_password);
     tcase_add_test(t, test_connect_does_not_stall_the_loop);
-    tcase_add_test(t, test_gssencmode_is_libpqs_unless_asked_for);
-    tcase_add_test(t, test_real_connect_does_not_stall_the_loop);
+    tcase_add_test(t, test_gssencmode_is_disable_unless_asked_for);
     tcase_add_test(t, test_connect_refused_port);
     tcase_add_test(t, test_connect_wrong_password);
     tcase_add_test(t, test_connect_unknown_database);
