@@ -1039,6 +1039,71 @@ START_TEST(test_retry_whose_connection_died_in_the_backoff_reports_the_failure)
 }
 END_TEST
 
+/* Found by the model test (tests/test_model.c; PGSCOPE_SEED=502 program 3): after a statement
+ * of a savepoint failed, one queued in a later loop turn is answered by libpq itself
+ * (PIPELINE_ABORTED), with no socket event: its callback, the savepoint's end and the root's
+ * end must still fire. */
+START_TEST(test_statement_after_a_failed_one_in_a_later_turn_is_answered)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    pgs_tx *tx, *sp;
+    th_call bad = {0}, after = {0};
+    txdone ds = {0}, d = {0};
+    ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
+    ck_assert_int_eq(pgs_tx_savepoint(tx, NULL, NULL, &sp), PGS_OK);
+    ck_assert_int_eq(pgs_tx_query(sp, "SELECT 1/0", 0, NULL, th_record, &bad), PGS_OK);
+    th_run_until(b, &bad.fired, 10);
+    ck_assert_str_eq(bad.sqlstate, "22012");
+    ck_assert_int_eq(pgs_tx_query(sp, "SELECT 2", 0, NULL, th_record, &after), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(sp, 1, th_record_tx, &ds), PGS_OK);
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
+    th_run_until(b, &d.fired, 5);
+    ck_assert_int_eq(after.fired, 1);
+    ck_assert_int_eq(after.code, PGS_ESQL); /* skipped after the error that aborted it */
+    ck_assert_int_eq(ds.outcome, PGS_TX_ROLLED_BACK);
+    ck_assert_int_eq(d.outcome, PGS_TX_COMMITTED); /* the savepoint's rollback undid it */
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
+/* Found by the model test (PGSCOPE_SEED=69502956878259 program 67 under ASan): an orphaned
+ * savepoint's handle stays valid until its parent's done returns; a call on it meanwhile is
+ * refused (it was freed a round trip early). */
+static pgs_tx *orphan_b;
+static int orphan_refused;
+
+/* The parent's done: the orphan is still a valid handle here (its own end came earlier). */
+static void parent_done_tries_orphan(const pgs_tx_result *r, void *arg)
+{
+    th_record_tx(r, arg);
+    orphan_refused = pgs_tx_end(orphan_b, 1, NULL, NULL) == PGS_EMISUSE;
+}
+
+START_TEST(test_orphaned_savepoint_stays_valid_until_its_parents_done)
+{
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    pgs_tx *tx, *a;
+    txdone da = {0}, d = {0};
+    ck_assert_int_eq(pgs_tx_begin(c, NULL, NULL, NULL, &tx), PGS_OK);
+    ck_assert_int_eq(pgs_tx_savepoint(tx, NULL, NULL, &a), PGS_OK);
+    ck_assert_int_eq(pgs_tx_savepoint(a, NULL, NULL, &orphan_b), PGS_OK);
+    orphan_refused = 0;
+    ck_assert_int_eq(pgs_tx_end(a, 1, parent_done_tries_orphan, &da), PGS_OK); /* B orphaned */
+    ck_assert_int_eq(pgs_tx_end(orphan_b, 1, NULL, NULL), PGS_EMISUSE);
+    th_run_until(b, &da.fired, 10);
+    ck_assert_int_eq(orphan_refused, 1);
+    ck_assert_int_eq(da.outcome, PGS_TX_ROLLED_BACK);
+    ck_assert_int_eq(da.err.code, PGS_EMISUSE);
+    ck_assert_int_eq(pgs_tx_end(tx, 0, th_record_tx, &d), PGS_OK);
+    th_run_until(b, &d.fired, 10);
+    th_close(b, c);
+    th_loop_end(b);
+}
+END_TEST
+
 static Suite *tx_suite(void)
 {
     Suite *s = suite_create("tx");
@@ -1068,6 +1133,8 @@ static Suite *tx_suite(void)
     tcase_add_test(t, test_fatal_before_commit_in_its_segment_is_rolled_back_not_unknown);
     tcase_add_test(t, test_loss_with_commit_held_behind_a_savepoint_is_rolled_back_not_unknown);
     tcase_add_test(t, test_retry_whose_connection_died_in_the_backoff_reports_the_failure);
+    tcase_add_test(t, test_statement_after_a_failed_one_in_a_later_turn_is_answered);
+    tcase_add_test(t, test_orphaned_savepoint_stays_valid_until_its_parents_done);
     suite_add_tcase(s, t);
     return s;
 }
