@@ -366,11 +366,16 @@ PGS_API int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_b
                          void *arg, pgs_tx **out);
 
 /* Begin a child of an open transaction: a SAVEPOINT with a generated name. Same contract as
- * pgs_tx_begin. PGS_EMISUSE when the parent is ending or already has an open child. */
+ * pgs_tx_begin. PGS_EMISUSE when the parent is ending or already has an open child;
+ * PGS_ECLOSED when the connection guard was closed under the transaction; the dead
+ * connection's code (PGS_ECONN, PGS_ECANCELED, PGS_ETIMEDOUT) when it is gone. */
 PGS_API int pgs_tx_savepoint(pgs_tx *parent, pgs_tx_cb on_begun, void *arg, pgs_tx **out);
 
 /* A statement inside the transaction: as pgs_query (parameters only, one statement, cb fires
- * exactly once). PGS_EMISUSE when the guard is ending or has an open child (LIFO). */
+ * exactly once). PGS_EMISUSE when the guard is ending or has an open child (LIFO);
+ * PGS_ECLOSED when the connection guard was closed under the transaction; the dead
+ * connection's code (PGS_ECONN, PGS_ECANCELED, PGS_ETIMEDOUT: the transaction's timeout) when
+ * it is gone. */
 PGS_API int pgs_tx_query(pgs_tx *tx, const char *sql, int nparams, const char *const *values,
                          pgs_result_cb cb, void *arg);
 
@@ -527,7 +532,8 @@ PGS_API int pgs_pool_acquire(pgs_pool *pool, pgs_conn_cb cb, void *arg, pgs_pool
 
 /* Abandon a request that has not fired yet: its cb fires with PGS_ECANCELED, and a connection
  * already set aside for it goes to the next waiter (hand-over and cancel are one decision).
- * Returns PGS_OK, PGS_EINVAL, or PGS_EMISUSE when its callback is already running or done. */
+ * Returns PGS_OK, PGS_EINVAL, or PGS_EMISUSE when its callback is already running or done, or
+ * its outcome is already decided (the pool's close failed it: cb fires with PGS_ECLOSED). */
 PGS_API int pgs_pool_acquire_cancel(pgs_pool_req *req);
 
 /* acquire + pgs_run_tx + release as one scope: done fires exactly once with the outcome
