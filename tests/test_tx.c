@@ -505,18 +505,13 @@ END_TEST
 
 /* ---- unknown commits ---- */
 
-typedef struct resolved {
-    int fired;
-    pgs_txid_status status;
-    int has_err;
-} resolved;
-
-static void on_resolved(pgs_txid_status status, const pgs_error *err, void *arg)
+/* A resolve that must not be answered (its call failed at once). */
+static void never_resolved(pgs_txid_status status, const pgs_error *err, void *arg)
 {
-    resolved *r = arg;
-    r->fired++;
-    r->status = status;
-    r->has_err = err != NULL;
+    (void)status;
+    (void)err;
+    (void)arg;
+    ck_abort_msg("a resolve refused at once was answered");
 }
 
 typedef struct xid_watch {
@@ -597,9 +592,12 @@ START_TEST(test_backend_killed_during_commit_is_unknown_then_resolved_aborted)
     ck_assert_str_ne(d.xid, "");
     ck_assert_int_eq(th_resolve(b, d.xid), PGS_TXID_ABORTED);
     ck_assert_int_eq(th_rows("tx_unknown_a"), 0);
-    resolved r = {0};
-    ck_assert_int_eq(pgs_tx_resolve(b, th_conninfo(NULL), "12; DROP", on_resolved, &r),
+    ck_assert_int_eq(pgs_tx_resolve(b, th_conninfo(NULL), "12; DROP", never_resolved, NULL),
                      PGS_EINVAL);
+    const char *bad[] = {"12/", "/5", "12/x", "12/5/6", ""};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        ck_assert_int_eq(pgs_tx_resolve(b, th_conninfo(NULL), bad[i], never_resolved, NULL),
+                         PGS_EINVAL);
     th_loop_end(b);
 }
 END_TEST
