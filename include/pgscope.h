@@ -67,8 +67,9 @@ typedef enum pgs_code {
     PGS_ECOMMIT_UNKNOWN, /* the connection was lost while COMMIT was in flight */
     PGS_ECLOSED,         /* the guard was closed before the work could finish */
     PGS_ENOMEM,          /* out of memory */
-    PGS_EUNSUPPORTED,    /* the statement needs a protocol feature pgscope does not offer (COPY) */
+    PGS_EUNSUPPORTED,    /* the statement needs another call (COPY: pgs_copy_in, pgs_copy_out) */
     PGS_EBUSY,           /* the pool's bound on waiting requests is reached: try later */
+    PGS_EAGAIN,          /* not now: a COPY cannot take data yet (wait for its on_ready) */
 } pgs_code;
 
 /* A failure: its code, the server's SQLSTATE when it sent one ("" otherwise), and a message in
@@ -190,7 +191,7 @@ PGS_API int pgs_conn_open(struct event_base *base, const char *conninfo,
  * pipelined, once it is answered. Statements queued while the guard
  * is still connecting are sent once it is up. `cb` fires exactly once with the
  * result or the error (see pgs_result_cb); a statement that needs COPY fails with
- * PGS_EUNSUPPORTED.
+ * PGS_EUNSUPPORTED and closes the connection (use pgs_copy_in / pgs_copy_out).
  *
  * Returns PGS_OK, or at once: PGS_EINVAL (NULL conn/sql/cb, nparams < 0 or values NULL with
  * nparams > 0), PGS_EMISUSE (the guard is closing), PGS_ECONN / PGS_ECANCELED / the connect
@@ -426,6 +427,111 @@ typedef void (*pgs_resolve_cb)(pgs_txid_status status, const pgs_error *err, voi
  * PGS_ENOMEM. */
 PGS_API int pgs_tx_resolve(struct event_base *base, const char *conninfo, const char *xid,
                            pgs_resolve_cb cb, void *arg);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Bulk data: COPY in and out, and results streamed row by row                               */
+/* ---------------------------------------------------------------------------------------- */
+
+/* COPY and streamed results run on the same queue as every other statement, in order, on a
+ * connection guard (pgs_copy_in, pgs_copy_out, pgs_query_stream) or inside a transaction guard
+ * (pgs_tx_copy_in, ...: a failure aborts the transaction like any failed statement, and the
+ * end rolls back). Rules they share:
+ *  - Each takes the protocol for itself: it waits until the statements before it are
+ *    answered, then runs on its own (outside pipeline mode), and statements queued after it
+ *    wait until it is over. Memory stays bounded by one chunk or row, whatever the size of
+ *    the data.
+ *  - `done` (a pgs_result_cb) fires exactly once, last, when the statement is over: err NULL
+ *    and res the statement's final result (PQcmdTuples gives the rows copied or returned), or
+ *    the error as for pgs_query (PGS_ESQL with the server's result: SQLSTATE, and for bad COPY
+ *    data the line in PG_DIAG_CONTEXT; PGS_ECONN, PGS_ECANCELED, PGS_ETIMEDOUT, PGS_ECLOSED).
+ *    The data callbacks (on_ready, on_data, on_rows) fire only before it, from the loop.
+ *  - Cancel, close, a transaction's timeout and a lost connection work as for any statement:
+ *    pgs_conn_cancel (pgs_tx_cancel) sends a cancel request and closes the connection, and
+ *    done gets the code. In a transaction the COPY's rows go with the rollback.
+ *  - `sql` is copied before return and takes no parameters for COPY (the server does not
+ *    allow them in COPY); quote identifiers in it with PQescapeIdentifier. */
+
+/* A COPY ... FROM STDIN in progress: the handle pgs_copy_write and pgs_copy_end take. Valid
+ * from the call that returns it until its done returns. */
+typedef struct pgs_copy pgs_copy;
+
+/* The COPY can take data: first when the server has started it, then each time after
+ * pgs_copy_write said PGS_EAGAIN, once what libpq held has gone out to the socket. A stream
+ * of calls (not once), each from the loop. It may write, end, or do nothing (then the caller
+ * writes later, from wherever its data comes). */
+typedef void (*pgs_copy_ready_cb)(pgs_copy *copy, void *arg);
+
+/* Start COPY ... FROM STDIN (`sql`, in text, csv or binary format as it says). on_ready fires
+ * once the server has started it; write the data with pgs_copy_write and finish (or abort)
+ * with pgs_copy_end; done fires once the server has answered the end, with the row count in
+ * PQcmdTuples(res), or the error: bad data (22P02 ..., the line number in the error's
+ * context), a constraint violated (23505 ...), the caller's abort (PGS_ECANCELED, SQLSTATE
+ * 57014, with the server's result), a statement that is not COPY FROM STDIN (PGS_EINVAL; one
+ * that is COPY TO STDOUT is read to its end and discarded). The server checks most data as it
+ * comes but reports its first error only after the end: the writes before it still succeed.
+ * Returns PGS_OK and sets *out (may be NULL), or at once PGS_EINVAL (NULL conn, sql, on_ready
+ * or done), PGS_EMISUSE (a transaction guard owns the connection, or it is closing), the
+ * connection's error when it is gone, PGS_ENOMEM; then no callback fires. */
+PGS_API int pgs_copy_in(pgs_conn *conn, const char *sql, pgs_copy_ready_cb on_ready,
+                        pgs_result_cb done, void *arg, pgs_copy **out);
+/* The same inside a transaction guard (PGS_EMISUSE when it is ending or has an open child). */
+PGS_API int pgs_tx_copy_in(pgs_tx *tx, const char *sql, pgs_copy_ready_cb on_ready,
+                           pgs_result_cb done, void *arg, pgs_copy **out);
+
+/* Hand `len` bytes of COPY data to the connection (any split: rows may span writes). The
+ * bytes are copied (into libpq's buffer) before return. Backpressure: while what was written
+ * has not yet gone out to the socket (the server reads slower than the caller writes), the
+ * write is refused with PGS_EAGAIN and nothing is taken; on_ready fires once it may be
+ * called again. So the library holds at most about 64 KiB plus one write, however much the
+ * caller has to send. Returns PGS_OK (taken), PGS_EAGAIN (not taken: the server has not
+ * started the COPY yet, or the buffer is full), PGS_EINVAL (NULL copy, NULL data with len >
+ * 0, len over INT_MAX), PGS_EMISUSE (after pgs_copy_end, or once done has fired), or the
+ * connection's error when it is gone (done then fires with it, if it has not yet). */
+PGS_API int pgs_copy_write(pgs_copy *copy, const void *data, size_t len);
+
+/* Finish the COPY: `abort_reason` NULL ends the data and the server commits the rows (or,
+ * inside a transaction, keeps them for the transaction's end); non-NULL aborts it, the server
+ * discards every row and done reports PGS_ECANCELED with the reason. Before the server has
+ * started the COPY (before on_ready), the end is applied as soon as it starts. Returns PGS_OK
+ * (done fires), PGS_EINVAL (NULL copy), PGS_EMISUSE (already ended, or done has fired). */
+PGS_API int pgs_copy_end(pgs_copy *copy, const char *abort_reason);
+
+/* One piece of COPY ... TO STDOUT output: in text or csv format one row, its newline
+ * included; borrowed (valid during the call). Return 0 to go on; non-zero stops the delivery:
+ * the rest is read and discarded (the connection stays usable; to stop the server's work
+ * too, cancel the guard, which closes it). */
+typedef int (*pgs_copy_data_cb)(pgs_conn *conn, const char *data, size_t len, void *arg);
+
+/* Run COPY ... TO STDOUT (`sql`) and hand its output to on_data chunk by chunk as it arrives,
+ * never the whole in memory; done fires after the last (PQcmdTuples: the rows). A statement
+ * that is not COPY TO STDOUT: PGS_EINVAL (COPY FROM STDIN is ended at once, nothing copied).
+ * Returns as pgs_copy_in. */
+PGS_API int pgs_copy_out(pgs_conn *conn, const char *sql, pgs_copy_data_cb on_data,
+                         pgs_result_cb done, void *arg);
+PGS_API int pgs_tx_copy_out(pgs_tx *tx, const char *sql, pgs_copy_data_cb on_data,
+                            pgs_result_cb done, void *arg);
+
+/* Rows of a streamed statement as they arrive: `rows` holds PQntuples(rows) >= 1 rows, with
+ * the columns described as in any PGresult; borrowed, freed after the call, so memory is
+ * bounded by one batch, not the result. Return 0 to go on; non-zero stops the delivery: the
+ * rest of the rows are read and discarded (not delivered), the connection stays usable, and
+ * done still fires with the statement's end (to stop the server's work too, cancel the guard,
+ * which closes it). */
+typedef int (*pgs_rows_cb)(pgs_conn *conn, const PGresult *rows, void *arg);
+
+/* Run a statement (as pgs_query: one statement, text parameters) and receive its rows as
+ * they arrive instead of in one result: libpq's single-row mode, so on_rows gets one row per
+ * call; with libpq 17 or later, chunked mode: up to batch_rows per call (0: 256). done fires
+ * after the last row with the statement's final result (its status PGRES_TUPLES_OK, no rows;
+ * PQcmdTuples says how many there were) or the error; an error after some rows (a division by
+ * zero in row 1000, a lost connection) comes after those rows were delivered. Returns as
+ * pgs_query, and PGS_EINVAL for batch_rows < 0 or NULL on_rows. */
+PGS_API int pgs_query_stream(pgs_conn *conn, const char *sql, int nparams,
+                             const char *const *values, int batch_rows, pgs_rows_cb on_rows,
+                             pgs_result_cb done, void *arg);
+PGS_API int pgs_tx_query_stream(pgs_tx *tx, const char *sql, int nparams,
+                                const char *const *values, int batch_rows, pgs_rows_cb on_rows,
+                                pgs_result_cb done, void *arg);
 
 /* ---------------------------------------------------------------------------------------- */
 /* Pool                                                                                      */

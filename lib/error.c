@@ -24,6 +24,7 @@ static const char *const code_names[] = {
     [PGS_ENOMEM] = "PGS_ENOMEM: out of memory",
     [PGS_EUNSUPPORTED] = "PGS_EUNSUPPORTED: not supported by pgscope",
     [PGS_EBUSY] = "PGS_EBUSY: too many requests waiting",
+    [PGS_EAGAIN] = "PGS_EAGAIN: not now: wait until it is ready",
 };
 
 int pgs_version(const char **text)
