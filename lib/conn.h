@@ -40,6 +40,21 @@ int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *val
  * sent so far had its own sync) there is nothing to end, and it is dropped. */
 int conn_sync(pgs_conn *c, int flags);
 
+/* A COPY or streamed statement (copy.c): what conn_bulk runs, and where its data goes. */
+enum { CONN_COPY_IN = 1, CONN_COPY_OUT, CONN_STREAM };
+typedef struct conn_bulk_spec {
+    int kind; /* CONN_COPY_IN, CONN_COPY_OUT, CONN_STREAM */
+    pgs_copy_ready_cb on_ready;
+    pgs_copy_data_cb on_data;
+    pgs_rows_cb on_rows;
+    void *arg;
+    int batch_rows;
+} conn_bulk_spec;
+/* conn_query for a bulk statement: it runs on its own once what is in flight is answered
+ * (flags are ignored: it ends with its own sync). *out (may be NULL) gets the COPY handle. */
+int conn_bulk(pgs_conn *c, const char *sql, int nparams, const char *const *values,
+              const conn_bulk_spec *spec, pgs_result_cb cb, void *arg, pgs_copy **out);
+
 /* Plug: statements queued after this point without CONN_BYPASS wait, in order, until the plug
  * is pulled, so a layer above can slip statements (CONN_BYPASS) in ahead of them. Plugs nest
  * by position: unplugging sends what waits up to the next plug still in place. Returns the

@@ -53,7 +53,34 @@ typedef struct op {
     struct stmt *stmt; /* OP_PREPARE / OP_PREPARED: the cache entry (it may be gone since:
                           cache_forget checks) */
     unsigned stmt_no;  /* the entry's number, to tell it from a later one at that address */
+    struct pgs_copy *bulk; /* a COPY or streamed statement (copy.c); NULL for the rest */
 } op;
+
+/* A COPY or streamed statement's state (copy.c): the public pgs_copy handle. */
+typedef enum bulk_phase {
+    BK_QUEUED,    /* not sent yet, or sent and not yet started by the server */
+    BK_COPY_IN,   /* the server takes COPY data: pgs_copy_write */
+    BK_COPY_OUT,  /* the server sends COPY data: on_data */
+    BK_FINISHING, /* data done (or not a COPY): the statement's final result and its end */
+} bulk_phase;
+
+struct pgs_copy {
+    pgs_conn *conn;
+    struct op *op; /* its statement record: done has fired once op->cb is NULL */
+    int kind;      /* CONN_COPY_IN, CONN_COPY_OUT or CONN_STREAM */
+    bulk_phase phase;
+    conn_bulk_spec spec;
+    int started;     /* the server started the COPY the call asked for */
+    int mismatch;    /* the statement was not the kind of COPY the call asked for */
+    int stopped;     /* the caller asked for no more data (the rest is discarded) */
+    int full;        /* written data waits in libpq for write-ready: writes refused */
+    int ready_owed;  /* a write was refused: on_ready once it may write again */
+    int end_asked;   /* pgs_copy_end was called */
+    int end_sent;    /* ... and libpq took the end */
+    int aborted;     /* the end was an abort */
+    size_t unflushed; /* bytes written since libpq's buffer was last seen empty */
+    char *abort_reason;
+};
 
 /* The statement cache: each distinct statement text is parsed once per connection, as a named
  * prepared statement, and then executed by name (what asyncpg and psycopg do). */
@@ -107,6 +134,7 @@ struct pgs_conn {
     op *held;       /* a lone statement on an idle connection, until the end of the loop turn:
                        alone then, it goes out on its own, else pipelined with what came */
     int solo;       /* a statement sent outside pipeline mode is in flight */
+    int draining;   /* a bulk statement waits in `waiting` for what is in flight */
     int pipelined;  /* libpq is in pipeline mode */
     int open_segment; /* pipelined statements sent since the last sync (no leaving the mode) */
     int sync_turn;  /* the last statement sent was CONN_SYNC_TURN (with its CONN_RESET): a sync
@@ -208,6 +236,10 @@ static inline void op_release(pgs_conn *c, op *o)
         PQclear(o->res);
     if (o->copy)
         free(o->copy);
+    if (o->bulk) {
+        free(o->bulk->abort_reason);
+        free(o->bulk);
+    }
     if (c->nspare < SPARE_OPS) { /* (op_new clears it) */
         o->next = c->spare;
         c->spare = o;
@@ -224,6 +256,21 @@ static inline void set_error(pgs_conn *c, pgs_error *e, pgs_code code, const cha
 }
 
 /* ---- across the layer's files ---- */
+
+/* copy.c: COPY and streamed statements (a statement record's `bulk`) */
+/* Send a bulk statement (on its own, outside pipeline mode, once nothing is in flight).
+ * Returns 0 when taken (sent, or waiting), SEND_LOST, SEND_NOMEM. */
+int bulk_send(pgs_conn *c, struct op *o, const char *sql, const char *const *values);
+/* Must the bulk statement wait for what is in flight? */
+int bulk_must_wait(pgs_conn *c);
+/* The next result of the bulk statement at the head of `sent` for the FIFO (the final one,
+ * or NULL at its end), after handling its data (rows, COPY in and out) on the way. Returns 0
+ * when it must wait for the socket (or the connection went down). */
+int bulk_next(pgs_conn *c, struct op *o, PGresult **res);
+/* What the statement's end reports, given its final result's error (NULL: none). Returns
+ * the error to report (e, or `err`, or NULL) and sets *keep when the connection stays. */
+const pgs_error *bulk_outcome(pgs_conn *c, struct op *o, const PGresult *res,
+                              const pgs_error *err, pgs_error *e, int *keep);
 
 /* conn.c: the guard's life, loss and exit */
 pgs_conn *conn_new(struct event_base *base, const pgs_conn_opts *opts, pgs_conn_cb on_open,
@@ -276,6 +323,9 @@ static inline void resolve_statement(pgs_conn *c, op *o, const char *sql, int *f
 /* pipeline.c: sending */
 int push_output(pgs_conn *c);
 int flush_output(pgs_conn *c);
+void flush_later(pgs_conn *c);
+/* A statement's text (v[nparams]) and values in one block, for sending later; free() it. */
+char **copy_statement(const char *sql, int nparams, const char *const *values);
 void send_list(pgs_conn *c, op_list *list);
 
 /* results.c: the result FIFO, and the socket's handler */

@@ -93,7 +93,7 @@ int push_output(pgs_conn *c)
 
 /* Keep the values (v[0..nparams-1]) and sql (v[nparams]; NULL when the cache has the text) of
  * a statement that is not sent at once: one block, freed with free(). */
-static char **copy_statement(const char *sql, int nparams, const char *const *values)
+char **copy_statement(const char *sql, int nparams, const char *const *values)
 {
     size_t size = (size_t)(nparams + 1) * sizeof(char *) + (sql ? strlen(sql) + 1 : 0);
     for (int i = 0; i < nparams; i++)
@@ -154,7 +154,7 @@ static int enter_pipeline(pgs_conn *c)
 /* One flush for everything queued in this loop turn: at the end of the socket handler when a
  * result callback queued it (the common closed loop, no extra event), otherwise from a
  * deferred call. */
-static void flush_later(pgs_conn *c)
+void flush_later(pgs_conn *c)
 {
     if (!c->flush_due) {
         c->flush_due = 1;
@@ -201,7 +201,8 @@ static int send_held(pgs_conn *c, int alone)
  * when libpq failed (the caller reports the loss), SEND_NOMEM when it could not be kept. */
 static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *values)
 {
-    if (c->solo) { /* libpq takes nothing more until the statement on its own is answered */
+    if (c->solo || c->draining) { /* libpq takes nothing more until the statement on its own
+                                     is answered; or a bulk one waits for it to be */
         if (sql && !o->copy && !(o->copy = copy_statement(sql, o->nparams, values)))
             return SEND_NOMEM;
         o->phase = OP_UNSENT;
@@ -210,6 +211,8 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
     }
     if (c->held && send_held(c, 0) != 0)
         return SEND_LOST;
+    if (o->bulk)
+        return bulk_send(c, o, sql, values);
     if (!sql) { /* a lone sync: ends the pipeline segment (and any error's abort) */
         if (!c->pipelined) {
             op_release(c, o); /* outside pipeline mode every statement ended with its own */
@@ -274,10 +277,21 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
     return 0;
 }
 
-/* Send what waits in `list`, in order, up to the first plug marker. */
+/* Send what waits in `list`, in order, up to the first plug marker. What waits in `waiting`
+ * stays there, in place, while a statement runs on its own or a bulk one must wait. */
 void send_list(pgs_conn *c, op_list *list)
 {
     for (op *o; c->state == CS_READY && list->head && !(list->head->flags & OP_MARKER);) {
+        if (list == &c->waiting &&
+            (c->solo || c->draining || (list->head->bulk && bulk_must_wait(c)))) {
+            if (!c->solo && !c->draining) { /* the bulk one at its head waits for the rest */
+                c->draining = 1;
+                if (c->open_segment)
+                    c->flush_req = 1;
+                flush_later(c);
+            }
+            break;
+        }
         o = list_pop(list);
         const char *sql = o->copy ? o->copy[o->nparams] : NULL;
         if (send_op(c, o, sql, (const char *const *)o->copy) != 0) {
@@ -291,7 +305,7 @@ void send_list(pgs_conn *c, op_list *list)
 /* Queue a statement (sql != NULL) or a lone sync (sql == NULL, never with a callback: outside
  * pipeline mode a sync is dropped). */
 static int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const *values,
-                   int flags, pgs_result_cb cb, void *arg)
+                   int flags, pgs_copy *bulk, pgs_result_cb cb, void *arg)
 {
     if (c->state != CS_READY || c->returning) {
         if (c->returning || c->state == CS_CLOSING)
@@ -306,6 +320,11 @@ static int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const 
     o->arg = arg;
     o->flags = flags;
     o->nparams = nparams;
+    if (bulk) {
+        o->bulk = bulk;
+        bulk->op = o;
+        bulk->conn = c;
+    }
     if (c->state == CS_CONNECTING || (c->plugged && !(flags & CONN_BYPASS))) {
         if (sql) {
             o->copy = copy_statement(sql, nparams, values);
@@ -322,6 +341,8 @@ static int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const 
     if (r != 0) {
         /* Not accepted, so its callback never fires; after a libpq failure the others hear
          * of the loss. */
+        o->bulk = NULL; /* (the caller frees it) */
+        free(o->copy);
         free(o);
         if (r == SEND_NOMEM)
             return PGS_ENOMEM;
@@ -336,12 +357,34 @@ int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *val
 {
     if (!c || !sql || !cb || nparams < 0 || (nparams > 0 && !values))
         return PGS_EINVAL;
-    return enqueue(c, sql, nparams, values, flags, cb, arg);
+    return enqueue(c, sql, nparams, values, flags, NULL, cb, arg);
+}
+
+int conn_bulk(pgs_conn *c, const char *sql, int nparams, const char *const *values,
+              const conn_bulk_spec *spec, pgs_result_cb cb, void *arg, pgs_copy **out)
+{
+    if (out)
+        *out = NULL;
+    if (!c || !sql || !cb || nparams < 0 || (nparams > 0 && !values))
+        return PGS_EINVAL;
+    pgs_copy *bulk = calloc(1, sizeof *bulk);
+    if (!bulk)
+        return PGS_ENOMEM;
+    bulk->kind = spec->kind;
+    bulk->spec = *spec;
+    int rc = enqueue(c, sql, nparams, values, 0, bulk, cb, arg);
+    if (rc != PGS_OK) {
+        free(bulk);
+        return rc;
+    }
+    if (out)
+        *out = bulk;
+    return PGS_OK;
 }
 
 int conn_sync(pgs_conn *c, int flags)
 {
-    return enqueue(c, NULL, 0, NULL, flags, NULL, NULL);
+    return enqueue(c, NULL, 0, NULL, flags, NULL, NULL, NULL);
 }
 
 int conn_plug(pgs_conn *c)

@@ -69,14 +69,18 @@ int deliver(pgs_conn *c, op *o)
         }
         break;
     }
+    int keep = err && err->code == PGS_ESQL; /* the statement's own error: the session goes on */
+    if (o->bulk)
+        err = bulk_outcome(c, o, res, err, &e, &keep);
     pgs_result_cb cb = o->cb;
     o->cb = NULL;
-    cb(c, err ? (err->code == PGS_ESQL ? res : NULL) : res, err, o->arg);
+    cb(c, err ? (err->code == PGS_ESQL || (keep && err->code == PGS_ECANCELED) ? res : NULL) : res,
+       err, o->arg);
     c->reporting_not_run = 0;
     PQclear(res);
     if (c->state != CS_READY)
         return 0;
-    if (err && err->code != PGS_ESQL) {
+    if (err && !keep) {
         conn_lost(c, err);
         return 0;
     }
@@ -135,7 +139,11 @@ static void read_results(pgs_conn *c)
 {
     while (c->state == CS_READY && c->sent.head && !PQisBusy(c->pg)) {
         op *o = c->sent.head;
-        PGresult *res = PQgetResult(c->pg);
+        PGresult *res;
+        if (!o->bulk)
+            res = PQgetResult(c->pg);
+        else if (!bulk_next(c, o, &res)) /* its rows and COPY data are copy.c's */
+            return;
         if (o->phase == OP_SYNC) {
             if (res && PQresultStatus(res) == PGRES_PIPELINE_SYNC) {
                 /* A synced statement is complete only now: its callback sees the session's
@@ -201,6 +209,11 @@ static void read_results(pgs_conn *c)
         } else {
             o->phase = OP_SYNC;
         }
+    }
+    /* A bulk statement waited for what was in flight: its turn. */
+    if (c->draining && !c->sent.head && c->state == CS_READY) {
+        c->draining = 0;
+        send_list(c, &c->waiting);
     }
 }
 
