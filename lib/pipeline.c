@@ -81,6 +81,13 @@ int push_output(pgs_conn *c)
     }
     if (flush_output(c) != 0)
         return -1;
+    /* A COPY whose writes were refused until libpq's buffer emptied: this flush emptied it
+     * (no socket event will say so), so tell the writer now (on_ready, from bulk_next). */
+    if (c->solo && c->sent.head->bulk && c->sent.head->bulk->full && !c->want_write) {
+        read_answered(c);
+        if (c->state != CS_READY)
+            return -1;
+    }
     /* After an error in the segment, libpq answers what is sent after it (PIPELINE_ABORTED)
      * by itself, with no socket event to read it by: read it now. */
     if (c->segment_err && c->sent.head) {

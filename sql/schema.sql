@@ -15,3 +15,10 @@ INSERT INTO demo_accounts (id, owner, balance) VALUES
     (1, 'alice', 1000), (2, 'bob', 1000), (3, 'carol', 1000), (4, 'dave', 1000),
     (5, 'erin', 1000), (6, 'frank', 1000), (7, 'grace', 1000), (8, 'heidi', 1000)
 ON CONFLICT (id) DO NOTHING;
+-- The bulk scenario's own table: loaded with COPY FROM STDIN, exported with COPY TO STDOUT and
+-- streamed row by row. The scenario empties it when it starts (nothing else uses it).
+CREATE TABLE IF NOT EXISTS demo_bulk (
+    id     bigint PRIMARY KEY,
+    amount bigint NOT NULL,
+    label  text NOT NULL
+);

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# demo-test.sh DEMO: runs pgscope-demo's tour and a 2000-transfer run against the test server,
-# and asserts on the exit status and on the facts it printed; that the README's sample of the
-# tour has the shape of a real run; that --count is honoured where it applies and refused where
-# it does not; that connect_timeout in the conninfo is obeyed; that errors are one line.
+# demo-test.sh DEMO: runs pgscope-demo's tour, a 2000-transfer run and a bulk run against the
+# test server, and asserts on the exit status and on the facts it printed; that the README's
+# sample of the tour has the shape of a real run; that --count and --rows are honoured where they
+# apply and refused where they do not; that connect_timeout in the conninfo is obeyed; that
+# errors are one line.
 # The conninfo (and so the password) reaches the demo through its environment, never its argv.
 set -uo pipefail
 demo=$1
@@ -30,6 +31,51 @@ expect "tour: invariant held" grep -q 'invariant held' "$out"
 expect "tour: the overdraft's SQLSTATE shown" grep -q 'SQLSTATE 23514' "$out"
 expect "tour: 500 transfers by default" grep -q '^  500 transfers in' "$out"
 
+# The bulk part (200000 rows by default): each check it prints held, with its rates.
+# bulk_checks N: the lines of a bulk run of N rows in $out.
+bulk_checks() {
+	local n=$1 what=$2
+	expect "$what: the header says $n rows in, $((5 * n)) streamed" \
+		grep -q "^== bulk: $n rows in with COPY FROM STDIN, out with COPY TO STDOUT, $((5 * n)) streamed" "$out"
+	expect "$what: COPY FROM STDIN's rate" \
+		grep -Eq "^  COPY FROM STDIN: $n rows \([0-9.]+ MiB\) in [0-9.]+ s, [0-9]+ rows/s; .*PGS_EAGAIN [0-9]+ times, on_ready [1-9][0-9]* times" "$out"
+	expect "$what: the server holds what COPY loaded" \
+		grep -q "\[ok\]   the server holds the $n rows (PQcmdTuples $n), sum(amount) [0-9]* as written" "$out"
+	expect "$what: COPY TO STDOUT's rate" \
+		grep -Eq "^  COPY TO STDOUT: $n rows \([0-9.]+ MiB\) in [0-9.]+ s, [0-9]+ rows/s" "$out"
+	expect "$what: every row exported" grep -q "\[ok\]   $n rows exported, as PQcmdTuples says" "$out"
+	expect "$what: the export is the load, byte for byte" \
+		grep -q '\[ok\]   the export is byte for byte what was loaded' "$out"
+	expect "$what: the stream's rate" \
+		grep -Eq "^  pgs_query_stream: $((5 * n)) rows \([0-9.]+ MiB of values\) in [0-9.]+ s, [0-9]+ rows/s" "$out"
+	expect "$what: every row streamed" \
+		grep -q "\[ok\]   $((5 * n)) rows streamed, as PQcmdTuples says" "$out"
+	expect "$what: the streamed sum is the server's" \
+		grep -q "\[ok\]   the streamed sum equals the server's own sum" "$out"
+	expect "$what: a stream stopped early" grep -q '\[ok\]   stopped early: the rest discarded' "$out"
+	expect "$what: the aborted COPY reported PGS_ECANCELED, 57014" \
+		grep -q '\[ok\]   the aborted COPY reported PGS_ECANCELED: .* (SQLSTATE 57014)' "$out"
+	expect "$what: the aborted COPY left no row" \
+		grep -q "\[ok\]   none of its rows is there: the table holds $n rows" "$out"
+	expect "$what: a COPY's rows go with its transaction's rollback" \
+		grep -q "\[ok\]   the transaction saw its COPY's rows; they went with its rollback" "$out"
+	expect "$what: and stay with its commit" \
+		grep -q "\[ok\]   committed: the table holds $((n + 1000)) rows" "$out"
+	expect "$what: peak memory before and after" \
+		test "$(grep -Ec '^  peak memory \(VmHWM\) (before|after): [0-9.]+ MiB' "$out")" -eq 2
+	if ((asan)); then
+		expect "$what: no memory check under AddressSanitizer (its quarantine)" \
+			grep -q '^  peak memory not checked: under AddressSanitizer' "$out"
+	else
+		expect "$what: peak memory stayed flat" grep -q '\[ok\]   peak memory stayed flat' "$out"
+	fi
+}
+# In a sanitizer build the peak says nothing (ASan keeps freed memory): the demo says so.
+asan=0
+libs=$(ldd "$demo" 2>/dev/null || true) # (no pipe into grep -q: pipefail and SIGPIPE)
+[[ $libs == *libasan* ]] && asan=1
+bulk_checks 200000 "tour: bulk"
+
 # The README's sample of the tour (between the demo-sample markers) has the shape of this run:
 # each of its lines, but for "..." (lines left out), is a line of the run, in the same order,
 # once digits are one placeholder and account names another (which account pays depends on
@@ -52,11 +98,21 @@ sample_matches() {
 expect "README: the tour sample is there" test "$(grep -cv '^\.\.\.$' "$tmp/sample")" -ge 20
 expect "README: the tour sample has the shape of a real run" sample_matches
 
-"$demo" tour --count 40 >"$out" 2>&1
+"$demo" tour --count 40 --rows 3000 >"$out" 2>&1
 rc=$?
-expect "tour --count 40 exits 0" test "$rc" -eq 0
+expect "tour --count 40 --rows 3000 exits 0" test "$rc" -eq 0
 expect "tour --count 40: its transfer part runs 40" grep -q '^  40 transfers in' "$out"
 expect "tour --count 40: the header says 40" grep -q '^== transfer: 40 random' "$out"
+expect "tour --rows 3000: its bulk part loads 3000" grep -q '^== bulk: 3000 rows in' "$out"
+
+"$demo" bulk --rows 20000 >"$out" 2>&1
+rc=$?
+cat "$out"
+expect "bulk exits 0" test "$rc" -eq 0
+expect "bulk: every check held" grep -q '^every check held$' "$out"
+expect "bulk: no failed check" bash -c "! grep -q 'FAIL' '$out'"
+expect "bulk: only the bulk scenario ran" test "$(grep -c '^== ' "$out")" -eq 1
+bulk_checks 20000 "bulk --rows 20000"
 
 "$demo" transfer --count 2000 >"$out" 2>&1
 rc=$?
@@ -66,7 +122,7 @@ expect "transfer: 2000 done" grep -q '2000 transfers in' "$out"
 expect "transfer: invariant held" grep -q '\[ok\]   invariant held' "$out"
 
 # Options for scenarios that take none: refused, in a clear message, before connecting.
-for args in "commit --count 5" "cancel --concurrency 3" "--count 5 retry"; do
+for args in "commit --count 5" "cancel --concurrency 3" "--count 5 retry" "bulk --count 5"; do
 	# shellcheck disable=SC2086 # word splitting intended
 	"$demo" $args >"$out" 2>&1
 	rc=$?
@@ -75,6 +131,20 @@ for args in "commit --count 5" "cancel --concurrency 3" "--count 5 retry"; do
 	expect "$args: says where the option applies" grep -q 'applies to transfer and tour, not to' "$out"
 	expect "$args: connects to nothing" bash -c "! grep -q 'connected to' '$out'"
 done
+for args in "commit --rows 5" "transfer --rows 5"; do
+	# shellcheck disable=SC2086 # word splitting intended
+	"$demo" $args >"$out" 2>&1
+	rc=$?
+	cat "$out"
+	expect "$args: exit 2" test "$rc" -eq 2
+	expect "$args: says where the option applies" grep -q 'applies to bulk and tour, not to' "$out"
+	expect "$args: connects to nothing" bash -c "! grep -q 'connected to' '$out'"
+done
+"$demo" bulk --rows 0 --check-args >"$out" 2>&1
+expect "bulk --rows 0: exit 2" test $? -eq 2
+expect "bulk --rows 0: says what --rows takes" grep -q -- '--rows must be a number from 1' "$out"
+"$demo" bulk --rows 500 --check-args >"$out" 2>&1
+expect "bulk --rows 500 --check-args: valid, exit 0" test $? -eq 0
 "$demo" transfer --count 5 --concurrency 2 --check-args >"$out" 2>&1
 expect "--check-args: valid arguments, exit 0" test $? -eq 0
 expect "--check-args: nothing printed" test ! -s "$out"

@@ -1,16 +1,23 @@
 /* pgscope-bench: the same closed-loop workloads, in one run against one server, through
  * hand-written non-blocking libpq on a libevent loop (the baseline), through pgscope's guards,
  * through pgscope's transactions on the pool, and through pgbench; it prints transactions per
- * second, p50/p99 latency and the ratios between them. Uses the public header only (plus
+ * second, p50/p99 latency and the ratios between them. On request (--only copy-in,stream) the
+ * bulk-data part: COPY FROM STDIN through pgscope against psql's \copy, and a streamed SELECT
+ * through pgscope against raw libpq in single-row mode. Uses the public header only (plus
  * libpq and libevent directly for the baseline). Not a test: see README, Performance. */
+#include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <malloc.h>
 #include <pgscope.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/types.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -93,6 +100,17 @@ static int skipped(const char *name)
     return 1;
 }
 
+/* The heading of the rows that follow ("unix, 8 connection(s)"), printed before the first of
+ * them only: a section whose workloads --only leaves out prints nothing. */
+static char section[128];
+
+static void print_section(void)
+{
+    if (section[0])
+        printf("%s", section);
+    section[0] = '\0';
+}
+
 static result *new_result(void)
 {
     if (nresults == MAX_RESULTS)
@@ -110,6 +128,7 @@ static result *finish_run(run *r, const char *name, double seconds)
     res->p99_ms = r->nlat ? r->lat[(size_t)((double)r->nlat * 0.99)] * 1e3 : 0;
     res->errors = r->errors;
     free(r->lat);
+    print_section();
     printf("  %-44s %9.0f tx/s  p50 %6.3f ms  p99 %6.3f ms%s\n", name, res->tps, res->p50_ms,
            res->p99_ms, r->errors ? "  (errors!)" : "");
     fflush(stdout);
@@ -126,6 +145,18 @@ static char *random_aid(char *buf)
 {
     snprintf(buf, 16, "%d", 1 + (int)(rand_r(&seed) % (unsigned)accounts));
     return buf;
+}
+
+/* pgbench_accounts is checked (and set up) on first use, so that a run --only leaves without
+ * a workload on it does not touch it. */
+static const char *accounts_conninfo;
+static void setup_tables(const char *conninfo);
+
+static void need_accounts(void)
+{
+    if (accounts_conninfo)
+        setup_tables(accounts_conninfo);
+    accounts_conninfo = NULL;
 }
 
 static const char update_sql[] =
@@ -253,6 +284,8 @@ static void bench_raw(const char *conninfo, workload w, int prepared, int n, dou
 {
     if (skipped(name))
         return;
+    if (w != W_SELECT)
+        need_accounts();
     raw *cs = calloc((size_t)n, sizeof *cs);
     run r = {0};
     for (int i = 0; i < n; i++) {
@@ -442,6 +475,7 @@ static void bench_tx(const char *conninfo, int n, double seconds, int plain, pgs
 {
     if (skipped(name))
         return;
+    need_accounts();
     pgs_pool_opts po = {.min_size = n, .max_size = n, .reset = reset};
     pgs_pool *pool;
     if (pgs_pool_new(base, conninfo, &po, &pool) != PGS_OK)
@@ -469,11 +503,14 @@ static void bench_tx(const char *conninfo, int n, double seconds, int plain, pgs
 
 /* ---- pgbench, the server's own tool, on the same server in the same run ---- */
 
-static const char *pgbench_path(void)
+/* A client program of the highest installed PostgreSQL (pgbench, psql), or NULL. */
+static const char *pg_tool_path(const char *tool, char *path, size_t size)
 {
-    static char path[512];
-    FILE *f = popen("ls -d /usr/lib/postgresql/*/bin/pgbench 2>/dev/null | sort -V | tail -1", "r");
-    if (!f || !fgets(path, sizeof path, f)) {
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "ls -d /usr/lib/postgresql/*/bin/%s 2>/dev/null | sort -V | tail -1",
+             tool);
+    FILE *f = popen(cmd, "r");
+    if (!f || !fgets(path, (int)size, f)) {
         if (f)
             pclose(f);
         return NULL;
@@ -481,6 +518,12 @@ static const char *pgbench_path(void)
     pclose(f);
     path[strcspn(path, "\n")] = '\0';
     return path[0] ? path : NULL;
+}
+
+static const char *pgbench_path(void)
+{
+    static char path[512];
+    return pg_tool_path("pgbench", path, sizeof path);
 }
 
 /* How pgbench runs the transaction: in 3 round trips, inside \startpipeline, or inside
@@ -494,6 +537,7 @@ static void bench_pgbench(const char *pgbench, const char *conninfo, int n, doub
 {
     if (skipped(name))
         return;
+    need_accounts();
     char script[] = "/tmp/pgscope-bench-XXXXXX";
     int fd = mkstemp(script);
     if (fd < 0)
@@ -529,6 +573,7 @@ static void bench_pgbench(const char *pgbench, const char *conninfo, int n, doub
     res->tps = tps;
     res->p50_ms = lat; /* pgbench reports the average; shown in the p50 column, marked */
     res->p99_ms = 0;
+    print_section();
     printf("  %-44s %9.0f tx/s  avg %6.3f ms  (pgbench, -M prepared)\n", name, tps, lat);
     fflush(stdout);
 }
@@ -614,6 +659,7 @@ static long max_rss_kb(void)
 
 static void bench_scale(const char *conninfo, int requests, int poolsize)
 {
+    need_accounts();
     pgs_pool_opts po = {.min_size = poolsize, .max_size = poolsize, .acquire_timeout_ms = -1};
     pgs_pool *pool;
     if (pgs_pool_new(base, conninfo, &po, &pool) != PGS_OK)
@@ -794,12 +840,787 @@ static void ratio(const char *what, const char *a, const char *b, double target)
     double x = tps_of(a), y = tps_of(b);
     if (x <= 0 || y <= 0)
         return;
+    print_section();
     if (target <= 0) { /* for information: no target */
         printf("  %-66s %5.2fx\n", what, x / y);
         return;
     }
     printf("  %-66s %5.2fx  (target >= %.2fx: %s)\n", what, x / y, target,
            x / y >= target ? "met" : "NOT met");
+}
+
+/* ---- bulk data: COPY FROM STDIN and a streamed SELECT (only when --only names them) ---- */
+
+/* Two parts, run only when --only names them ("copy-in", "stream"): each takes a minute or
+ * more. Both on the TCP conninfo. The contenders alternate over three rounds (A B, B A, A B)
+ * and a row's figure is the median of its rounds. Each measured run of pgscope or raw libpq
+ * is a child process of its own (fork) that opens its own event base and connection, so that
+ * its peak RSS is its own: VmHWM is per process and never goes down. The child resets it to
+ * the current RSS after connecting (/proc/self/clear_refs, "5"), reads VmRSS (the baseline),
+ * runs, then reads VmHWM: the peak during the run, minus the baseline, is what the run cost
+ * in memory. */
+
+enum { BULK_ROUNDS = 3, COPY_CHUNK = 64 * 1024 };
+
+static int bulk_selected(const char *part)
+{
+    return only && !skipped(part);
+}
+
+/* One measured run, as a child process reports it to the bench. */
+typedef struct bulk_run {
+    double seconds;      /* the statement: from sending it to its end */
+    long rows;           /* as the statement's end says (COPY's tag, the rows received) */
+    long base_kb;        /* VmRSS just before the statement (psql: 0) */
+    long peak_kb;        /* VmHWM at its end (psql: ru_maxrss, the whole process) */
+    long chunks, waits;  /* COPY: 64 KiB writes taken, and PGS_EAGAIN answers */
+    int hwm_reset;       /* clear_refs worked: the peak is the run's own */
+    double wall;         /* psql: the whole process, start and connect included */
+    char err[512];
+} bulk_run;
+
+/* The temp files, removed at exit and on SIGINT/SIGTERM, by the bench process only (a child
+ * that dies must not remove them under the others). */
+static pid_t bulk_owner;
+static char copy_file[64], pass_file[64];
+
+static void bulk_cleanup(void)
+{
+    if (getpid() != bulk_owner)
+        return;
+    if (copy_file[0])
+        unlink(copy_file);
+    if (pass_file[0])
+        unlink(pass_file);
+}
+
+static void bulk_signal(int sig)
+{
+    bulk_cleanup(); /* getpid and unlink are async-signal-safe */
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static long status_kb(const char *field) /* "VmRSS:", "VmHWM:" of /proc/self/status */
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long kb = -1;
+    size_t n = strlen(field);
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, field, n) == 0) {
+            kb = atol(line + n);
+            break;
+        }
+    if (f)
+        fclose(f);
+    return kb;
+}
+
+static void measure_begin(bulk_run *out)
+{
+    int fd = open("/proc/self/clear_refs", O_WRONLY);
+    out->hwm_reset = fd >= 0 && write(fd, "5", 1) == 1;
+    if (fd >= 0)
+        close(fd);
+    out->base_kb = status_kb("VmRSS:");
+}
+
+static void measure_end(bulk_run *out)
+{
+    out->peak_kb = status_kb("VmHWM:");
+}
+
+static void write_all(int fd, const void *p, size_t n)
+{
+    for (const char *c = p; n > 0;) {
+        ssize_t w = write(fd, c, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return;
+        c += w;
+        n -= (size_t)w;
+    }
+}
+
+typedef void (*bulk_fn)(const char *conninfo, const void *spec, bulk_run *out);
+
+/* Run fn in a child process with an event base and connections of its own; *out is what it
+ * measured, or err says why not. */
+static void in_child(bulk_fn fn, const char *conninfo, const void *spec, bulk_run *out)
+{
+    int p[2];
+    if (pipe(p) != 0)
+        die("pipe: %s", strerror(errno));
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0)
+        die("fork: %s", strerror(errno));
+    if (pid == 0) {
+        close(p[0]);
+        /* Not the parent's base: its epoll set is shared with the parent's. Left alone. */
+        base = event_base_new();
+        if (!base)
+            die("event_base_new failed");
+        bulk_run r = {0};
+        fn(conninfo, spec, &r);
+        write_all(p[1], &r, sizeof r);
+        _exit(0); /* no atexit, no stdio flush, nothing sent on the parent's connection */
+    }
+    close(p[1]);
+    memset(out, 0, sizeof *out);
+    size_t got = 0;
+    while (got < sizeof *out) {
+        ssize_t n = read(p[0], (char *)out + got, sizeof *out - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(p[0]);
+    int st;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+        ;
+    if (got != sizeof *out || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+        memset(out, 0, sizeof *out);
+        snprintf(out->err, sizeof out->err, "the measuring process failed (%s %d)",
+                 WIFSIGNALED(st) ? "signal" : "exit status",
+                 WIFSIGNALED(st) ? WTERMSIG(st) : WEXITSTATUS(st));
+    }
+}
+
+static int cmp_run_seconds(const void *a, const void *b)
+{
+    const bulk_run *x = a, *y = b;
+    return x->seconds < y->seconds ? -1 : x->seconds > y->seconds;
+}
+
+/* A contender's rounds: the median's time, the largest memory figure. */
+typedef struct bulk_sum {
+    const char *label;
+    long rows;
+    int ok;             /* every round worked */
+    double seconds;     /* median */
+    long growth_kb;     /* max over rounds of peak - baseline; psql: max ru_maxrss */
+    double wall;        /* psql: median of the whole process's time */
+    int hwm_reset;
+} bulk_sum;
+
+static bulk_sum summarize(const char *label, long rows, bulk_run *runs, int n)
+{
+    bulk_sum s = {.label = label, .rows = rows, .ok = 1, .hwm_reset = 1};
+    double walls[BULK_ROUNDS];
+    for (int i = 0; i < n; i++) {
+        if (runs[i].err[0] || runs[i].seconds <= 0)
+            s.ok = 0;
+        long g = runs[i].peak_kb - runs[i].base_kb;
+        if (g > s.growth_kb)
+            s.growth_kb = g;
+        s.hwm_reset &= runs[i].hwm_reset;
+        walls[i] = runs[i].wall;
+    }
+    if (!s.ok)
+        return s;
+    qsort(runs, (size_t)n, sizeof *runs, cmp_run_seconds);
+    s.seconds = runs[n / 2].seconds;
+    qsort(walls, (size_t)n, sizeof *walls, cmp_double);
+    s.wall = walls[n / 2];
+    return s;
+}
+
+static void print_run(const char *label, long rows, int round, const bulk_run *r)
+{
+    if (r->err[0]) {
+        printf("  %-40s %9ld rows  round %d: FAILED: %s\n", label, rows, round + 1, r->err);
+        fflush(stdout);
+        return;
+    }
+    printf("  %-40s %9ld rows  round %d: %7.3f s %10.0f rows/s", label, r->rows, round + 1,
+           r->seconds, (double)r->rows / r->seconds);
+    if (r->wall > 0)
+        printf("  (psql's \\timing; the process %.3f s in all, max RSS %ld KiB)\n", r->wall,
+               r->peak_kb);
+    else if (r->chunks)
+        printf("  peak RSS +%ld KiB  (%ld writes of 64 KiB, %ld PGS_EAGAIN)\n",
+               r->peak_kb - r->base_kb, r->chunks, r->waits);
+    else
+        printf("  peak RSS +%ld KiB\n", r->peak_kb - r->base_kb);
+    fflush(stdout);
+}
+
+/* ---- COPY FROM STDIN: pgscope against psql's \copy, from one file ---- */
+
+static const char copy_table_marker[] = "pgscope-bench: created and dropped by the benchmark";
+
+/* The table is the bench's own: created here, marked with a comment, truncated before each run,
+ * dropped at the end. A table of that name without the mark is someone else's: left alone. */
+static PGconn *copy_table_create(const char *conninfo)
+{
+    PGconn *pg = PQconnectdb(conninfo);
+    if (PQstatus(pg) != CONNECTION_OK)
+        die("cannot connect: %s", PQerrorMessage(pg));
+    PQsetNoticeProcessor(pg, quiet, NULL);
+    PGresult *r = PQexec(pg, "SELECT obj_description(c, 'pg_class') FROM "
+                             "to_regclass('pgscope_bench_copy') c WHERE c IS NOT NULL");
+    if (PQresultStatus(r) != PGRES_TUPLES_OK)
+        die("copy-in: %s", PQerrorMessage(pg));
+    if (PQntuples(r) > 0) {
+        if (PQgetisnull(r, 0, 0) || strcmp(PQgetvalue(r, 0, 0), copy_table_marker) != 0)
+            die("copy-in: a table pgscope_bench_copy exists that pgscope-bench did not create; "
+                "not touching it (drop or rename it yourself)");
+        PQclear(PQexec(pg, "DROP TABLE pgscope_bench_copy")); /* an interrupted run's */
+    }
+    PQclear(r);
+    char sql[256];
+    snprintf(sql, sizeof sql, "CREATE TABLE pgscope_bench_copy (id int NOT NULL, name text NOT "
+                              "NULL, amount numeric(12,2) NOT NULL, at timestamptz NOT NULL); "
+                              "COMMENT ON TABLE pgscope_bench_copy IS '%s'",
+             copy_table_marker);
+    r = PQexec(pg, sql);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK)
+        die("copy-in: creating pgscope_bench_copy: %s", PQerrorMessage(pg));
+    PQclear(r);
+    return pg;
+}
+
+/* Before each run: an empty table, and no checkpoint owed from the last run's WAL (best
+ * effort: CHECKPOINT needs a superuser or pg_checkpoint; without, runs may meet one). */
+static void copy_table_reset(PGconn *pg)
+{
+    PGresult *r = PQexec(pg, "TRUNCATE pgscope_bench_copy");
+    if (PQresultStatus(r) != PGRES_COMMAND_OK)
+        die("copy-in: %s", PQerrorMessage(pg));
+    PQclear(r);
+    PQclear(PQexec(pg, "CHECKPOINT"));
+}
+
+/* The data, in COPY's text format: id, a name, an amount, a timestamp; about 60 bytes a row.
+ * Returns the file's size; *small_bytes is where row small_rows ends. */
+static off_t write_copy_file(int fd, long rows, long small_rows, off_t *small_bytes)
+{
+    static const char *const words[] = {"alpha", "bravo", "charlie", "delta",
+                                        "echo",  "foxtrot", "golf", "hotel"};
+    FILE *f = fdopen(fd, "w");
+    if (!f)
+        die("cannot write %s", copy_file);
+    const time_t start = 1704067200; /* 2024-01-01 00:00:00 UTC */
+    for (long i = 1; i <= rows; i++) {
+        time_t t = start + (time_t)i * 7;
+        struct tm tm;
+        char ts[32];
+        gmtime_r(&t, &tm);
+        strftime(ts, sizeof ts, "%Y-%m-%d %H:%M:%S+00", &tm);
+        fprintf(f, "%ld\tcustomer %08ld %s\t%ld.%02ld\t%s\n", i, i * 7919 % 100000000,
+                words[i % 8], i * 37 % 100000, i % 100, ts);
+        if (i == small_rows)
+            *small_bytes = ftello(f);
+    }
+    off_t size = ftello(f);
+    if (fclose(f) != 0)
+        die("cannot write %s: %s", copy_file, strerror(errno));
+    return size;
+}
+
+typedef struct copy_spec {
+    const char *file;
+    off_t bytes; /* from the start of the file: whole rows */
+} copy_spec;
+
+typedef struct copy_feed {
+    int fd;
+    off_t left;       /* bytes still to read */
+    char *buf;
+    size_t pending;   /* bytes in buf not taken yet (PGS_EAGAIN) */
+    int ended, finished;
+    double t0;
+    bulk_run *out;
+} copy_feed;
+
+/* Writes 64 KiB chunks until pgscope says PGS_EAGAIN, then waits for the next on_ready. */
+static void copy_ready(pgs_copy *copy, void *arg)
+{
+    copy_feed *f = arg;
+    while (!f->ended) {
+        if (!f->pending) {
+            if (f->left == 0) {
+                f->ended = 1;
+                int rc = pgs_copy_end(copy, NULL);
+                if (rc != PGS_OK)
+                    snprintf(f->out->err, sizeof f->out->err, "pgs_copy_end: %s",
+                             pgs_strerror(rc));
+                return;
+            }
+            size_t want = f->left < COPY_CHUNK ? (size_t)f->left : COPY_CHUNK;
+            ssize_t n = read(f->fd, f->buf, want);
+            if (n <= 0) {
+                f->ended = 1;
+                snprintf(f->out->err, sizeof f->out->err, "reading the data: %s",
+                         n < 0 ? strerror(errno) : "short file");
+                pgs_copy_end(copy, "the bench could not read its file");
+                return;
+            }
+            f->pending = (size_t)n;
+            f->left -= n;
+        }
+        int rc = pgs_copy_write(copy, f->buf, f->pending);
+        if (rc == PGS_EAGAIN) {
+            f->out->waits++;
+            return;
+        }
+        if (rc != PGS_OK) { /* the connection is gone: done reports it */
+            f->ended = 1;
+            snprintf(f->out->err, sizeof f->out->err, "pgs_copy_write: %s", pgs_strerror(rc));
+            return;
+        }
+        f->out->chunks++;
+        f->pending = 0;
+    }
+}
+
+static void copy_done(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c;
+    copy_feed *f = arg;
+    f->out->seconds = now_s() - f->t0;
+    if (err)
+        snprintf(f->out->err, sizeof f->out->err, "%s", err->message);
+    else if (!f->out->err[0])
+        f->out->rows = atol(PQcmdTuples((PGresult *)res));
+    f->finished = 1;
+}
+
+static void copy_pgscope_child(const char *conninfo, const void *arg, bulk_run *out)
+{
+    const copy_spec *spec = arg;
+    copy_feed f = {.left = spec->bytes, .out = out};
+    f.fd = open(spec->file, O_RDONLY);
+    f.buf = malloc(COPY_CHUNK);
+    if (f.fd < 0 || !f.buf)
+        die("copy-in: cannot read %s", spec->file);
+    memset(f.buf, 0, COPY_CHUNK); /* resident before the baseline */
+    pgs_conn *c;
+    int up = 0, down = 0;
+    if (pgs_conn_open(base, conninfo, NULL, opened, &up, &c) != PGS_OK)
+        die("pgscope: cannot open");
+    while (!up)
+        event_base_loop(base, EVLOOP_ONCE);
+    measure_begin(out);
+    f.t0 = now_s();
+    int rc = pgs_copy_in(c, "COPY pgscope_bench_copy FROM STDIN", copy_ready, copy_done, &f, NULL);
+    if (rc != PGS_OK)
+        snprintf(out->err, sizeof out->err, "pgs_copy_in: %s", pgs_strerror(rc));
+    while (rc == PGS_OK && !f.finished)
+        event_base_loop(base, EVLOOP_ONCE);
+    measure_end(out);
+    pgs_conn_close(c, closed, &down);
+    while (!down)
+        event_base_loop(base, EVLOOP_ONCE);
+    close(f.fd);
+    free(f.buf);
+}
+
+/* psql gets the conninfo without its password; the password, if there is one, goes into a
+ * temp password file (0600) that PGPASSFILE names, so that it is never on a command line. */
+typedef struct psql_cmd {
+    const char *path;
+    char *conninfo;
+    int has_password;
+} psql_cmd;
+
+static void append_quoted(char **p, const char *val) /* a conninfo value: '...', \ and ' escaped */
+{
+    *(*p)++ = '\'';
+    for (; *val; val++) {
+        if (*val == '\\' || *val == '\'')
+            *(*p)++ = '\\';
+        *(*p)++ = *val;
+    }
+    *(*p)++ = '\'';
+}
+
+static psql_cmd psql_prepare(const char *conninfo)
+{
+    static char path[512];
+    psql_cmd cmd = {.path = pg_tool_path("psql", path, sizeof path)};
+    if (!cmd.path)
+        cmd.path = "psql"; /* from PATH */
+    char *errmsg = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, &errmsg);
+    if (!opts) /* errmsg may quote the password: not printed */
+        die("copy-in: the conninfo does not parse");
+    size_t size = 1;
+    for (PQconninfoOption *o = opts; o->keyword; o++)
+        if (o->val)
+            size += strlen(o->keyword) + 2 * strlen(o->val) + 5;
+    char *p = cmd.conninfo = malloc(size);
+    const char *password = NULL;
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        if (!o->val)
+            continue;
+        if (strcmp(o->keyword, "password") == 0) {
+            password = o->val;
+            continue;
+        }
+        p += sprintf(p, "%s%s=", p == cmd.conninfo ? "" : " ", o->keyword);
+        append_quoted(&p, o->val);
+    }
+    *p = '\0';
+    if (password && *password) {
+        if (strchr(password, '\n') || strchr(password, '\r'))
+            die("copy-in: a password with a line break cannot go into a password file");
+        strcpy(pass_file, "/tmp/pgscope-bench-pgpass-XXXXXX");
+        int fd = mkstemp(pass_file); /* 0600, as libpq wants */
+        if (fd < 0)
+            die("cannot create a password file: %s", strerror(errno));
+        /* Any host, port, database and user: the file is this one connection's. */
+        FILE *f = fdopen(fd, "w");
+        fputs("*:*:*:*:", f);
+        for (const char *c = password; *c; c++) {
+            if (*c == '\\' || *c == ':')
+                fputc('\\', f);
+            fputc(*c, f);
+        }
+        fputc('\n', f);
+        if (fclose(f) != 0)
+            die("cannot write the password file");
+        cmd.has_password = 1;
+    }
+    PQconninfoFree(opts);
+    return cmd;
+}
+
+static void copy_psql(const psql_cmd *cmd, const char *file, bulk_run *out)
+{
+    memset(out, 0, sizeof *out);
+    char copy[256];
+    snprintf(copy, sizeof copy, "\\copy pgscope_bench_copy FROM '%s'", file);
+    int p[2];
+    if (pipe(p) != 0)
+        die("pipe: %s", strerror(errno));
+    fflush(stdout);
+    fflush(stderr);
+    double t0 = now_s();
+    pid_t pid = fork();
+    if (pid < 0)
+        die("fork: %s", strerror(errno));
+    if (pid == 0) {
+        dup2(p[1], 1);
+        close(p[0]);
+        close(p[1]);
+        if (cmd->has_password) {
+            setenv("PGPASSFILE", pass_file, 1);
+            unsetenv("PGPASSWORD");
+        }
+        setenv("LC_ALL", "C", 1); /* "Time: 12.345 ms", untranslated, with a decimal point */
+        unsetenv("LANGUAGE");
+        char *argv[] = {"psql", "-X", "-w", "-v", "ON_ERROR_STOP=1", "-c", "\\timing on",
+                        "-c", copy, "-d", cmd->conninfo, NULL};
+        execvp(cmd->path, argv);
+        fprintf(stderr, "pgscope-bench: cannot run %s: %s\n", cmd->path, strerror(errno));
+        _exit(127);
+    }
+    close(p[1]);
+    FILE *f = fdopen(p[0], "r");
+    char line[512];
+    double ms = 0;
+    while (f && fgets(line, sizeof line, f)) {
+        sscanf(line, "COPY %ld", &out->rows);
+        sscanf(line, "Time: %lf ms", &ms);
+    }
+    if (f)
+        fclose(f);
+    int st;
+    struct rusage ru;
+    while (wait4(pid, &st, 0, &ru) < 0 && errno == EINTR)
+        ;
+    out->wall = now_s() - t0;
+    out->seconds = ms / 1e3;
+    out->peak_kb = ru.ru_maxrss;
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0 || ms <= 0 || out->rows <= 0)
+        snprintf(out->err, sizeof out->err, "psql failed (exit status %d; its stderr above)",
+                 WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+}
+
+static void check_rows(bulk_run *r, long want)
+{
+    if (!r->err[0] && r->rows != want)
+        snprintf(r->err, sizeof r->err, "%ld rows instead of %ld", r->rows, want);
+}
+
+/* ---- a streamed SELECT: pgscope against raw libpq in single-row mode ---- */
+
+/* ProjectSet, not a function scan in FROM: the server streams the rows instead of first
+ * materialising them all in a tuplestore (spilled to disk past work_mem). */
+static const char stream_sql[] = "SELECT i, i::text FROM (SELECT generate_series(1, $1::int) AS i) s";
+
+typedef struct stream_state {
+    long rows, bytes; /* bytes: the same small work per row on both sides */
+    int finished;
+    double t0;
+    bulk_run *out;
+} stream_state;
+
+static void count_rows(stream_state *s, const PGresult *rows)
+{
+    int n = PQntuples(rows);
+    for (int i = 0; i < n; i++)
+        s->bytes += PQgetlength(rows, i, 1);
+    s->rows += n;
+}
+
+static int stream_rows_cb(pgs_conn *c, const PGresult *rows, void *arg)
+{
+    (void)c;
+    count_rows(arg, rows);
+    return 0;
+}
+
+static void stream_done(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c;
+    (void)res;
+    stream_state *s = arg;
+    s->out->seconds = now_s() - s->t0;
+    s->out->rows = s->rows;
+    if (err)
+        snprintf(s->out->err, sizeof s->out->err, "%s", err->message);
+    s->finished = 1;
+}
+
+static void stream_pgscope_child(const char *conninfo, const void *arg, bulk_run *out)
+{
+    const char *v[] = {arg};
+    stream_state s = {.out = out};
+    pgs_conn *c;
+    int up = 0, down = 0;
+    if (pgs_conn_open(base, conninfo, NULL, opened, &up, &c) != PGS_OK)
+        die("pgscope: cannot open");
+    while (!up)
+        event_base_loop(base, EVLOOP_ONCE);
+    measure_begin(out);
+    s.t0 = now_s();
+    int rc = pgs_query_stream(c, stream_sql, 1, v, 0, stream_rows_cb, stream_done, &s);
+    if (rc != PGS_OK)
+        snprintf(out->err, sizeof out->err, "pgs_query_stream: %s", pgs_strerror(rc));
+    while (rc == PGS_OK && !s.finished)
+        event_base_loop(base, EVLOOP_ONCE);
+    measure_end(out);
+    pgs_conn_close(c, closed, &down);
+    while (!down)
+        event_base_loop(base, EVLOOP_ONCE);
+}
+
+typedef struct raw_stream {
+    PGconn *pg;
+    stream_state s;
+} raw_stream;
+
+/* Hand-written non-blocking libpq on the same kind of libevent loop as pgscope's. */
+static void raw_stream_readable(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    raw_stream *r = arg;
+    bulk_run *out = r->s.out;
+    if (!PQconsumeInput(r->pg)) {
+        snprintf(out->err, sizeof out->err, "%s", PQerrorMessage(r->pg));
+        r->s.finished = 1;
+        return;
+    }
+    while (!PQisBusy(r->pg)) {
+        PGresult *res = PQgetResult(r->pg);
+        if (!res) {
+            out->seconds = now_s() - r->s.t0;
+            out->rows = r->s.rows;
+            r->s.finished = 1;
+            return;
+        }
+        ExecStatusType st = PQresultStatus(res);
+        if (st == PGRES_SINGLE_TUPLE)
+            count_rows(&r->s, res);
+        else if (st != PGRES_TUPLES_OK && !out->err[0])
+            snprintf(out->err, sizeof out->err, "%s", PQresultErrorMessage(res));
+        PQclear(res);
+    }
+}
+
+static void stream_raw_child(const char *conninfo, const void *arg, bulk_run *out)
+{
+    const char *v[] = {arg};
+    raw_stream r = {.s = {.out = out}};
+    r.pg = PQconnectdb(conninfo);
+    if (PQstatus(r.pg) != CONNECTION_OK)
+        die("raw libpq: %s", PQerrorMessage(r.pg));
+    PQsetnonblocking(r.pg, 1);
+    struct event *ev =
+        event_new(base, PQsocket(r.pg), EV_READ | EV_PERSIST, raw_stream_readable, &r);
+    event_add(ev, NULL);
+    measure_begin(out);
+    r.s.t0 = now_s();
+    if (!PQsendQueryParams(r.pg, stream_sql, 1, NULL, v, NULL, NULL, 0) ||
+        !PQsetSingleRowMode(r.pg))
+        die("raw libpq: %s", PQerrorMessage(r.pg));
+    int fl;
+    while ((fl = PQflush(r.pg)) == 1) /* one small message: at most a moment */
+        ;
+    if (fl < 0)
+        die("raw libpq: %s", PQerrorMessage(r.pg));
+    while (!r.s.finished)
+        event_base_loop(base, EVLOOP_ONCE);
+    measure_end(out);
+    event_free(ev);
+    PQfinish(r.pg);
+}
+
+/* ---- the bulk part's table ---- */
+
+static void print_sum(const bulk_sum *s, const char *memory_note)
+{
+    if (!s->ok) {
+        printf("  %-54s %10ld  FAILED (see above)\n", s->label, s->rows);
+        return;
+    }
+    printf("  %-54s %10ld %11.0f %9.3f  %s\n", s->label, s->rows, (double)s->rows / s->seconds,
+           s->seconds, memory_note);
+}
+
+static void bulk_ratio(const char *what, const bulk_sum *a, const bulk_sum *b, double target)
+{
+    if (!a->ok || !b->ok)
+        return;
+    double x = (double)a->rows / a->seconds, y = (double)b->rows / b->seconds;
+    printf("  %-66s %5.2fx  (target >= %.2fx: %s)\n", what, x / y, target,
+           x / y >= target ? "met" : "NOT met");
+}
+
+static void bench_bulk(const char *conninfo, long copy_rows, long stream_rows)
+{
+    int copy_in = bulk_selected("copy-in"), stream = bulk_selected("stream");
+    if (!copy_in && !stream)
+        return;
+    bulk_owner = getpid();
+    atexit(bulk_cleanup);
+    struct sigaction sa = {.sa_handler = bulk_signal};
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    printf("\nbulk data over TCP: each run a process of its own; %d rounds, the contenders "
+           "alternating (A B, B A, A B)\n",
+           BULK_ROUNDS);
+
+    bulk_sum copy_sum[3] = {{0}}; /* pgscope, psql, pgscope at a tenth of the rows */
+    long small_rows = copy_rows / 10;
+    if (copy_in) {
+        PGconn *pg = copy_table_create(conninfo);
+        strcpy(copy_file, "/tmp/pgscope-bench-copy-XXXXXX");
+        int fd = mkstemp(copy_file);
+        if (fd < 0)
+            die("cannot create a temp file: %s", strerror(errno));
+        off_t small_bytes = 0, bytes = write_copy_file(fd, copy_rows, small_rows, &small_bytes);
+        printf("  the data: %ld rows (int, text, numeric, timestamptz) in COPY text format, "
+               "%.1f MiB, in %s\n", copy_rows, (double)bytes / 1048576, copy_file);
+        psql_cmd psql = psql_prepare(conninfo);
+        copy_spec full = {copy_file, bytes}, small = {copy_file, small_bytes};
+        bulk_run runs[3][BULK_ROUNDS];
+        for (int round = 0; round < BULK_ROUNDS; round++) {
+            for (int k = 0; k < 2; k++) {
+                int which = (round % 2 == 0) == (k == 0) ? 0 : 1; /* A B, B A, A B */
+                bulk_run *r = &runs[which][round];
+                copy_table_reset(pg);
+                if (which == 0) {
+                    in_child(copy_pgscope_child, conninfo, &full, r);
+                    check_rows(r, copy_rows);
+                    print_run("copy-in pgscope pgs_copy_in", copy_rows, round, r);
+                } else {
+                    copy_psql(&psql, copy_file, r);
+                    check_rows(r, copy_rows);
+                    print_run("copy-in psql \\copy", copy_rows, round, r);
+                }
+            }
+            copy_table_reset(pg);
+            in_child(copy_pgscope_child, conninfo, &small, &runs[2][round]);
+            check_rows(&runs[2][round], small_rows);
+            print_run("copy-in pgscope pgs_copy_in, a tenth", small_rows, round, &runs[2][round]);
+        }
+        copy_sum[0] = summarize("copy-in pgscope pgs_copy_in (64 KiB writes)", copy_rows,
+                                runs[0], BULK_ROUNDS);
+        copy_sum[1] = summarize("copy-in psql \\copy (its \\timing)", copy_rows, runs[1],
+                                BULK_ROUNDS);
+        copy_sum[2] = summarize("copy-in pgscope pgs_copy_in, a tenth of the rows", small_rows,
+                                runs[2], BULK_ROUNDS);
+        PQclear(PQexec(pg, "DROP TABLE pgscope_bench_copy"));
+        PQfinish(pg);
+        unlink(copy_file);
+        copy_file[0] = '\0';
+        if (pass_file[0])
+            unlink(pass_file);
+        pass_file[0] = '\0';
+        free(psql.conninfo);
+    }
+
+    bulk_sum stream_sum[2] = {{0}}; /* pgscope, raw libpq */
+    if (stream) {
+        char n[24];
+        snprintf(n, sizeof n, "%ld", stream_rows);
+        bulk_run runs[2][BULK_ROUNDS];
+        for (int round = 0; round < BULK_ROUNDS; round++)
+            for (int k = 0; k < 2; k++) {
+                int which = (round % 2 == 0) == (k == 0) ? 0 : 1;
+                bulk_run *r = &runs[which][round];
+                in_child(which == 0 ? stream_pgscope_child : stream_raw_child, conninfo, n, r);
+                check_rows(r, stream_rows);
+                print_run(which == 0 ? "stream pgscope pgs_query_stream"
+                                     : "stream raw libpq single-row mode",
+                          stream_rows, round, r);
+            }
+        stream_sum[0] = summarize("stream pgscope pgs_query_stream", stream_rows, runs[0],
+                                  BULK_ROUNDS);
+        stream_sum[1] = summarize("stream raw libpq single-row (non-blocking, libevent)",
+                                  stream_rows, runs[1], BULK_ROUNDS);
+    }
+
+    printf("\nbulk data, median of %d rounds (TCP)\n", BULK_ROUNDS);
+    printf("  %-54s %10s %11s %9s  %s\n", "workload", "rows", "rows/s", "median s",
+           "client memory");
+    char note[160];
+    if (copy_in) {
+        for (int i = 0; i < 3; i++) {
+            if (i == 1)
+                snprintf(note, sizeof note, "max RSS %ld KiB, whole psql (wall %.3f s)",
+                         copy_sum[i].growth_kb, copy_sum[i].wall);
+            else
+                snprintf(note, sizeof note, "peak RSS +%ld KiB over baseline", copy_sum[i].growth_kb);
+            print_sum(&copy_sum[i], note);
+        }
+    }
+    if (stream)
+        for (int i = 0; i < 2; i++) {
+            snprintf(note, sizeof note, "peak RSS +%ld KiB over baseline", stream_sum[i].growth_kb);
+            print_sum(&stream_sum[i], note);
+        }
+    printf("\nbulk data ratios (same server, same run)\n");
+    if (copy_in) {
+        bulk_ratio("copy-in rows/s, pgscope / psql \\copy", &copy_sum[0], &copy_sum[1], 0.9);
+        if (copy_sum[0].ok && copy_sum[2].ok) {
+            long big = copy_sum[0].growth_kb, little = copy_sum[2].growth_kb;
+            printf("  copy-in pgscope peak RSS growth, %ld rows +%ld KiB, %ld rows +%ld KiB: "
+                   "%s\n", copy_rows, big, small_rows, little,
+                   big <= little + 1024 ? "flat (within 1 MiB)" : "GROWS with the rows");
+        }
+    }
+    if (stream) {
+        bulk_ratio("stream rows/s, pgscope / raw libpq single-row", &stream_sum[0],
+                   &stream_sum[1], 0.9);
+        if (stream_sum[0].ok)
+            printf("  %-66s %5.2f MiB  (target < 16 MiB: %s)\n",
+                   "stream pgscope client peak memory beyond its baseline",
+                   (double)stream_sum[0].growth_kb / 1024,
+                   stream_sum[0].growth_kb < 16 * 1024 ? "met" : "NOT met");
+    }
+    if ((copy_in && !copy_sum[0].hwm_reset) || (stream && !stream_sum[0].hwm_reset))
+        printf("  (/proc/self/clear_refs was not writable: a peak may include the connect's)\n");
 }
 
 static const char *const usage_text =
@@ -818,9 +1639,21 @@ static const char *const usage_text =
     "  --variants       also run the baseline with unnamed statements, and pooled transactions\n"
     "                   without a reset, with DISCARD ALL and with pgs_tx_opts.resolvable, and\n"
     "                   pgbench's pipelined transaction after the pool's default reset\n"
-    "  --only LIST      run only the workloads whose names contain one of these (comma-separated)\n"
+    "  --only LIST      run only the workloads whose names contain one of these (comma-separated;\n"
+    "                   the last two lines are named memory and scale)\n"
     "  --instructions raw|guard [--count N]\n"
-    "                   only run N statements one way (for callgrind; see tools/run-bench)\n";
+    "                   only run N statements one way (for callgrind; see tools/run-bench)\n"
+    "\n"
+    "The bulk-data part runs only when --only names it (over TCP; a few minutes at the default\n"
+    "sizes; e.g. --only copy-in,stream):\n"
+    "  copy-in          COPY FROM STDIN from one generated file: pgscope (pgs_copy_in, 64 KiB\n"
+    "                   writes) against psql's \\copy, then pgscope at a tenth of the rows (is its\n"
+    "                   memory flat?); in a table of its own, pgscope_bench_copy (created, and\n"
+    "                   dropped at the end; CHECKPOINT before each run where allowed)\n"
+    "  stream           a streamed SELECT: pgscope (pgs_query_stream) against raw libpq in\n"
+    "                   single-row mode, non-blocking on a libevent loop\n"
+    "  --copy-rows N    rows to COPY (default 1000000)\n"
+    "  --stream-rows N  rows to stream (default 10000000)\n";
 
 int main(int argc, char **argv)
 {
@@ -830,6 +1663,7 @@ int main(int argc, char **argv)
         {"requests", required_argument, 0, 'r'}, {"no-pgbench", no_argument, 0, 'P'},
         {"instructions", required_argument, 0, 'i'}, {"count", required_argument, 0, 'n'},
         {"only", required_argument, 0, 'o'},    {"variants", no_argument, 0, 'V'},
+        {"copy-rows", required_argument, 0, 'C'}, {"stream-rows", required_argument, 0, 'S'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     const char *instructions = NULL;
     long count = 20000;
@@ -837,6 +1671,7 @@ int main(int argc, char **argv)
     double seconds = 1;
     char clients_list[64] = "1,8,32";
     int requests = 10000, use_pgbench = 1, variants = 0;
+    long copy_rows = 1000000, stream_rows = 10000000;
     for (int ch; (ch = getopt_long(argc, argv, "h", longopts, NULL)) != -1;) {
         switch (ch) {
         case 't': tcp = optarg; break;
@@ -849,6 +1684,8 @@ int main(int argc, char **argv)
         case 'n': count = atol(optarg); break;
         case 'o': only = optarg; break;
         case 'V': variants = 1; break;
+        case 'C': copy_rows = atol(optarg); break;
+        case 'S': stream_rows = atol(optarg); break;
         case 'h': fputs(usage_text, stdout); return 0;
         default: fputs(usage_text, stderr); return 2;
         }
@@ -857,13 +1694,15 @@ int main(int argc, char **argv)
         die("no server: give --tcp CONNINFO (or run it through tools/run-bench)");
     if (seconds <= 0 || requests <= 0)
         die("--seconds and --requests must be positive");
+    if (copy_rows < 10 || stream_rows < 1 || stream_rows > 2147483647)
+        die("--copy-rows must be at least 10, --stream-rows between 1 and 2147483647");
     base = event_base_new();
     if (instructions) { /* one mode, for callgrind: see tools/run-bench */
         instructions_mode(unix_ci && *unix_ci ? unix_ci : tcp, instructions, count);
         event_base_free(base);
         return 0;
     }
-    setup_tables(tcp);
+    accounts_conninfo = tcp;
     const char *pgbench = use_pgbench ? pgbench_path() : NULL;
     int clients[8], nclients = 0;
     for (char *tok = strtok(clients_list, ","); tok && nclients < 8; tok = strtok(NULL, ","))
@@ -878,7 +1717,7 @@ int main(int argc, char **argv)
         for (int ci = 0; ci < nclients; ci++) {
             int n = clients[ci];
             char name[64];
-            printf("\n%s, %d connection(s)\n", nets[ni].label, n);
+            snprintf(section, sizeof section, "\n%s, %d connection(s)\n", nets[ni].label, n);
 #define NAME(fmt) (snprintf(name, sizeof name, fmt " %s %d", nets[ni].label, n), name)
             const char *ci = nets[ni].conninfo;
             /* The two sides of a targeted ratio alternate in slices, A B B A A B B A ...: a
@@ -923,7 +1762,7 @@ int main(int argc, char **argv)
             }
         }
     }
-    printf("\nratios (same server, same run)\n");
+    snprintf(section, sizeof section, "\nratios (same server, same run)\n");
     for (int ni = 0; ni < 2; ni++) {
         if (!nets[ni].conninfo || !*nets[ni].conninfo)
             continue;
@@ -961,9 +1800,14 @@ int main(int argc, char **argv)
             }
         }
     }
-    printf("\n");
-    bench_memory(tcp, 50);
-    bench_scale(tcp, requests, 20);
+    if (!skipped("memory") || !skipped("scale"))
+        printf("\n");
+    if (!skipped("memory"))
+        bench_memory(tcp, 50);
+    if (!skipped("scale"))
+        bench_scale(tcp, requests, 20);
+    section[0] = '\0';
+    bench_bulk(tcp, copy_rows, stream_rows);
     event_base_free(base);
     return 0;
 }

@@ -5,6 +5,7 @@
 #include <getopt.h>
 #include <pgscope.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -787,6 +788,415 @@ static void scenario_transfer(int count, int concurrency)
     close_conn(c);
 }
 
+/* ---- bulk: COPY in and out, a large result streamed row by row ---- */
+
+/* What a COPY's or a streamed statement's done said. The first member of each state below, so
+ * one done callback serves them all (they share their arg with the data callbacks). */
+typedef struct outcome {
+    int fired;
+    int failed;
+    pgs_error err;
+    long tuples; /* PQcmdTuples of the final result: the rows copied or returned */
+    double ended;
+} outcome;
+
+static void on_outcome(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c;
+    outcome *o = arg;
+    o->fired = 1;
+    o->ended = now_s();
+    o->failed = err != NULL;
+    if (err)
+        o->err = *err;
+    else
+        o->tuples = atol(PQcmdTuples((PGresult *)res));
+}
+
+#define FNV_OFFSET 14695981039346656037ull
+#define MIB (1024.0 * 1024.0)
+
+/* FNV-1a over the bytes: the export must be the load, byte for byte. */
+static uint64_t fnv1a(uint64_t h, const char *p, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        h ^= (unsigned char)p[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+static long bulk_amount(long id)
+{
+    return id * 7919 % 100003;
+}
+
+/* A COPY FROM STDIN fed from on_ready: rows made up 64 KiB at a time, each chunk written with
+ * pgs_copy_write until it says PGS_EAGAIN; the chunk it refused waits for the next on_ready. */
+typedef struct loader {
+    outcome out;
+    long next, last, of;      /* the ids still to write (next..last); `of`: for the label */
+    const char *abort_reason; /* end with this (the server discards every row); NULL: commit */
+    int ended;
+    int write_error; /* a code other than PGS_EAGAIN (done reports the same) */
+    long refused;    /* PGS_EAGAIN answers */
+    long ready_calls;
+    char chunk[64 * 1024];
+    size_t len;            /* the chunk's bytes, not yet taken */
+    long chunk_rows;       /* and its rows */
+    long long chunk_sum;   /* and their amounts */
+    long rows;             /* taken, in all */
+    long long amount_sum;  /* ... */
+    size_t bytes;          /* ... */
+    uint64_t hash;         /* ... */
+} loader;
+
+static loader *new_loader(long first, long last, long of, const char *abort_reason)
+{
+    loader *l = calloc(1, sizeof *l);
+    if (!l)
+        fatal("out of memory", NULL);
+    l->next = first;
+    l->last = last;
+    l->of = of;
+    l->abort_reason = abort_reason;
+    l->hash = FNV_OFFSET;
+    return l;
+}
+
+/* The next whole rows, as many as fit in the chunk (COPY's text format: tab, newline). */
+static void fill_chunk(loader *l)
+{
+    l->len = 0;
+    l->chunk_rows = 0;
+    l->chunk_sum = 0;
+    while (l->next <= l->last && sizeof l->chunk - l->len > 128) {
+        long id = l->next++;
+        l->len += (size_t)snprintf(l->chunk + l->len, sizeof l->chunk - l->len,
+                                   "%ld\t%ld\trow %ld of %ld, loaded by COPY FROM STDIN\n", id,
+                                   bulk_amount(id), id, l->of);
+        l->chunk_rows++;
+        l->chunk_sum += bulk_amount(id);
+    }
+}
+
+static void on_copy_ready(pgs_copy *copy, void *arg)
+{
+    loader *l = arg;
+    l->ready_calls++;
+    while (!l->ended) {
+        if (l->len == 0) {
+            if (l->next > l->last) {
+                l->ended = 1;
+                int rc = pgs_copy_end(copy, l->abort_reason);
+                if (rc != PGS_OK)
+                    l->write_error = rc;
+                return;
+            }
+            fill_chunk(l);
+        }
+        int rc = pgs_copy_write(copy, l->chunk, l->len);
+        if (rc == PGS_EAGAIN) {
+            l->refused++; /* nothing taken: on_ready fires again once it can take more */
+            return;
+        }
+        if (rc != PGS_OK) {
+            l->write_error = rc; /* the connection is gone: done fires with its error */
+            l->ended = 1;
+            return;
+        }
+        l->rows += l->chunk_rows;
+        l->amount_sum += l->chunk_sum;
+        l->bytes += l->len;
+        l->hash = fnv1a(l->hash, l->chunk, l->len);
+        l->len = 0;
+    }
+}
+
+static const char copy_in_sql[] = "COPY demo_bulk (id, amount, label) FROM STDIN";
+
+static void refused_at_once(const char *what, int rc)
+{
+    pgs_error e = {.code = (pgs_code)rc};
+    snprintf(e.message, sizeof e.message, "%s", pgs_strerror(rc));
+    fatal(what, &e);
+}
+
+/* Run the loader's COPY (inside tx when not NULL) and wait for its done. */
+static void run_loader(pgs_conn *c, pgs_tx *tx, loader *l)
+{
+    int rc = tx ? pgs_tx_copy_in(tx, copy_in_sql, on_copy_ready, on_outcome, l, NULL)
+                : pgs_copy_in(c, copy_in_sql, on_copy_ready, on_outcome, l, NULL);
+    if (rc != PGS_OK)
+        refused_at_once("cannot start COPY FROM STDIN", rc);
+    wait_for(&l->out.fired);
+}
+
+/* COPY TO STDOUT's output as it arrives: in text format one row per call. */
+typedef struct exporter {
+    outcome out;
+    long rows, calls;
+    size_t bytes;
+    uint64_t hash;
+} exporter;
+
+static int on_copy_data(pgs_conn *c, const char *data, size_t len, void *arg)
+{
+    (void)c;
+    exporter *e = arg;
+    e->calls++;
+    e->bytes += len;
+    e->hash = fnv1a(e->hash, data, len);
+    for (const char *p = data, *end = data + len; (p = memchr(p, '\n', (size_t)(end - p))); p++)
+        e->rows++;
+    return 0;
+}
+
+/* A streamed result as it arrives: rows counted, the second column summed (the first when
+ * there is one column); stop_after > 0 stops the delivery once that many came. */
+typedef struct streamer {
+    outcome out;
+    long rows, calls, stop_after;
+    long long sum;
+    size_t bytes;
+} streamer;
+
+static int on_stream_rows(pgs_conn *c, const PGresult *res, void *arg)
+{
+    (void)c;
+    streamer *s = arg;
+    int n = PQntuples(res), cols = PQnfields(res);
+    s->calls++;
+    for (int i = 0; i < n; i++) {
+        s->sum += strtoll(PQgetvalue(res, i, cols > 1 ? 1 : 0), NULL, 10);
+        for (int j = 0; j < cols; j++)
+            s->bytes += (size_t)PQgetlength(res, i, j);
+    }
+    s->rows += n;
+    return s->stop_after > 0 && s->rows >= s->stop_after; /* non-zero: no more rows, please */
+}
+
+/* The process's peak resident memory so far (VmHWM), in KiB; -1 without /proc/self/status. */
+static long peak_kib(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f)
+        return -1;
+    char line[256];
+    long kib = -1;
+    while (kib < 0 && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %ld kB", &kib) != 1)
+            kib = -1;
+    fclose(f);
+    return kib;
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+#define DEMO_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define DEMO_ASAN 1
+#endif
+#endif
+
+/* A memory checker in the process makes the peak say nothing about pgscope: AddressSanitizer
+ * keeps freed memory in quarantine, valgrind shadows every allocation. */
+static const char *memory_checker(void)
+{
+#ifdef DEMO_ASAN
+    return "AddressSanitizer";
+#else
+    const char *preload = getenv("LD_PRELOAD");
+    return preload && strstr(preload, "vgpreload") ? "valgrind" : NULL;
+#endif
+}
+
+typedef struct ended {
+    int fired;
+    pgs_tx_outcome outcome;
+    int has_err;
+    pgs_error err;
+} ended;
+
+static void on_ended(const pgs_tx_result *r, void *arg)
+{
+    ended *e = arg;
+    e->fired = 1;
+    e->outcome = r->outcome;
+    e->has_err = r->err != NULL;
+    if (r->err)
+        e->err = *r->err;
+}
+
+/* BEGIN; COPY rows first..first+999 FROM STDIN; SELECT count(*); commit or roll back. Returns
+ * the count the transaction saw. */
+static long copy_in_transaction(pgs_conn *c, long first, long of, int commit, ended *e,
+                                long *copied)
+{
+    pgs_tx *tx;
+    int rc = pgs_tx_begin(c, NULL, NULL, NULL, &tx);
+    if (rc != PGS_OK)
+        refused_at_once("cannot begin", rc);
+    loader *l = new_loader(first, first + 999, of, NULL);
+    run_loader(c, tx, l);
+    *copied = l->out.failed ? -1 : l->out.tuples;
+    rows inside = {0};
+    if (pgs_tx_query(tx, "SELECT count(*) FROM demo_bulk", 0, NULL, on_rows, &inside) != PGS_OK)
+        fatal("cannot send a statement", NULL);
+    wait_for(&inside.fired);
+    pgs_tx_end(tx, commit, on_ended, e);
+    wait_for(&e->fired);
+    free(l);
+    return inside.failed ? -1 : atol(inside.v[0][0]);
+}
+
+static long bulk_count(pgs_conn *c)
+{
+    return atol(query(c, "SELECT count(*) FROM demo_bulk", 0, NULL, 0).v[0][0]);
+}
+
+static double per_s(long n, double s)
+{
+    return s > 0 ? n / s : 0.0;
+}
+
+static void scenario_bulk(long n)
+{
+    printf("\n== bulk: %ld rows in with COPY FROM STDIN, out with COPY TO STDOUT, %ld streamed "
+           "row by row\n",
+           n, 5 * n);
+    pgs_conn *c = open_conn();
+    load_schema(c);
+    query(c, "TRUNCATE demo_bulk", 0, NULL, 0);
+    long peak0 = peak_kib();
+    if (peak0 >= 0)
+        say("peak memory (VmHWM) before: %.1f MiB", peak0 / 1024.0);
+
+    /* In: written until PGS_EAGAIN, then from on_ready. */
+    loader *l = new_loader(1, n, n, NULL);
+    double t0 = now_s();
+    run_loader(c, NULL, l);
+    if (l->out.failed)
+        fatal("COPY FROM STDIN", &l->out.err);
+    double el = l->out.ended - t0;
+    say("COPY FROM STDIN: %ld rows (%.1f MiB) in %.2f s, %.0f rows/s; written in 64 KiB chunks, "
+        "refused with PGS_EAGAIN %ld times, on_ready %ld times",
+        l->rows, l->bytes / MIB, el, per_s(l->rows, el), l->refused, l->ready_calls);
+    rows held = query(c, "SELECT count(*), sum(amount) FROM demo_bulk", 0, NULL, 0);
+    check(l->out.tuples == n && atol(held.v[0][0]) == n && atoll(held.v[0][1]) == l->amount_sum,
+          "the server holds the %ld rows (PQcmdTuples %ld), sum(amount) %lld as written", n,
+          l->out.tuples, l->amount_sum);
+
+    /* Out: one row per on_data, counted and hashed; never the whole in memory. */
+    exporter e = {.hash = FNV_OFFSET};
+    t0 = now_s();
+    int rc = pgs_copy_out(c, "COPY (SELECT id, amount, label FROM demo_bulk ORDER BY id) TO STDOUT",
+                          on_copy_data, on_outcome, &e);
+    if (rc != PGS_OK)
+        refused_at_once("cannot start COPY TO STDOUT", rc);
+    wait_for(&e.out.fired);
+    if (e.out.failed)
+        fatal("COPY TO STDOUT", &e.out.err);
+    el = e.out.ended - t0;
+    say("COPY TO STDOUT: %ld rows (%.1f MiB) in %.2f s, %.0f rows/s; %ld calls of on_data", e.rows,
+        e.bytes / MIB, el, per_s(e.rows, el), e.calls);
+    check(e.rows == n && e.out.tuples == n, "%ld rows exported, as PQcmdTuples says", e.rows);
+    check(e.bytes == l->bytes && e.hash == l->hash,
+          "the export is byte for byte what was loaded (%zu bytes, FNV-1a %016llx)", e.bytes,
+          (unsigned long long)e.hash);
+
+    /* A large SELECT, streamed: summed as it comes, checked against the server's own sum. */
+    static const char stream_sql[] =
+        "SELECT b.id, b.amount + k, b.label FROM demo_bulk b "
+        "CROSS JOIN generate_series(0, $1::int - 1) AS k";
+    const char *five[] = {"5"};
+    streamer s = {0};
+    t0 = now_s();
+    rc = pgs_query_stream(c, stream_sql, 1, five, 0, on_stream_rows, on_outcome, &s);
+    if (rc != PGS_OK)
+        refused_at_once("cannot start a streamed statement", rc);
+    wait_for(&s.out.fired);
+    if (s.out.failed)
+        fatal("the streamed SELECT", &s.out.err);
+    el = s.out.ended - t0;
+    say("pgs_query_stream: %ld rows (%.1f MiB of values) in %.2f s, %.0f rows/s; %ld calls of "
+        "on_rows",
+        s.rows, s.bytes / MIB, el, per_s(s.rows, el), s.calls);
+    rows sum = query(c,
+                     "SELECT sum(b.amount + k) FROM demo_bulk b "
+                     "CROSS JOIN generate_series(0, $1::int - 1) AS k",
+                     1, five, 0);
+    say("sum of amount + k: %lld streamed, %s by the server", s.sum, sum.v[0][0]);
+    check(s.rows == 5 * n && s.out.tuples == 5 * n, "%ld rows streamed, as PQcmdTuples says",
+          s.rows);
+    check(s.sum == atoll(sum.v[0][0]), "the streamed sum equals the server's own sum");
+
+    /* Stop early: on_rows says so; the rest is read and discarded, the connection stays. */
+    streamer early = {.stop_after = 1000};
+    rc = pgs_query_stream(c, "SELECT g FROM generate_series(1, 100000) AS g", 0, NULL, 0,
+                          on_stream_rows, on_outcome, &early);
+    if (rc != PGS_OK)
+        refused_at_once("cannot start a streamed statement", rc);
+    wait_for(&early.out.fired);
+    rows one = query(c, "SELECT 1", 0, NULL, 1);
+    say("SELECT of 100000 rows, on_rows returns 1 once 1000 came: %ld delivered, then done (%s)",
+        early.rows, early.out.failed ? early.out.err.message : "no error");
+    check(!early.out.failed && early.rows >= 1000 && early.rows < 100000 && !one.failed,
+          "stopped early: the rest discarded, done fired, the connection still answers");
+
+    /* An aborted COPY: the server discards every row of it. */
+    static const char reason[] = "the demo changed its mind";
+    loader *a = new_loader(n + 1, n + 1000, n, reason);
+    run_loader(c, NULL, a);
+    say("COPY FROM STDIN of 1000 more rows, then pgs_copy_end(copy, \"%s\"): %s (SQLSTATE %s)",
+        reason, a->out.failed ? a->out.err.message : "no error",
+        a->out.err.sqlstate[0] ? a->out.err.sqlstate : "-");
+    check(a->rows == 1000 && a->out.failed && a->out.err.code == PGS_ECANCELED &&
+              strcmp(a->out.err.sqlstate, "57014") == 0,
+          "the aborted COPY reported %s (SQLSTATE 57014)", pgs_strerror(PGS_ECANCELED));
+    long count = bulk_count(c);
+    check(count == n, "none of its rows is there: the table holds %ld rows", count);
+
+    /* Inside a transaction guard: the COPY's rows go with its rollback, stay with its commit. */
+    ended rb = {0}, cm = {0};
+    long copied_rb, copied_cm;
+    long seen = copy_in_transaction(c, n + 1, n, 0, &rb, &copied_rb);
+    count = bulk_count(c);
+    say("in a transaction guard: COPY of 1000 rows (PQcmdTuples %ld), count(*) inside %ld, "
+        "then the end rolls back: %s, count(*) after %ld",
+        copied_rb, seen, outcome_name(rb.outcome), count);
+    check(copied_rb == 1000 && seen == n + 1000 && rb.outcome == PGS_TX_ROLLED_BACK &&
+              !rb.has_err && count == n,
+          "the transaction saw its COPY's rows; they went with its rollback");
+    seen = copy_in_transaction(c, n + 1, n, 1, &cm, &copied_cm);
+    count = bulk_count(c);
+    say("the same, then the end commits: %s, count(*) after %ld", outcome_name(cm.outcome),
+        count);
+    check(copied_cm == 1000 && seen == n + 1000 && cm.outcome == PGS_TX_COMMITTED && !cm.has_err &&
+              count == n + 1000,
+          "committed: the table holds %ld rows", count);
+
+    /* Memory: what went through against what the process ever held. */
+    long peak1 = peak_kib();
+    double through = (double)(l->bytes + e.bytes + s.bytes) / MIB;
+    const char *checker = memory_checker();
+    if (peak0 < 0 || peak1 < 0) {
+        say("peak memory: not known here (no /proc/self/status)");
+    } else {
+        say("peak memory (VmHWM) after: %.1f MiB (%+.1f MiB), while %.1f MiB went through",
+            peak1 / 1024.0, (peak1 - peak0) / 1024.0, through);
+        if (checker)
+            say("peak memory not checked: under %s the peak says little about pgscope", checker);
+        else
+            check(peak1 - peak0 < 8 * 1024,
+                  "peak memory stayed flat: %+.1f MiB (under 8 MiB) for %.1f MiB of data",
+                  (peak1 - peak0) / 1024.0, through);
+    }
+    free(l);
+    free(a);
+    close_conn(c);
+}
+
 /* ---- command line ---- */
 
 static const char *const usage_text =
@@ -808,19 +1218,21 @@ static const char *const usage_text =
     "  timeout    a statement over the transaction's time budget: same outcome\n"
     "  retry      two conflicting serializable transfers: one retried, both applied\n"
     "  transfer   many random transfers on a pool [--count N] [--concurrency C]\n"
+    "  bulk       COPY in and out, a large SELECT streamed row by row, memory flat [--rows N]\n"
     "\n"
     "options:\n"
     "  --conninfo S     libpq connection string or URI\n"
     "  --count N        transfers for `transfer` (default 1000) and `tour` (default 500)\n"
     "  --concurrency C  pool size and transfers at once for `transfer` and `tour` (default 8;\n"
     "                   capped at the connections the server has free)\n"
+    "  --rows N         rows `bulk` loads with COPY (default 200000; it streams 5 times as many)\n"
     "  --check-args     check the arguments, then exit (0: valid, 2: not) without connecting\n"
     "  -h, --help       this text (also: pgscope-demo SCENARIO --help)\n"
     "\n"
     "Exit status: 0 when every check held, 1 when one did not, 2 on an error.\n";
 
-static const char *const scenario_names[] = {"tour",   "commit",  "rollback", "savepoint",
-                                             "cancel", "timeout", "retry",    "transfer"};
+static const char *const scenario_names[] = {"tour",   "commit",  "rollback", "savepoint", "cancel",
+                                             "timeout", "retry",   "transfer", "bulk"};
 
 /* A bad command line: what is wrong, the usage line and the scenarios, exit 2. */
 static void bad_usage(const char *fmt, ...)
@@ -865,9 +1277,11 @@ static void scenario_help(const char *name)
         const char *end = strchr(line + 1, '\n');
         printf("%.*s\n", (int)(end - line - 14), line + 14);
     }
-    int pool = strcmp(name, "transfer") == 0 || strcmp(name, "tour") == 0;
-    printf("usage: pgscope-demo [--conninfo CONNINFO] %s%s\n", name,
-           pool ? " [--count N] [--concurrency C]" : "");
+    const char *opts = strcmp(name, "transfer") == 0 ? " [--count N] [--concurrency C]"
+                       : strcmp(name, "bulk") == 0   ? " [--rows N]"
+                       : strcmp(name, "tour") == 0   ? " [--count N] [--concurrency C] [--rows N]"
+                                                     : "";
+    printf("usage: pgscope-demo [--conninfo CONNINFO] %s%s\n", name, opts);
 }
 
 static int positive(const char *s, const char *what)
@@ -909,11 +1323,12 @@ int main(int argc, char **argv)
     static const struct option longopts[] = {{"conninfo", required_argument, 0, 'c'},
                                              {"count", required_argument, 0, 'n'},
                                              {"concurrency", required_argument, 0, 'j'},
+                                             {"rows", required_argument, 0, 'r'},
                                              {"check-args", no_argument, 0, 'k'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
-    int count = 1000, concurrency = 8, help = 0, check_only = 0;
-    const char *count_opt = NULL, *concurrency_opt = NULL, *conninfo_opt = NULL;
+    int count = 1000, concurrency = 8, bulk_rows = 200000, help = 0, check_only = 0;
+    const char *count_opt = NULL, *concurrency_opt = NULL, *rows_opt = NULL, *conninfo_opt = NULL;
     char buf[64];
     opterr = 0; /* its messages name the program by its path: bad_usage says it instead */
     for (int ch; (ch = getopt_long(argc, argv, ":h", longopts, NULL)) != -1;) {
@@ -928,6 +1343,10 @@ int main(int argc, char **argv)
         case 'j':
             concurrency = positive(optarg, "--concurrency");
             concurrency_opt = optarg;
+            break;
+        case 'r':
+            bulk_rows = positive(optarg, "--rows");
+            rows_opt = optarg;
             break;
         case 'k':
             check_only = 1;
@@ -970,6 +1389,8 @@ int main(int argc, char **argv)
         if (concurrency_opt)
             bad_usage("--concurrency applies to transfer and tour, not to %s", scenario);
     }
+    if (!all && strcmp(scenario, "bulk") != 0 && rows_opt)
+        bad_usage("--rows applies to bulk and tour, not to %s", scenario);
     if (check_only)
         return 0;
     /* The environment, not argv: what is on a command line every user can read (ps). */
@@ -1000,6 +1421,8 @@ int main(int argc, char **argv)
         scenario_retry();
     if (all || strcmp(scenario, "transfer") == 0)
         scenario_transfer(all && !count_opt ? 500 : count, concurrency);
+    if (all || strcmp(scenario, "bulk") == 0)
+        scenario_bulk(bulk_rows);
     event_base_free(base);
     printf("\n%s\n", failures ? "SOME CHECKS FAILED" : "every check held");
     return failures ? 1 : 0;
