@@ -33,7 +33,9 @@ enum {
     OP_PREPARE = 1 << 17, /* the cache's own Parse of a statement (no callback) */
     OP_PREPARED = 1 << 18, /* executed by name; its Parse went just before it */
     OP_SOLO = 1 << 19,     /* sent on its own, outside pipeline mode */
-    OP_NOT_RUN = 1 << 20   /* failed with the connection, and certainly never ran (mark_not_run) */
+    OP_NOT_RUN = 1 << 20,  /* failed with the connection, and certainly never ran (mark_not_run) */
+    OP_BULK = 1 << 21      /* a COPY or streamed statement: `bulk` is set (flags are at hand on
+                              the hot paths where the pointer is not) */
 };
 
 /* send_op's answers besides 0 (accepted): not accepted, and why */
@@ -135,6 +137,7 @@ struct pgs_conn {
                        alone then, it goes out on its own, else pipelined with what came */
     int solo;       /* a statement sent outside pipeline mode is in flight */
     int draining;   /* a bulk statement waits in `waiting` for what is in flight */
+    int copy_blocked; /* a COPY's writes are refused until libpq's buffer is empty */
     int pipelined;  /* libpq is in pipeline mode */
     int open_segment; /* pipelined statements sent since the last sync (no leaving the mode) */
     int sync_turn;  /* the last statement sent was CONN_SYNC_TURN (with its CONN_RESET): a sync
@@ -236,7 +239,7 @@ static inline void op_release(pgs_conn *c, op *o)
         PQclear(o->res);
     if (o->copy)
         free(o->copy);
-    if (o->bulk) {
+    if (o->flags & OP_BULK) {
         free(o->bulk->abort_reason);
         free(o->bulk);
     }
@@ -263,14 +266,22 @@ static inline void set_error(pgs_conn *c, pgs_error *e, pgs_code code, const cha
 int bulk_send(pgs_conn *c, struct op *o, const char *sql, const char *const *values);
 /* Must the bulk statement wait for what is in flight? */
 int bulk_must_wait(pgs_conn *c);
-/* The next result of the bulk statement at the head of `sent` for the FIFO (the final one,
- * or NULL at its end), after handling its data (rows, COPY in and out) on the way. Returns 0
- * when it must wait for the socket (or the connection went down). */
-int bulk_next(pgs_conn *c, struct op *o, PGresult **res);
-/* What the statement's end reports, given its final result's error (NULL: none). Returns
- * the error to report (e, or `err`, or NULL) and sets *keep when the connection stays. */
+/* A row or COPY result `res` (status st) of the bulk statement at the head of `sent`: hand
+ * its data on (rows, COPY in and out), and take the result. Returns 1 when the FIFO may read
+ * on (the statement's final result and its end come as for any statement), 0 when it must
+ * wait for the socket (or the connection went down). */
+int bulk_result(pgs_conn *c, struct op *o, PGresult *res, ExecStatusType st);
+/* libpq 17's chunked rows (PGRES_TUPLES_CHUNK), or a status no result has before it. */
+#ifdef LIBPQ_HAS_CHUNK_MODE
+#define PGRES_TUPLES_CHUNK_ PGRES_TUPLES_CHUNK
+#else
+#define PGRES_TUPLES_CHUNK_ ((ExecStatusType)-1)
+#endif
+/* What the statement's end reports, given its final result's error (NULL: none): the error
+ * to report (e, or `err`, or NULL). Its own verdicts, PGS_EINVAL (not the COPY asked for) and
+ * PGS_ECANCELED (the caller's abort), leave the session usable. */
 const pgs_error *bulk_outcome(pgs_conn *c, struct op *o, const PGresult *res,
-                              const pgs_error *err, pgs_error *e, int *keep);
+                              const pgs_error *err, pgs_error *e);
 
 /* conn.c: the guard's life, loss and exit */
 pgs_conn *conn_new(struct event_base *base, const pgs_conn_opts *opts, pgs_conn_cb on_open,

@@ -90,7 +90,7 @@ static int send_end(pgs_conn *c, pgs_copy *cp)
         return -1;
     }
     if (r == 0) { /* not taken: buffer full */
-        cp->full = 1;
+        cp->full = c->copy_blocked = 1;
         return flush_output(c);
     }
     cp->end_sent = 1;
@@ -132,7 +132,7 @@ int pgs_copy_write(pgs_copy *cp, const void *data, size_t len)
         return c->dead_err ? c->dead_err->code : PGS_ECONN;
     }
     if (r == 0) { /* libpq could not take it (only if its buffer cannot grow) */
-        cp->full = cp->ready_owed = 1;
+        cp->full = cp->ready_owed = c->copy_blocked = 1;
         flush_output(c);
         return PGS_EAGAIN;
     }
@@ -143,7 +143,7 @@ int pgs_copy_write(pgs_copy *cp, const void *data, size_t len)
         if (flush_output(c) != 0)
             return PGS_OK; /* taken; done hears of the loss */
         if (c->want_write)
-            cp->full = 1;
+            cp->full = c->copy_blocked = 1;
         else
             cp->unflushed = 0;
     } else {
@@ -206,15 +206,24 @@ static int copy_started(pgs_conn *c, pgs_copy *cp, ExecStatusType st)
     return 0;
 }
 
-int bulk_next(pgs_conn *c, op *o, PGresult **out)
+int bulk_result(pgs_conn *c, op *o, PGresult *res, ExecStatusType st)
 {
     pgs_copy *cp = o->bulk;
+    if (st == PGRES_SINGLE_TUPLE || st == PGRES_TUPLES_CHUNK_) {
+        if (!cp->stopped && cp->spec.on_rows(c, res, cp->spec.arg))
+            cp->stopped = 1;
+        PQclear(res);
+        return c->state == CS_READY;
+    }
+    PQclear(res); /* a COPY's start, or the same again at a later read */
+    if (cp->phase == BK_QUEUED && copy_started(c, cp, st) != 0)
+        return 0;
     for (;;) {
         if (c->state != CS_READY)
             return 0;
         if (cp->phase == BK_COPY_IN) {
             if (cp->full && !c->want_write) { /* what libpq held has gone out */
-                cp->full = 0;
+                cp->full = c->copy_blocked = 0;
                 cp->unflushed = 0;
                 if (cp->end_asked && !cp->end_sent) {
                     if (send_end(c, cp) != 0)
@@ -229,64 +238,39 @@ int bulk_next(pgs_conn *c, op *o, PGresult **out)
             }
             return 0; /* the server answers after the end */
         }
-        if (cp->phase == BK_COPY_OUT) {
-            char *buf;
-            int n = PQgetCopyData(c->pg, &buf, 1);
-            if (n > 0) {
-                if (!cp->stopped && cp->spec.on_data(c, buf, (size_t)n, cp->spec.arg))
-                    cp->stopped = 1;
-                PQfreemem(buf);
-                continue;
-            }
-            if (n == 0)
-                return 0; /* the rest has not arrived */
-            if (n == -2) {
-                lost_from_libpq(c);
-                return 0;
-            }
-            cp->phase = BK_FINISHING; /* then the statement's final result */
-        }
-        if (PQisBusy(c->pg))
-            return 0;
-        PGresult *res = PQgetResult(c->pg);
-        ExecStatusType st = res ? PQresultStatus(res) : PGRES_EMPTY_QUERY;
-        if (res && (st == PGRES_SINGLE_TUPLE
-#ifdef LIBPQ_HAS_CHUNK_MODE
-                    || st == PGRES_TUPLES_CHUNK
-#endif
-                    )) {
-            if (!cp->stopped && cp->spec.on_rows(c, res, cp->spec.arg))
+        if (cp->phase != BK_COPY_OUT)
+            return 1; /* ended: the final result is next */
+        char *buf;
+        int n = PQgetCopyData(c->pg, &buf, 1);
+        if (n > 0) {
+            if (!cp->stopped && cp->spec.on_data(c, buf, (size_t)n, cp->spec.arg))
                 cp->stopped = 1;
-            PQclear(res);
+            PQfreemem(buf);
             continue;
         }
-        if (res && (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH)) {
-            PQclear(res);
-            if (copy_started(c, cp, st) != 0)
-                return 0;
-            continue;
+        if (n == 0)
+            return 0; /* the rest has not arrived */
+        if (n == -2) {
+            lost_from_libpq(c);
+            return 0;
         }
-        if (res)
-            cp->phase = BK_FINISHING;
-        *out = res;
-        return 1;
+        cp->phase = BK_FINISHING; /* then the statement's final result */
     }
 }
 
 const pgs_error *bulk_outcome(pgs_conn *c, op *o, const PGresult *res, const pgs_error *err,
-                              pgs_error *e, int *keep)
+                              pgs_error *e)
 {
     pgs_copy *cp = o->bulk;
     int copy = cp->kind != CONN_STREAM;
+    c->copy_blocked = 0;
     if (copy && (cp->mismatch || (!err && !cp->started))) {
         /* Not the COPY asked for: the server ended it (or it was no COPY at all). */
-        *keep = 1;
         set_error(c, e, PGS_EINVAL, NULL, cp->kind == CONN_COPY_IN ? not_copy_in : not_copy_out);
         return e;
     }
     if (err && cp->aborted && res && strcmp(err->sqlstate, "57014") == 0) {
         /* The caller's abort: the server's error says so, with the reason. */
-        *keep = 1;
         *e = *err;
         e->code = PGS_ECANCELED;
         return e;

@@ -83,7 +83,7 @@ int push_output(pgs_conn *c)
         return -1;
     /* A COPY whose writes were refused until libpq's buffer emptied: this flush emptied it
      * (no socket event will say so), so tell the writer now (on_ready, from bulk_next). */
-    if (c->solo && c->sent.head->bulk && c->sent.head->bulk->full && !c->want_write) {
+    if (c->copy_blocked && !c->want_write) {
         read_answered(c);
         if (c->state != CS_READY)
             return -1;
@@ -218,7 +218,7 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
     }
     if (c->held && send_held(c, 0) != 0)
         return SEND_LOST;
-    if (o->bulk)
+    if (o->flags & OP_BULK)
         return bulk_send(c, o, sql, values);
     if (!sql) { /* a lone sync: ends the pipeline segment (and any error's abort) */
         if (!c->pipelined) {
@@ -290,7 +290,7 @@ void send_list(pgs_conn *c, op_list *list)
 {
     for (op *o; c->state == CS_READY && list->head && !(list->head->flags & OP_MARKER);) {
         if (list == &c->waiting &&
-            (c->solo || c->draining || (list->head->bulk && bulk_must_wait(c)))) {
+            (c->solo || c->draining || ((list->head->flags & OP_BULK) && bulk_must_wait(c)))) {
             if (!c->solo && !c->draining) { /* the bulk one at its head waits for the rest */
                 c->draining = 1;
                 if (c->open_segment)
@@ -311,7 +311,8 @@ void send_list(pgs_conn *c, op_list *list)
 
 /* Queue a statement (sql != NULL) or a lone sync (sql == NULL, never with a callback: outside
  * pipeline mode a sync is dropped). */
-static int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const *values,
+/* (Inlined: it is most of pgs_query, on every statement's path.) */
+__attribute__((always_inline)) static inline int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const *values,
                    int flags, pgs_copy *bulk, pgs_result_cb cb, void *arg)
 {
     if (c->state != CS_READY || c->returning) {
@@ -328,6 +329,7 @@ static int enqueue(pgs_conn *c, const char *sql, int nparams, const char *const 
     o->flags = flags;
     o->nparams = nparams;
     if (bulk) {
+        o->flags |= OP_BULK;
         o->bulk = bulk;
         bulk->op = o;
         bulk->conn = c;

@@ -39,7 +39,8 @@ int deliver(pgs_conn *c, op *o)
     case PGRES_COPY_IN:
     case PGRES_COPY_OUT:
     case PGRES_COPY_BOTH:
-        set_error(c, &e, PGS_EUNSUPPORTED, NULL, "COPY is not supported by pgscope");
+        set_error(c, &e, PGS_EUNSUPPORTED, NULL,
+                          "COPY needs pgs_copy_in or pgs_copy_out, not pgs_query");
         err = &e;
         break;
     default:
@@ -69,18 +70,19 @@ int deliver(pgs_conn *c, op *o)
         }
         break;
     }
-    int keep = err && err->code == PGS_ESQL; /* the statement's own error: the session goes on */
-    if (o->bulk)
-        err = bulk_outcome(c, o, res, err, &e, &keep);
+    if (__builtin_expect(o->flags & OP_BULK, 0))
+        err = bulk_outcome(c, o, res, err, &e);
     pgs_result_cb cb = o->cb;
     o->cb = NULL;
-    cb(c, err ? (err->code == PGS_ESQL || (keep && err->code == PGS_ECANCELED) ? res : NULL) : res,
-       err, o->arg);
+    /* The server's result goes with its own error (a COPY the caller aborted: ECANCELED) */
+    cb(c, err && err->code != PGS_ESQL && err->code != PGS_ECANCELED ? NULL : res, err, o->arg);
     c->reporting_not_run = 0;
     PQclear(res);
     if (c->state != CS_READY)
         return 0;
-    if (err && !keep) {
+    /* The statement's own error (a bulk statement's EINVAL and ECANCELED too) leaves the
+     * session usable; the others are the connection's. */
+    if (err && err->code != PGS_ESQL && err->code != PGS_EINVAL && err->code != PGS_ECANCELED) {
         conn_lost(c, err);
         return 0;
     }
@@ -132,6 +134,41 @@ static inline int complete(pgs_conn *c, op *o)
     return alive;
 }
 
+/* The statement's result (its first: a statement has one, or an error after some rows). */
+static inline void take_result(op *o, PGresult *res, ExecStatusType st)
+{
+    if (!o->res) {
+        o->res = res;
+        o->status = st;
+    } else {
+        PQclear(res);
+    }
+}
+
+/* A result other than a statement's plain success: an error, rows or COPY data. Returns 0
+ * when reading must stop (the connection went down, or a COPY waits for the socket). */
+static int unusual_result(pgs_conn *c, op *o, PGresult *res, ExecStatusType st)
+{
+    if (st == PGRES_FATAL_ERROR && is_fatal(res))
+        note_goodbye(c, res); /* whatever reports the loss, this is why */
+    int copy = st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH;
+    if (o->flags & OP_BULK) {
+        /* Rows and COPY data of a bulk statement are copy.c's: it reads what has come
+         * (libpq gives the COPY's result again at each read). */
+        if (copy || st == PGRES_SINGLE_TUPLE || st == PGRES_TUPLES_CHUNK_)
+            return bulk_result(c, o, res, st);
+    }
+    take_result(o, res, st);
+    if (copy) { /* a COPY result has no terminating NULL the pipeline can reach: end here */
+        pgs_error e;
+        set_error(c, &e, PGS_EUNSUPPORTED, NULL,
+                  "COPY needs pgs_copy_in or pgs_copy_out, not pgs_query");
+        conn_lost(c, &e);
+        return 0;
+    }
+    return 1;
+}
+
 /* Map every result through the FIFO of what was sent: each statement's results end with NULL
  * (outside pipeline mode after ReadyForQuery), and in pipeline mode each sync yields
  * PGRES_PIPELINE_SYNC. */
@@ -139,11 +176,7 @@ static void read_results(pgs_conn *c)
 {
     while (c->state == CS_READY && c->sent.head && !PQisBusy(c->pg)) {
         op *o = c->sent.head;
-        PGresult *res;
-        if (!o->bulk)
-            res = PQgetResult(c->pg);
-        else if (!bulk_next(c, o, &res)) /* its rows and COPY data are copy.c's */
-            return;
+        PGresult *res = PQgetResult(c->pg);
         if (o->phase == OP_SYNC) {
             if (res && PQresultStatus(res) == PGRES_PIPELINE_SYNC) {
                 /* A synced statement is complete only now: its callback sees the session's
@@ -161,21 +194,12 @@ static void read_results(pgs_conn *c)
         }
         if (res) {
             ExecStatusType st = PQresultStatus(res);
-            if (st == PGRES_FATAL_ERROR && is_fatal(res))
-                note_goodbye(c, res); /* whatever reports the loss, this is why */
-            if (!o->res) {
-                o->res = res;
-                o->status = st;
-            } else {
-                PQclear(res);
+            if (__builtin_expect(st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK, 1)) {
+                take_result(o, res, st);
+                continue;
             }
-            /* A COPY result has no terminating NULL the pipeline can reach: end here. */
-            if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
-                pgs_error e;
-                set_error(c, &e, PGS_EUNSUPPORTED, NULL, "COPY is not supported by pgscope");
-                conn_lost(c, &e);
+            if (!unusual_result(c, o, res, st))
                 return;
-            }
             continue;
         }
         if (o->flags & OP_PREPARE) {
@@ -211,7 +235,7 @@ static void read_results(pgs_conn *c)
         }
     }
     /* A bulk statement waited for what was in flight: its turn. */
-    if (c->draining && !c->sent.head && c->state == CS_READY) {
+    if (__builtin_expect(c->draining, 0) && !c->sent.head && c->state == CS_READY) {
         c->draining = 0;
         send_list(c, &c->waiting);
     }
