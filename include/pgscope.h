@@ -128,8 +128,13 @@ typedef void (*pgs_lost_cb)(pgs_conn *conn, const pgs_error *err, void *arg);
 /* Options for pgs_conn_open. Zero-initialise ({0}); every zero field means its default. */
 typedef struct pgs_conn_opts {
     /* Whole connect deadline across all hosts, in ms. 0: the conninfo's connect_timeout (or
-     * else PGCONNECT_TIMEOUT) if set (libpq's own poll loop ignores it, so the library enforces
-     * it with a timer), otherwise 30 s. Negative: no deadline. */
+     * else PGCONNECT_TIMEOUT) times the number of hosts listed if set, otherwise 30 s.
+     * Negative: no deadline. With several hosts (or a name with several addresses), each gets
+     * connect_timeout, as libpq documents it (per host), or else an even share of this
+     * deadline; a host that has not answered by then (one that accepts TCP and never speaks,
+     * say) is given up and the next one tried. libpq's own poll loop enforces neither, so the
+     * library does, with timers. Connect errors name each host tried and why it failed; once
+     * connected, PQhost / PQhostaddr / PQport on pgs_conn_pgconn say which one it reached. */
     int connect_timeout_ms;
     /* How long a cancel request may take before the library stops waiting for it and closes
      * the connection anyway (the request itself may still arrive). 0: 5 s. */

@@ -34,6 +34,7 @@ static void drop_pgconn(pgs_conn *c)
     loop_ev_stop(c->io);
     c->want_write = c->flush_due = c->flush_req = 0;
     c->solo = c->pipelined = c->open_segment = c->sync_turn = c->sync_yielded = 0;
+    c->draining = c->copy_blocked = 0;
     c->finish_pending = 1;
     c->cancel_waits = c->cancel && c->sent.head; /* it is for what runs: let it arrive first */
     finish_if_due(c);
@@ -144,6 +145,8 @@ void loss_error(pgs_conn *c, pgs_error *e)
 
 void lost_from_libpq(pgs_conn *c)
 {
+    if (c->solo && c->sent.head && (c->sent.head->flags & OP_BULK))
+        bulk_last_words(c); /* a COPY's lost the server's FATAL: find it */
     pgs_error e;
     loss_error(c, &e);
     conn_lost(c, &e);
@@ -259,13 +262,8 @@ static void on_timer(void *arg, int what)
         abandon_cancel(c);
         return;
     }
-    if (c->state == CS_CONNECTING) {
-        char msg[80];
-        snprintf(msg, sizeof msg, "connection timed out after %d ms", c->opts.connect_timeout_ms);
-        pgs_error e;
-        set_error(c, &e, PGS_ETIMEDOUT, NULL, msg);
-        go_dead(c, &e);
-    }
+    if (c->state == CS_CONNECTING)
+        connect_timed_out(c);
 }
 
 void conn_notice(void *arg, const PGresult *res)

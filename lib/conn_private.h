@@ -124,6 +124,8 @@ struct pgs_conn {
     int nhosts;
     int lookups; /* in flight */
     char *hostlist, *portlist;
+    struct connect_plan *plan; /* the hosts to try, while connecting (connect.c) */
+    int per_host_ms;           /* libpq's connect_timeout, which applies to each host */
 
     pgs_conn_cb on_open; /* NULL once it has fired */
     void *open_arg;
@@ -277,6 +279,10 @@ int bulk_result(pgs_conn *c, struct op *o, PGresult *res, ExecStatusType st);
 #else
 #define PGRES_TUPLES_CHUNK_ ((ExecStatusType)-1)
 #endif
+/* The connection failed under a bulk statement: libpq reads but does not parse what the
+ * server sends during COPY FROM STDIN, its FATAL included (57P01 ...); parse it now, so the
+ * loss carries the server's reason. */
+void bulk_last_words(pgs_conn *c);
 /* What the statement's end reports, given its final result's error (NULL: none): the error
  * to report (e, or `err`, or NULL). Its own verdicts, PGS_EINVAL (not the COPY asked for) and
  * PGS_ECANCELED (the caller's abort), leave the session usable. */
@@ -298,6 +304,7 @@ void lost_from_libpq(pgs_conn *c);
 
 /* connect.c: the handshake */
 void connect_step(pgs_conn *c, PostgresPollingStatusType st);
+void connect_timed_out(pgs_conn *c); /* the whole connect's deadline passed */
 void drop_lookups(pgs_conn *c);
 
 /* cancel.c: the cancel request (cancel_finished is conn.c's) */

@@ -3,12 +3,26 @@
  * reasons a connect fails. pgs_conn_open lives here; the guard's life is conn.c's. */
 #include "conn_private.h"
 
+/* The hosts to try, one entry per address (a name resolved to several gives several), and
+ * the options to start libpq with from any of them. libpq's PQconnectPoll moves to the next
+ * host when one fails, but enforces no connect_timeout (its blocking connect does, per host):
+ * so a host that accepts TCP and never answers would hold the whole deadline. When a host's
+ * share runs out, the attempt is dropped and libpq starts again from the next entry. */
+typedef struct connect_plan {
+    int n;
+    char **host, **addr, **port; /* entry i; port NULL when the conninfo gave none */
+    int first;                   /* the current PGconn's list starts at this entry */
+    int cur;                     /* the entry it tries now, as far as PQhost/PQport tell */
+    loop_ev *timer;              /* the host's share of the deadline */
+    char log[1200];              /* why entries given up before the current attempt failed */
+} connect_plan;
+
 /* libpq puts a startup error's SQLSTATE only in the verbose message text ("FATAL:  28P01: ...",
  * with a LOCATION line): take the code out and leave the words. */
-static void connect_error(pgs_conn *c, pgs_error *e)
+static void connect_error(pgs_conn *c, pgs_error *e, const char *why)
 {
-    char msg[1024];
-    snprintf(msg, sizeof msg, "%s", PQerrorMessage(c->pg));
+    char msg[2048];
+    snprintf(msg, sizeof msg, "%s", why);
     char sqlstate[6] = "";
     for (char *p = strstr(msg, "FATAL:  "); p; p = strstr(p, "FATAL:  ")) {
         p += 8;
@@ -36,6 +50,7 @@ static void connect_error(pgs_conn *c, pgs_error *e)
 static void connected(pgs_conn *c)
 {
     loop_ev_stop(c->timer);
+    drop_lookups(c); /* (the plan: its host timer stops with it) */
     PQsetErrorVerbosity(c->pg, PQERRORS_DEFAULT);
     if (PQsetnonblocking(c->pg, 1) != 0) {
         pgs_error e;
@@ -56,11 +71,14 @@ static void connected(pgs_conn *c)
     cb(c, NULL, c->open_arg);
 }
 
+static void track_host(pgs_conn *c);
+
 /* One step of the handshake. The socket may change between steps, so each step re-points a
  * one-shot watch at PQsocket() in the direction the poll asked for. */
 void connect_step(pgs_conn *c, PostgresPollingStatusType st)
 {
     if (st == PGRES_POLLING_READING || st == PGRES_POLLING_WRITING) {
+        track_host(c);
         int want = st == PGRES_POLLING_READING ? LOOP_READ : LOOP_WRITE;
         if (loop_ev_watch_once(c->io, PQsocket(c->pg), want) == 0)
             return;
@@ -69,8 +87,16 @@ void connect_step(pgs_conn *c, PostgresPollingStatusType st)
         connected(c);
         return;
     }
+    if (c->plan && *c->plan->log) { /* the hosts given up earlier, then libpq's own words */
+        pgs_error e;
+        char msg[sizeof c->plan->log + 600];
+        snprintf(msg, sizeof msg, "%s%s", c->plan->log, PQerrorMessage(c->pg));
+        connect_error(c, &e, msg);
+        go_dead(c, &e);
+        return;
+    }
     pgs_error e;
-    connect_error(c, &e);
+    connect_error(c, &e, PQerrorMessage(c->pg));
     go_dead(c, &e);
 }
 
@@ -97,7 +123,10 @@ static int is_name(const char *host)
     return *host && *host != '/' && *host != '@' && !loop_is_numeric_host(host);
 }
 
-void drop_lookups(pgs_conn *c)
+static void plan_free(pgs_conn *c);
+
+/* The host list and its lookups, once libpq has the addresses (or the connect is over). */
+static void free_hosts(pgs_conn *c)
 {
     for (int i = 0; i < c->nhosts; i++) {
         if (c->hosts[i].lookup)
@@ -112,6 +141,12 @@ void drop_lookups(pgs_conn *c)
     c->nhosts = c->lookups = 0;
 }
 
+void drop_lookups(pgs_conn *c)
+{
+    free_hosts(c);
+    plan_free(c);
+}
+
 /* Append "item" to a comma-separated list being built in buf. */
 static void list_add(char *buf, size_t cap, const char *item)
 {
@@ -119,31 +154,65 @@ static void list_add(char *buf, size_t cap, const char *item)
     snprintf(buf + len, cap - len, "%s%s", len ? "," : "", item ? item : "");
 }
 
-/* Start libpq. Resolved names become one entry per address: host keeps the name (TLS checks
- * it) and hostaddr carries the number, so libpq tries every address without a lookup.
- * gssencmode defaults to disable (see pgs_conn_open). */
+
+static void plan_free(pgs_conn *c)
+{
+    connect_plan *p = c->plan;
+    if (!p)
+        return;
+    for (int i = 0; i < p->n; i++) {
+        free(p->host[i]);
+        free(p->addr[i]);
+        free(p->port[i]);
+    }
+    free(p->host);
+    free(p->addr);
+    free(p->port);
+    if (p->timer)
+        loop_ev_free(p->timer);
+    free(p);
+    c->plan = NULL;
+}
+
+static void plan_add(connect_plan *p, const char *host, const char *addr, const char *port,
+                     int *ok)
+{
+    int i = p->n++;
+    p->host[i] = strdup(host);
+    p->addr[i] = strdup(addr);
+    p->port[i] = port ? strdup(port) : NULL;
+    *ok &= p->host[i] && p->addr[i] && (!port || p->port[i]);
+}
+
+static void start_attempt(pgs_conn *c, int first);
+static void on_host_timeout(void *arg, int what);
+
+/* Build the plan from the host list and the names' addresses, then start libpq at its first
+ * entry. gssencmode defaults to disable (see pgs_conn_open). */
 static void start_libpq(pgs_conn *c)
 {
-    const char *kw[64], *val[64];
-    char *hosts = NULL, *addrs = NULL, *ports = NULL;
-    int n = 0;
+    pgs_error e;
+    connect_plan *p = NULL;
     if (c->nhosts > 0) {
-        size_t cap = 16;
-        for (int i = 0; i < c->nhosts; i++)
-            cap += (strlen(c->hosts[i].host) + 64) * 4 +
-                   (c->hosts[i].addrs ? strlen(c->hosts[i].addrs) * 8 : 0);
-        hosts = calloc(1, cap);
-        addrs = calloc(1, cap);
-        ports = calloc(1, cap);
-        if (!hosts || !addrs || !ports)
+        int cap = 0, ok = 1;
+        for (int i = 0; i < c->nhosts; i++) {
+            cap++;
+            for (const char *a = c->hosts[i].addrs; a && *a; a++)
+                cap += *a == ',';
+        }
+        p = calloc(1, sizeof *p);
+        if (!p || !(p->host = calloc((size_t)cap, sizeof *p->host)) ||
+            !(p->addr = calloc((size_t)cap, sizeof *p->addr)) ||
+            !(p->port = calloc((size_t)cap, sizeof *p->port))) {
+            c->plan = p;
             goto nomem;
+        }
+        c->plan = p;
         char why[400] = "";
         for (int i = 0; i < c->nhosts; i++) {
             host_slot *h = &c->hosts[i];
             if (!is_name(h->host)) {
-                list_add(hosts, cap, h->host);
-                list_add(addrs, cap, "");
-                list_add(ports, cap, h->port);
+                plan_add(p, h->host, "", h->port, &ok);
                 continue;
             }
             if (!h->addrs) {
@@ -153,18 +222,59 @@ static void start_libpq(pgs_conn *c)
                 continue;
             }
             char *save = NULL;
-            for (char *a = strtok_r(h->addrs, ",", &save); a; a = strtok_r(NULL, ",", &save)) {
-                list_add(hosts, cap, h->host);
-                list_add(addrs, cap, a);
-                list_add(ports, cap, h->port);
-            }
+            for (char *a = strtok_r(h->addrs, ",", &save); a; a = strtok_r(NULL, ",", &save))
+                plan_add(p, h->host, a, h->port, &ok);
         }
-        if (!*hosts) {
-            pgs_error e;
+        if (!ok)
+            goto nomem;
+        if (p->n == 0) {
             set_error(c, &e, PGS_ECONNECT, NULL, why);
             go_dead(c, &e);
-            goto out;
+            return;
         }
+        if (p->n > 1) {
+            /* Each host's share: connect_timeout (libpq's, per host) when the conninfo sets
+             * it, else the whole deadline split evenly. */
+            if (!c->per_host_ms && c->opts.connect_timeout_ms > 0)
+                c->per_host_ms = c->opts.connect_timeout_ms / p->n;
+            if (c->per_host_ms > 0 && !(p->timer = loop_ev_new(c->base, on_host_timeout, c)))
+                goto nomem;
+        }
+    }
+    free_hosts(c);
+    start_attempt(c, 0);
+    return;
+nomem:
+    set_error(c, &e, PGS_ENOMEM, NULL, NULL);
+    go_dead(c, &e);
+}
+
+/* Start libpq on the plan's entries from `first` on (the conninfo as it is, without a plan).
+ * Resolved names: host keeps the name (TLS checks it) and hostaddr carries the number, so
+ * libpq tries every address without a lookup. */
+static void start_attempt(pgs_conn *c, int first)
+{
+    const char *kw[64], *val[64];
+    char *hosts = NULL, *addrs = NULL, *ports = NULL;
+    int n = 0;
+    pgs_error e;
+    connect_plan *p = c->plan;
+    if (p) {
+        size_t cap = 16;
+        for (int i = first; i < p->n; i++)
+            cap += strlen(p->host[i]) + strlen(p->addr[i]) + (p->port[i] ? strlen(p->port[i]) : 0) +
+                   3;
+        hosts = calloc(1, cap);
+        addrs = calloc(1, cap);
+        ports = calloc(1, cap);
+        if (!hosts || !addrs || !ports)
+            goto nomem;
+        for (int i = first; i < p->n; i++) {
+            list_add(hosts, cap, p->host[i]);
+            list_add(addrs, cap, p->addr[i]);
+            list_add(ports, cap, p->port[i]);
+        }
+        p->first = p->cur = first;
     }
     for (PQconninfoOption *o = c->parsed; o->keyword && n < 60; o++) {
         const char *v = o->val;
@@ -197,30 +307,108 @@ static void start_libpq(pgs_conn *c)
     /* Verbose only during start-up, to learn the SQLSTATE of a refused login. */
     PQsetErrorVerbosity(c->pg, PQERRORS_VERBOSE);
     if (PQstatus(c->pg) == CONNECTION_BAD) {
-        pgs_error e;
         set_error(c, &e, PGS_EINVAL, NULL, PQerrorMessage(c->pg));
         go_dead(c, &e);
         goto out;
     }
+    if (p && p->timer)
+        loop_ev_timer(p->timer, c->per_host_ms);
     /* Per the libpq docs, the first poll waits as if PQconnectPoll said "writing". */
     if (loop_ev_watch_once(c->io, PQsocket(c->pg), LOOP_WRITE) != 0) {
-        pgs_error e;
         set_error(c, &e, PGS_ECONNECT, NULL, "could not watch the connection's socket");
         go_dead(c, &e);
     }
     goto out;
-nomem : {
-    pgs_error e;
+nomem:
     set_error(c, &e, PGS_ENOMEM, NULL, NULL);
     go_dead(c, &e);
-}
 out:
     free(hosts);
     free(addrs);
     free(ports);
-    drop_lookups(c);
-    PQconninfoFree(c->parsed);
-    c->parsed = NULL;
+}
+
+/* Which entry libpq tries now. It moves on by itself when a host fails (and goes back to the
+ * first for prefer-standby's second pass): each host gets its own share from its start. */
+static void track_host(pgs_conn *c)
+{
+    connect_plan *p = c->plan;
+    if (!p || !p->timer)
+        return;
+    const char *host = PQhost(c->pg), *addr = PQhostaddr(c->pg), *port = PQport(c->pg);
+    for (int i = p->first; i < p->n; i++) {
+        if (strcmp(host ? host : "", p->host[i]) != 0 ||
+            (*p->addr[i] && strcmp(addr ? addr : "", p->addr[i]) != 0) ||
+            (p->port[i] && strcmp(port ? port : "", p->port[i]) != 0))
+            continue;
+        if (i != p->cur) {
+            p->cur = i;
+            loop_ev_timer(p->timer, c->per_host_ms);
+        }
+        return;
+    }
+}
+
+/* Name the entry in a message, as libpq does: "host" (address), port P. */
+static void describe_entry(connect_plan *p, int i, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "server at \"%s\"%s%s%s, port %s", p->host[i], *p->addr[i] ? " (" : "",
+             p->addr[i], *p->addr[i] ? ")" : "", p->port[i] ? p->port[i] : "(default)");
+}
+
+static void log_add(connect_plan *p, const char *text)
+{
+    size_t len = strlen(p->log);
+    snprintf(p->log + len, sizeof p->log - len, "%s", text);
+}
+
+/* A host had its share and did not answer: give it up, note why, and start again from the
+ * next entry (a new socket: the watch follows PQsocket). The last one's failure ends it. */
+static void on_host_timeout(void *arg, int what)
+{
+    (void)what;
+    pgs_conn *c = arg;
+    connect_plan *p = c->plan;
+    if (c->state != CS_CONNECTING || !c->pg || !p)
+        return;
+    char entry[300], line[400];
+    /* what libpq noted of the entries before it in this attempt, then this one */
+    const char *before = PQerrorMessage(c->pg);
+    if (before && *before)
+        log_add(p, before);
+    describe_entry(p, p->cur, entry, sizeof entry);
+    snprintf(line, sizeof line, "connection to %s failed: no answer within %d ms\n", entry,
+             c->per_host_ms);
+    log_add(p, line);
+    int next = p->cur + 1;
+    loop_ev_stop(c->io);
+    PQfinish(c->pg);
+    c->pg = NULL;
+    if (next >= p->n) {
+        pgs_error e;
+        set_error(c, &e, PGS_ETIMEDOUT, NULL, p->log);
+        go_dead(c, &e);
+        return;
+    }
+    start_attempt(c, next);
+}
+
+void connect_timed_out(pgs_conn *c)
+{
+    char msg[1600];
+    int len = snprintf(msg, sizeof msg, "connection timed out after %d ms",
+                       c->opts.connect_timeout_ms);
+    connect_plan *p = c->plan;
+    if (p && c->pg && p->cur < p->n) {
+        char entry[300];
+        describe_entry(p, p->cur, entry, sizeof entry);
+        len += snprintf(msg + len, sizeof msg - (size_t)len, " (trying %s)", entry);
+    }
+    if (p && *p->log && len < (int)sizeof msg)
+        snprintf(msg + len, sizeof msg - (size_t)len, "; before that:\n%s", p->log);
+    pgs_error e;
+    set_error(c, &e, PGS_ETIMEDOUT, NULL, msg);
+    go_dead(c, &e);
 }
 
 static void on_resolved(void *arg, const char *addrs, const char *why)
@@ -321,9 +509,15 @@ int pgs_conn_open(struct event_base *base, const char *conninfo, const pgs_conn_
     if (!t) /* libpq's environment fills in what the conninfo leaves out */
         t = getenv("PGCONNECT_TIMEOUT");
     int timeout_s = t ? atoi(t) : 0;
-    if (c->opts.connect_timeout_ms == 0) /* libpq treats 1 as 2 s; so do we */
+    if (timeout_s > 0) /* per host, as libpq applies it; libpq treats 1 as 2 s, so do we */
+        c->per_host_ms = (timeout_s < 2 ? 2 : timeout_s) * 1000;
+    if (c->opts.connect_timeout_ms == 0) {
+        int hosts = 1;
+        for (const char *h = option(c->parsed, "host"); h && *h; h++)
+            hosts += *h == ',';
         c->opts.connect_timeout_ms =
-            timeout_s > 0 ? (timeout_s < 2 ? 2 : timeout_s) * 1000 : DEFAULT_CONNECT_TIMEOUT_MS;
+            c->per_host_ms ? c->per_host_ms * hosts : DEFAULT_CONNECT_TIMEOUT_MS;
+    }
     /* One deadline for the whole connect: lookups and every host libpq tries. */
     if (c->opts.connect_timeout_ms > 0)
         loop_ev_timer(c->timer, c->opts.connect_timeout_ms);

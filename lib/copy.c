@@ -258,6 +258,24 @@ int bulk_result(pgs_conn *c, op *o, PGresult *res, ExecStatusType st)
     }
 }
 
+void bulk_last_words(pgs_conn *c)
+{
+    pgs_copy *cp = c->sent.head->bulk;
+    if (!c->pg || cp->phase != BK_COPY_IN || c->goodbye)
+        return;
+    /* Ending the COPY makes libpq parse messages again; what the server sent before it
+     * closed is still in libpq's buffer (the end itself cannot be sent any more). */
+    cp->phase = BK_FINISHING;
+    PQputCopyEnd(c->pg, "connection lost");
+    for (PGresult *res; (res = PQgetResult(c->pg));) {
+        if (PQresultStatus(res) == PGRES_FATAL_ERROR && is_fatal(res))
+            note_goodbye(c, res);
+        PQclear(res);
+        if (c->goodbye)
+            break;
+    }
+}
+
 const pgs_error *bulk_outcome(pgs_conn *c, op *o, const PGresult *res, const pgs_error *err,
                               pgs_error *e)
 {

@@ -390,6 +390,20 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
             renamed = *err;
             renamed.code = PGS_ETIMEDOUT; /* the server's statement_timeout we set */
             err = &renamed;
+        } else if (strcmp(err->sqlstate, "25P02") == 0) {
+            /* The server refused it because an earlier statement failed: usually it never
+             * sees it (skipped in the same pipeline segment), but after a statement that ran
+             * on its own (a COPY) the segment ended. Either way, the error that aborted it. */
+            const pgs_tx *first = tx;
+            while (first && !first->failed)
+                first = first->parent;
+            if (first) {
+                char msg[sizeof err->message + 64];
+                snprintf(msg, sizeof msg, "not run: an earlier statement failed: %s",
+                         first->err.message);
+                err_set(&renamed, first->err.code, first->err.sqlstate, msg, NULL);
+                err = &renamed;
+            }
         }
     }
     /* The transaction's status as the server now has it, for pgs_conn_txstatus in the

@@ -1079,8 +1079,8 @@ static void scenario_bulk(long n)
     if (l->out.failed)
         fatal("COPY FROM STDIN", &l->out.err);
     double el = l->out.ended - t0;
-    say("COPY FROM STDIN: %ld rows (%.1f MiB) in %.2f s, %.0f rows/s; written in 64 KiB chunks, "
-        "refused with PGS_EAGAIN %ld times, on_ready %ld times",
+    say("COPY FROM STDIN: %ld rows (%.1f MiB) in %.2f s, %.0f rows/s (64 KiB writes; PGS_EAGAIN "
+        "answers: %ld, on_ready calls: %ld)",
         l->rows, l->bytes / MIB, el, per_s(l->rows, el), l->refused, l->ready_calls);
     rows held = query(c, "SELECT count(*), sum(amount) FROM demo_bulk", 0, NULL, 0);
     check(l->out.tuples == n && atol(held.v[0][0]) == n && atoll(held.v[0][1]) == l->amount_sum,
@@ -1098,7 +1098,7 @@ static void scenario_bulk(long n)
     if (e.out.failed)
         fatal("COPY TO STDOUT", &e.out.err);
     el = e.out.ended - t0;
-    say("COPY TO STDOUT: %ld rows (%.1f MiB) in %.2f s, %.0f rows/s; %ld calls of on_data", e.rows,
+    say("COPY TO STDOUT: %ld rows (%.1f MiB) in %.2f s, %.0f rows/s (on_data calls: %ld)", e.rows,
         e.bytes / MIB, el, per_s(e.rows, el), e.calls);
     check(e.rows == n && e.out.tuples == n, "%ld rows exported, as PQcmdTuples says", e.rows);
     check(e.bytes == l->bytes && e.hash == l->hash,
@@ -1119,8 +1119,8 @@ static void scenario_bulk(long n)
     if (s.out.failed)
         fatal("the streamed SELECT", &s.out.err);
     el = s.out.ended - t0;
-    say("pgs_query_stream: %ld rows (%.1f MiB of values) in %.2f s, %.0f rows/s; %ld calls of "
-        "on_rows",
+    say("pgs_query_stream: %ld rows (%.1f MiB of values) in %.2f s, %.0f rows/s (on_rows calls: "
+        "%ld)",
         s.rows, s.bytes / MIB, el, per_s(s.rows, el), s.calls);
     rows sum = query(c,
                      "SELECT sum(b.amount + k) FROM demo_bulk b "
@@ -1225,7 +1225,8 @@ static const char *const usage_text =
     "  --count N        transfers for `transfer` (default 1000) and `tour` (default 500)\n"
     "  --concurrency C  pool size and transfers at once for `transfer` and `tour` (default 8;\n"
     "                   capped at the connections the server has free)\n"
-    "  --rows N         rows `bulk` loads with COPY (default 200000; it streams 5 times as many)\n"
+    "  --rows N         rows `bulk` loads with COPY and exports (default 200000, and 100000 in\n"
+    "                   `tour`); it streams 5 times as many\n"
     "  --check-args     check the arguments, then exit (0: valid, 2: not) without connecting\n"
     "  -h, --help       this text (also: pgscope-demo SCENARIO --help)\n"
     "\n"
@@ -1422,7 +1423,7 @@ int main(int argc, char **argv)
     if (all || strcmp(scenario, "transfer") == 0)
         scenario_transfer(all && !count_opt ? 500 : count, concurrency);
     if (all || strcmp(scenario, "bulk") == 0)
-        scenario_bulk(bulk_rows);
+        scenario_bulk(all && !rows_opt ? 100000 : bulk_rows);
     event_base_free(base);
     printf("\n%s\n", failures ? "SOME CHECKS FAILED" : "every check held");
     return failures ? 1 : 0;
