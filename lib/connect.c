@@ -462,7 +462,9 @@ static int start_lookups(pgs_conn *c)
     }
     c->nhosts = n;
     if (names == 0) {
-        drop_lookups(c);
+        /* Nothing to look up. A list stays, for the plan (each host its share). */
+        if (n < 2)
+            free_hosts(c);
         return 0;
     }
     for (int i = 0; i < n; i++) {
