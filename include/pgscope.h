@@ -666,6 +666,52 @@ PGS_API void pgs_pool_stats(const pgs_pool *pool, pgs_pool_counts *stats);
  * already closing. */
 PGS_API int pgs_pool_close(pgs_pool *pool, pgs_done_cb done, void *arg);
 
+/* ---------------------------------------------------------------------------------------- */
+/* Read routing: a primary and a standby                                                     */
+/* ---------------------------------------------------------------------------------------- */
+
+/* Two pools, one for the primary (its conninfo may list every host with
+ * target_session_attrs=read-write, so that it follows a failover) and one for a streaming
+ * standby (target_session_attrs=standby, or prefer-standby to fall back to the primary), and a
+ * router over them: read-only transactions (pgs_tx_opts.read_only) go to the standby while its
+ * replay lag is within max_lag_ms, everything else to the primary; reads go to the primary
+ * too while the lag is over the bound, not known yet, or the standby cannot be reached. The
+ * lag is measured on the standby every lag_check_ms, on one of its pool's guards: 0 while it
+ * streams and has replayed everything it received, otherwise the age of the last transaction
+ * it replayed (pg_last_xact_replay_timestamp); a server no longer in recovery (promoted) has
+ * none. A read on the standby sees the primary's commits up to that lag: a caller that must
+ * read its own writes sends those reads to the primary (read_only = 0). The pools stay the
+ * caller's: the router neither closes nor frees them. */
+typedef struct pgs_router pgs_router;
+
+typedef struct pgs_router_opts {
+    int max_lag_ms;   /* reads go to the standby while its lag is at most this (0: 1000 ms;
+                         < 0: whatever the lag, once it is known) */
+    int lag_check_ms; /* how often the lag is measured (0: 500 ms) */
+} pgs_router_opts;
+
+/* Create a router over `primary` and `standby` (pools on `base`); the first measurement starts
+ * from the loop at once. Returns PGS_OK and *out, or PGS_EINVAL (NULL base, pool or out),
+ * PGS_ENOMEM. Free it with pgs_router_free before closing the pools. */
+PGS_API int pgs_router_new(struct event_base *base, pgs_pool *primary, pgs_pool *standby,
+                           const pgs_router_opts *opts, pgs_router **out);
+
+/* pgs_pool_run_tx on the pool pgs_router_pick chooses for opts; the same contract. */
+PGS_API int pgs_router_run_tx(pgs_router *router, const pgs_tx_opts *opts, pgs_tx_body body,
+                              pgs_tx_done_cb done, void *arg);
+
+/* The pool a transaction with these options goes to now (for pgs_pool_acquire by hand). */
+PGS_API pgs_pool *pgs_router_pick(const pgs_router *router, const pgs_tx_opts *opts);
+
+/* The standby's replay lag in ms as last measured; -1 while it is not known (before the first
+ * measurement, or the last one failed). */
+PGS_API long pgs_router_lag_ms(const pgs_router *router);
+
+/* Stop measuring and free the router (once a measurement in flight has given its guard back,
+ * from the loop). Transactions already routed run on. Returns PGS_OK, PGS_EINVAL (NULL), or
+ * PGS_EMISUSE (freed twice). */
+PGS_API int pgs_router_free(pgs_router *router);
+
 #ifdef __cplusplus
 }
 #endif
