@@ -11,8 +11,10 @@
 typedef struct connect_plan {
     int n;
     char **host, **addr, **port; /* entry i; port NULL when the conninfo gave none */
-    int first;                   /* the current PGconn's list starts at this entry */
+    int *order;                  /* the current PGconn's list: entry numbers, in order */
+    int norder;
     int cur;                     /* the entry it tries now, as far as PQhost/PQport tell */
+    char *given_up;              /* entries that had their share without an answer */
     loop_ev *timer;              /* the host's share of the deadline */
     char log[1200];              /* why entries given up before the current attempt failed */
 } connect_plan;
@@ -51,6 +53,8 @@ static void connected(pgs_conn *c)
 {
     loop_ev_stop(c->timer);
     drop_lookups(c); /* (the plan: its host timer stops with it) */
+    PQconninfoFree(c->parsed);
+    c->parsed = NULL;
     PQsetErrorVerbosity(c->pg, PQERRORS_DEFAULT);
     if (PQsetnonblocking(c->pg, 1) != 0) {
         pgs_error e;
@@ -168,6 +172,8 @@ static void plan_free(pgs_conn *c)
     free(p->host);
     free(p->addr);
     free(p->port);
+    free(p->order);
+    free(p->given_up);
     if (p->timer)
         loop_ev_free(p->timer);
     free(p);
@@ -184,7 +190,7 @@ static void plan_add(connect_plan *p, const char *host, const char *addr, const 
     *ok &= p->host[i] && p->addr[i] && (!port || p->port[i]);
 }
 
-static void start_attempt(pgs_conn *c, int first);
+static void start_attempt(pgs_conn *c);
 static void on_host_timeout(void *arg, int what);
 
 /* Build the plan from the host list and the names' addresses, then start libpq at its first
@@ -203,7 +209,9 @@ static void start_libpq(pgs_conn *c)
         p = calloc(1, sizeof *p);
         if (!p || !(p->host = calloc((size_t)cap, sizeof *p->host)) ||
             !(p->addr = calloc((size_t)cap, sizeof *p->addr)) ||
-            !(p->port = calloc((size_t)cap, sizeof *p->port))) {
+            !(p->port = calloc((size_t)cap, sizeof *p->port)) ||
+            !(p->order = calloc((size_t)cap, sizeof *p->order)) ||
+            !(p->given_up = calloc((size_t)cap, 1))) {
             c->plan = p;
             goto nomem;
         }
@@ -241,18 +249,23 @@ static void start_libpq(pgs_conn *c)
                 goto nomem;
         }
     }
+    if (p) {
+        for (int i = 0; i < p->n; i++)
+            p->order[i] = i;
+        p->norder = p->n;
+    }
     free_hosts(c);
-    start_attempt(c, 0);
+    start_attempt(c);
     return;
 nomem:
     set_error(c, &e, PGS_ENOMEM, NULL, NULL);
     go_dead(c, &e);
 }
 
-/* Start libpq on the plan's entries from `first` on (the conninfo as it is, without a plan).
+/* Start libpq on the plan's entries in p->order (the conninfo as it is, without a plan).
  * Resolved names: host keeps the name (TLS checks it) and hostaddr carries the number, so
  * libpq tries every address without a lookup. */
-static void start_attempt(pgs_conn *c, int first)
+static void start_attempt(pgs_conn *c)
 {
     const char *kw[64], *val[64];
     char *hosts = NULL, *addrs = NULL, *ports = NULL;
@@ -261,7 +274,7 @@ static void start_attempt(pgs_conn *c, int first)
     connect_plan *p = c->plan;
     if (p) {
         size_t cap = 16;
-        for (int i = first; i < p->n; i++)
+        for (int i = 0; i < p->n; i++)
             cap += strlen(p->host[i]) + strlen(p->addr[i]) + (p->port[i] ? strlen(p->port[i]) : 0) +
                    3;
         hosts = calloc(1, cap);
@@ -269,12 +282,13 @@ static void start_attempt(pgs_conn *c, int first)
         ports = calloc(1, cap);
         if (!hosts || !addrs || !ports)
             goto nomem;
-        for (int i = first; i < p->n; i++) {
+        for (int k = 0; k < p->norder; k++) {
+            int i = p->order[k];
             list_add(hosts, cap, p->host[i]);
             list_add(addrs, cap, p->addr[i]);
             list_add(ports, cap, p->port[i]);
         }
-        p->first = p->cur = first;
+        p->cur = p->order[0];
     }
     for (PQconninfoOption *o = c->parsed; o->keyword && n < 60; o++) {
         const char *v = o->val;
@@ -336,7 +350,8 @@ static void track_host(pgs_conn *c)
     if (!p || !p->timer)
         return;
     const char *host = PQhost(c->pg), *addr = PQhostaddr(c->pg), *port = PQport(c->pg);
-    for (int i = p->first; i < p->n; i++) {
+    for (int k = 0; k < p->norder; k++) {
+        int i = p->order[k];
         if (strcmp(host ? host : "", p->host[i]) != 0 ||
             (*p->addr[i] && strcmp(addr ? addr : "", p->addr[i]) != 0) ||
             (p->port[i] && strcmp(port ? port : "", p->port[i]) != 0))
@@ -380,17 +395,39 @@ static void on_host_timeout(void *arg, int what)
     snprintf(line, sizeof line, "connection to %s failed: no answer within %d ms\n", entry,
              c->per_host_ms);
     log_add(p, line);
-    int next = p->cur + 1;
+    /* The next list: the entries after it, and for prefer-standby those before it too (they
+     * were tried as standbys only; libpq's second pass takes any server). */
+    p->given_up[p->cur] = 1;
+    const char *tsa = option(c->parsed, "target_session_attrs");
+    int prefer = tsa && strcmp(tsa, "prefer-standby") == 0;
+    int at = 0, n = 0;
+    while (at < p->norder && p->order[at] != p->cur)
+        at++;
+    int *next = calloc((size_t)p->n, sizeof *next);
+    for (int k = at + 1; next && k < p->norder; k++)
+        next[n++] = p->order[k];
+    for (int k = 0; next && prefer && k < at; k++)
+        if (!p->given_up[p->order[k]])
+            next[n++] = p->order[k];
     loop_ev_stop(c->io);
     PQfinish(c->pg);
     c->pg = NULL;
-    if (next >= p->n) {
+    if (!next) {
+        pgs_error e;
+        set_error(c, &e, PGS_ENOMEM, NULL, NULL);
+        go_dead(c, &e);
+        return;
+    }
+    free(p->order);
+    p->order = next;
+    p->norder = n;
+    if (n == 0) {
         pgs_error e;
         set_error(c, &e, PGS_ETIMEDOUT, NULL, p->log);
         go_dead(c, &e);
         return;
     }
-    start_attempt(c, next);
+    start_attempt(c);
 }
 
 void connect_timed_out(pgs_conn *c)

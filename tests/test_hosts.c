@@ -167,6 +167,32 @@ START_TEST(test_refused_first_host_makes_way_at_once_and_each_host_gets_its_full
 }
 END_TEST
 
+START_TEST(test_prefer_standby_comes_back_to_a_primary_before_a_deaf_host)
+{
+    /* libpq's prefer-standby: a first pass for a standby, then any server. The primary is
+     * passed over in the first pass; the deaf host after it is given up; the second pass
+     * must still reach the primary (the list starts again without the deaf host). */
+    int deaf;
+    int lfd = th_silent_listener(&deaf);
+    char ports[64];
+    snprintf(ports, sizeof ports, "%s,%d", th_conninfo_value("port"), deaf);
+    struct event_base *b = th_loop_begin();
+    open_rec r = {0};
+    pgs_conn *c = NULL;
+    double took = open_and_wait(
+        b,
+        hosts_conninfo("127.0.0.1,127.0.0.1", ports,
+                       "connect_timeout=2 target_session_attrs=prefer-standby"),
+        NULL, &r, &c);
+    ck_assert_msg(r.ok, "connect failed: %s", r.err.message);
+    ck_assert_msg(took >= 1.9 && took < 5.0, "connected after %.3f s, want ~2 s", took);
+    ck_assert_str_eq(PQport(pgs_conn_pgconn(c)), th_conninfo_value("port"));
+    th_close(b, c);
+    th_loop_end(b);
+    close(lfd);
+}
+END_TEST
+
 START_TEST(test_host_names_in_a_list_skip_a_deaf_host_too)
 {
     /* "localhost" goes through evdns (one entry per address: ::1 may be refused, 127.0.0.1
@@ -244,6 +270,7 @@ int main(void)
     tcase_add_test(t, test_all_hosts_deaf_fails_in_time_naming_every_host);
     tcase_add_test(t, test_overall_deadline_names_the_host_it_was_trying);
     tcase_add_test(t, test_refused_first_host_makes_way_at_once_and_each_host_gets_its_full_share);
+    tcase_add_test(t, test_prefer_standby_comes_back_to_a_primary_before_a_deaf_host);
     tcase_add_test(t, test_host_names_in_a_list_skip_a_deaf_host_too);
     tcase_add_test(t, test_pool_over_a_deaf_host_and_a_live_one_commits);
     suite_add_tcase(s, t);
