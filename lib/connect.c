@@ -152,10 +152,10 @@ void drop_lookups(pgs_conn *c)
 }
 
 /* Append "item" to a comma-separated list being built in buf. */
-static void list_add(char *buf, size_t cap, const char *item)
+static void list_add(char *buf, size_t cap, const char *item, int first)
 {
     size_t len = strlen(buf);
-    snprintf(buf + len, cap - len, "%s%s", len ? "," : "", item ? item : "");
+    snprintf(buf + len, cap - len, "%s%s", first ? "" : ",", item ? item : "");
 }
 
 
@@ -284,9 +284,9 @@ static void start_attempt(pgs_conn *c)
             goto nomem;
         for (int k = 0; k < p->norder; k++) {
             int i = p->order[k];
-            list_add(hosts, cap, p->host[i]);
-            list_add(addrs, cap, p->addr[i]);
-            list_add(ports, cap, p->port[i]);
+            list_add(hosts, cap, p->host[i], k == 0);
+            list_add(addrs, cap, p->addr[i], k == 0); /* "" for an address or a socket */
+            list_add(ports, cap, p->port[i], k == 0);
         }
         p->cur = p->order[0];
     }

@@ -4,10 +4,10 @@
 # user for TCP (so tests exercise real SCRAM authentication), and removes every trace afterwards.
 #
 # Usage:
-#   tools/pgtmp.sh run [--tls] [--] CMD ARGS...
+#   tools/pgtmp.sh run [--tls] [--standby [--sync]] [--] CMD ARGS...
 #                                         start a cluster, run CMD with the env below, tear down,
 #                                         exit with CMD's status
-#   eval "$(tools/pgtmp.sh start [--tls] [--owner PID])"
+#   eval "$(tools/pgtmp.sh start [--tls] [--standby [--sync]] [--owner PID])"
 #                                         start a cluster, print `export VAR='value'` lines; a
 #                                         detached watchdog removes the cluster when PID (default:
 #                                         the calling shell) exits. Inside a pipeline or subshell
@@ -17,10 +17,27 @@
 #   tools/pgtmp.sh pgctl ARGS...          pg_ctl -D "$PGSCOPE_PGDATA" ARGS as the right OS user,
 #                                         e.g. `pgctl stop -m immediate` / `pgctl start -w`
 #                                         (paths in ARGS must be absolute)
+#   tools/pgtmp.sh pgctl-standby ARGS...  the same for the standby (PGSCOPE_STANDBY_PGDATA, else
+#                                         $PGSCOPE_TMPDIR/standby; log: standby.log beside it)
+#   tools/pgtmp.sh promote                promote the standby (pg_ctl promote -w): it ends recovery
+#                                         and takes writes; the primary keeps running (stop it with
+#                                         `pgctl stop` for a failover)
 #   --tls (or PGSCOPE_PGTMP_TLS=1)        the server also speaks TLS (ssl = on), with a throwaway
 #                                         CA made in the cluster's dir (needs openssl); without
 #                                         it ssl stays off, so libpq's default sslmode=prefer
 #                                         talks plain TCP to it
+#   --standby (or PGSCOPE_PGTMP_STANDBY=1)
+#                                         also a hot standby streaming from the primary: a
+#                                         physical replication slot on the primary, pg_basebackup
+#                                         -R into $PGSCOPE_TMPDIR/standby, started on a port of its
+#                                         own; ready once it streams and a row written on the
+#                                         primary has reached it
+#   --sync (or PGSCOPE_PGTMP_SYNC=1)      implies --standby; the standby is synchronous
+#                                         (synchronous_standby_names = its application_name,
+#                                         pgscope_standby; synchronous_commit = remote_apply): a
+#                                         COMMIT on the primary returns once the standby applied
+#                                         it, so the row is visible there. While the standby is
+#                                         down or promoted, commits on the primary wait.
 #
 # Environment given to CMD / printed by start:
 #   PGSCOPE_TEST_CONNINFO    host=127.0.0.1 port=P user=pgscope password=W dbname=pgscope
@@ -30,6 +47,9 @@
 #   PGSCOPE_TLS_CA           with --tls only: the CA certificate that signed the server's
 #                            (subjectAltName DNS:localhost, IP:127.0.0.1), for sslrootcert=
 #   PGSCOPE_TLS_OTHER_CA     with --tls only: an unrelated CA's certificate (for wrong-CA tests)
+#   PGSCOPE_STANDBY_CONNINFO with --standby only: host=127.0.0.1 port=S user=pgscope password=W
+#                            dbname=pgscope (the standby; same user, password and database)
+#   PGSCOPE_STANDBY_PORT, PGSCOPE_STANDBY_PGDATA  with --standby only
 #
 # Input: PGSCOPE_PGBIN, if set, picks the PostgreSQL bin dir (default: the highest
 # /usr/lib/postgresql/*/bin).
@@ -165,27 +185,35 @@ stop_cluster() {
 	fi
 
 	pgbin=$(cat "$dir/pgbin" 2>/dev/null || find_pgbin)
-	if [[ -f $dir/data/postmaster.pid ]]; then
-		# fast: roll back and disconnect clients, a clean shutdown. immediate: the fallback
-		# when something hangs; the data is thrown away anyway.
-		if ! TMP=$dir as_pg "$pgbin/pg_ctl" -D "$dir/data" -m "${STOP_MODE:-fast}" -w -t 20 \
-			stop >/dev/null 2>&1; then
-			TMP=$dir as_pg "$pgbin/pg_ctl" -D "$dir/data" -m immediate -w -t 10 stop \
-				>/dev/null 2>&1 || true
-		fi
-		# Last resort: the postmaster is still there, so end it by its pid file.
-		if [[ -f $dir/data/postmaster.pid ]]; then
-			pid=$(head -n 1 "$dir/data/postmaster.pid" 2>/dev/null || true)
-			if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
-				log "server $pid did not stop; killing it"
-				kill -KILL "$pid" 2>/dev/null || true
-				sleep 0.5
-			fi
-		fi
-	fi
+	# The standby (--standby) first: stopped after its primary it would keep retrying to
+	# connect to it, and a synchronous primary's clients wait for it while it runs.
+	stop_server "$dir" standby "$pgbin"
+	stop_server "$dir" data "$pgbin"
 	rm -rf -- "$dir" 2>/dev/null || { sleep 0.2; rm -rf -- "$dir"; }
 	[[ -n ${lockfd:-} ]] && exec {lockfd}<&-
 	return 0
+}
+
+# stop_server DIR SUBDIR PGBIN: stop the server whose data dir is DIR/SUBDIR, if it runs.
+stop_server() {
+	local dir=$1 data=$1/$2 pgbin=$3 pid
+	[[ -f $data/postmaster.pid ]] || return 0
+	# fast: roll back and disconnect clients, a clean shutdown. immediate: the fallback
+	# when something hangs; the data is thrown away anyway.
+	if ! TMP=$dir as_pg "$pgbin/pg_ctl" -D "$data" -m "${STOP_MODE:-fast}" -w -t 20 \
+		stop >/dev/null 2>&1; then
+		TMP=$dir as_pg "$pgbin/pg_ctl" -D "$data" -m immediate -w -t 10 stop \
+			>/dev/null 2>&1 || true
+	fi
+	# Last resort: the postmaster is still there, so end it by its pid file.
+	if [[ -f $data/postmaster.pid ]]; then
+		pid=$(head -n 1 "$data/postmaster.pid" 2>/dev/null || true)
+		if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+			log "server $pid did not stop; killing it"
+			kill -KILL "$pid" 2>/dev/null || true
+			sleep 0.5
+		fi
+	fi
 }
 
 # --- start ------------------------------------------------------------------------------------
@@ -236,6 +264,14 @@ start_cluster() {
 		local all all trust
 		host  all all 127.0.0.1/32 scram-sha-256
 	EOF
+	# --standby: "all" does not cover replication connections. The standby streams over the
+	# socket as postgres (trust, so no password in its primary_conninfo); TCP as for the rest.
+	if [[ -n $STANDBY ]]; then
+		cat >>"$DATA/pg_hba.conf" <<-'EOF'
+			local replication all trust
+			host  replication all 127.0.0.1/32 scram-sha-256
+		EOF
+	fi
 
 	# Settings live in a file the server reads at every start, not on the pg_ctl command line,
 	# so `pgtmp.sh pgctl start` after a crash test comes back on the same port with the same
@@ -245,25 +281,42 @@ start_cluster() {
 		make_tls
 	fi
 
-	local try port_ok=
+	start_on_free_port server "$TMP/log"
+
+	create_role_and_db
+	check_password_login
+	if [[ -n $TLS ]]; then
+		check_tls_login
+	fi
+	if [[ -n $STANDBY ]]; then
+		start_standby
+	fi
+	log "ready: 127.0.0.1:$PORT, socket $SOCK, dir $TMP"
+}
+
+# start_on_free_port WHAT LOG: start the server of DATA on a free loopback port (its settings
+# written by write_settings for each port tried), logging to LOG; sets PORT. Used for the
+# primary and, with DATA and PORT made local by the caller, for the standby.
+start_on_free_port() {
+	local what=$1 logfile=$2 try port_ok=
 	for ((try = 1; try <= PORT_TRIES; try++)); do
 		PORT=$(random_port)
 		port_is_taken "$PORT" && continue
 		write_settings
-		: >"$TMP/log"
-		log "starting server on 127.0.0.1:$PORT"
-		if as_pg "$PGBIN/pg_ctl" -D "$DATA" -l "$TMP/log" -w -t 60 start >/dev/null 2>&1; then
+		: >"$logfile"
+		log "starting $what on 127.0.0.1:$PORT"
+		if as_pg "$PGBIN/pg_ctl" -D "$DATA" -l "$logfile" -w -t 60 start >/dev/null 2>&1; then
 			port_ok=1
 			break
 		fi
 		# Another process (maybe a parallel run) bound the port between our check and the
 		# server's bind: try another. Any other failure is real.
-		if grep -q 'Address already in use\|could not create any TCP/IP sockets' "$TMP/log"; then
+		if grep -q 'Address already in use\|could not create any TCP/IP sockets' "$logfile"; then
 			log "port $PORT is in use, trying another"
 			continue
 		fi
-		tail -n 20 "$TMP/log" >&2 || true
-		die "server failed to start (log above)"
+		tail -n 20 "$logfile" >&2 || true
+		die "$what failed to start (log above)"
 	done
 	[[ -n $port_ok ]] || die "no free port after $PORT_TRIES tries"
 
@@ -273,14 +326,7 @@ start_cluster() {
 		"$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" -t 1 && break
 		sleep 0.25
 	done
-	((i < 40)) || die "server on port $PORT did not become ready"
-
-	create_role_and_db
-	check_password_login
-	if [[ -n $TLS ]]; then
-		check_tls_login
-	fi
-	log "ready: 127.0.0.1:$PORT, socket $SOCK, dir $TMP"
+	((i < 40)) || die "$what on port $PORT did not become ready"
 }
 
 write_settings() {
@@ -310,9 +356,118 @@ write_settings() {
 			ssl_ca_file = '$TMP/tls/ca.crt'
 		EOF
 	fi
+	# --standby: the server's defaults (wal_level replica, 10 WAL senders and slots, hot_standby
+	# on), stated so that a standby never depends on them. Primary and standby get the same
+	# file, so the standby's limits are never below its primary's, as hot standby requires.
+	if [[ -n $STANDBY ]]; then
+		cat >>"$DATA/pgscope.conf" <<-EOF
+			wal_level = replica
+			max_wal_senders = 10
+			max_replication_slots = 10
+			hot_standby = on
+		EOF
+	fi
+	# --sync, on the primary once its standby streams (before, the role and database the
+	# standby is copied with could not commit). Overrides synchronous_commit = off above.
+	if [[ -n ${SYNC_ON:-} ]]; then
+		cat >>"$DATA/pgscope.conf" <<-EOF
+			synchronous_standby_names = '$STANDBY_NAME'
+			synchronous_commit = remote_apply
+		EOF
+	fi
 	if is_root; then
 		chown postgres: "$DATA/pgscope.conf"
 	fi
+}
+
+# --- the standby (--standby) ------------------------------------------------------------------
+
+# Its application_name (in the primary_conninfo pg_basebackup -R writes, so pg_stat_replication
+# and synchronous_standby_names know it by that name) and its replication slot's name.
+STANDBY_NAME=pgscope_standby
+
+# sql_at PORT DB SQL: run SQL as postgres over the socket (trust: no password involved);
+# prints the first column of the result, unaligned.
+sql_at() {
+	as_pg "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 \
+		"host=$SOCK port=$1 user=postgres dbname=$2" -c "$3"
+}
+
+# poll_for SECONDS WANT PORT DB SQL: until SQL (errors ignored) prints WANT; fails otherwise.
+poll_for() {
+	local tries=$(($1 * 4)) want=$2 i
+	shift 2
+	for ((i = 0; i < tries; i++)); do
+		[[ $(sql_at "$@" 2>/dev/null) == "$want" ]] && return 0
+		sleep 0.25
+	done
+	return 1
+}
+
+# Sets STANDBY_DATA, STANDBY_PORT: a slot on the primary, a base backup of it (its WAL streamed
+# alongside, so the copy is consistent on its own), the standby started from it, then proof that
+# it replicates: the primary sees it streaming, it is in recovery, a row written on the primary
+# arrives, and it takes the password over TCP like the primary.
+start_standby() {
+	local out
+	STANDBY_DATA=$TMP/standby
+	# As for the primary: postgres cannot create anything in the root-owned TMP.
+	mkdir -m 700 "$STANDBY_DATA"
+	: >"$TMP/standby.log"
+	if is_root; then
+		chown postgres: "$STANDBY_DATA" "$TMP/standby.log"
+	fi
+	log "replication slot $STANDBY_NAME and a base backup into $STANDBY_DATA"
+	if ! out=$(sql_at "$PORT" postgres \
+		"SELECT pg_create_physical_replication_slot('$STANDBY_NAME')" 2>&1); then
+		printf '%s\n' "$out" >&2
+		die "creating the replication slot failed"
+	fi
+	# -R writes standby.signal and primary_conninfo (this conninfo: the socket, trust, no
+	# password) plus primary_slot_name. -c fast: no wait for a spread checkpoint.
+	if ! out=$(as_pg "$PGBIN/pg_basebackup" -D "$STANDBY_DATA" -R -S "$STANDBY_NAME" \
+		-X stream -c fast --no-sync \
+		-d "host=$SOCK port=$PORT user=postgres application_name=$STANDBY_NAME" 2>&1); then
+		printf '%s\n' "$out" >&2
+		die "pg_basebackup failed"
+	fi
+	launch_standby
+
+	if ! poll_for 30 streaming "$PORT" postgres \
+		"SELECT state FROM pg_stat_replication WHERE application_name = '$STANDBY_NAME'"; then
+		tail -n 20 "$TMP/standby.log" >&2 || true
+		die "the standby does not stream from the primary (its log above)"
+	fi
+	[[ $(sql_at "$STANDBY_PORT" postgres 'SELECT pg_is_in_recovery()') == t ]] ||
+		die "the standby on port $STANDBY_PORT is not in recovery"
+	if [[ -n $SYNC ]]; then
+		log "making the standby synchronous"
+		SYNC_ON=1 write_settings
+		as_pg "$PGBIN/pg_ctl" -D "$DATA" reload >/dev/null
+		poll_for 30 sync "$PORT" postgres \
+			"SELECT sync_state FROM pg_stat_replication WHERE application_name = '$STANDBY_NAME'" ||
+			die "the standby did not become synchronous"
+	fi
+	# A row through replication, in the postgres database (the tests' database stays as it
+	# was); the table goes again once it arrived.
+	sql_at "$PORT" postgres "CREATE TABLE pgtmp_probe AS SELECT 'replicated'::text AS v" \
+		>/dev/null
+	poll_for 30 replicated "$STANDBY_PORT" postgres 'SELECT v FROM pgtmp_probe' ||
+		die "a row written on the primary did not reach the standby"
+	sql_at "$PORT" postgres 'DROP TABLE pgtmp_probe' >/dev/null
+	PORT=$STANDBY_PORT check_password_login
+	if [[ -n $TLS ]]; then
+		PORT=$STANDBY_PORT check_tls_login
+	fi
+	log "standby ready: 127.0.0.1:$STANDBY_PORT, streaming${SYNC:+ (synchronous)}, dir $STANDBY_DATA"
+}
+
+# The standby's start: the copy holds the primary's pgscope.conf (its port); write_settings
+# rewrites it for the standby's port, DATA and PORT being local here.
+launch_standby() {
+	local DATA=$STANDBY_DATA PORT
+	start_on_free_port standby "$TMP/standby.log"
+	STANDBY_PORT=$PORT
 }
 
 # The --tls material, all in $TMP/tls and gone with the cluster: a CA (self-signed), the server's
@@ -411,8 +566,10 @@ check_tls_login() {
 export_lines() {
 	local name val
 	for name in PGSCOPE_TEST_CONNINFO PGSCOPE_SOCKET_CONNINFO PGSCOPE_SOCKET_DIR PGSCOPE_PORT \
-		PGSCOPE_PGDATA PGSCOPE_PGBIN PGSCOPE_TMPDIR PGSCOPE_TLS_CA PGSCOPE_TLS_OTHER_CA; do
-		if [[ -z ${!name:-} ]]; then # the TLS ones, without --tls: not a stale value either
+		PGSCOPE_PGDATA PGSCOPE_PGBIN PGSCOPE_TMPDIR PGSCOPE_TLS_CA PGSCOPE_TLS_OTHER_CA \
+		PGSCOPE_STANDBY_CONNINFO PGSCOPE_STANDBY_PORT PGSCOPE_STANDBY_PGDATA; do
+		# The TLS ones without --tls, the standby's without --standby: not a stale value either.
+		if [[ -z ${!name:-} ]]; then
 			printf 'unset %s\n' "$name"
 			continue
 		fi
@@ -435,6 +592,14 @@ set_env() {
 	unset PGSCOPE_TLS_CA PGSCOPE_TLS_OTHER_CA
 	if [[ -n $TLS ]]; then
 		export PGSCOPE_TLS_CA=$TMP/tls/ca.crt PGSCOPE_TLS_OTHER_CA=$TMP/tls/other-ca.crt
+	fi
+	# Likewise without --standby.
+	unset PGSCOPE_STANDBY_CONNINFO PGSCOPE_STANDBY_PORT PGSCOPE_STANDBY_PGDATA
+	if [[ -n $STANDBY ]]; then
+		PGSCOPE_STANDBY_CONNINFO="host=127.0.0.1 port=$STANDBY_PORT user=pgscope"
+		PGSCOPE_STANDBY_CONNINFO+=" password=$PASSWORD dbname=pgscope"
+		export PGSCOPE_STANDBY_CONNINFO PGSCOPE_STANDBY_PORT=$STANDBY_PORT \
+			PGSCOPE_STANDBY_PGDATA=$STANDBY_DATA
 	fi
 }
 
@@ -475,6 +640,18 @@ case ${PGSCOPE_PGTMP_TLS:-} in
 1) TLS=1 ;;
 *) die "PGSCOPE_PGTMP_TLS must be 1 or 0, not '$PGSCOPE_PGTMP_TLS'" ;;
 esac
+case ${PGSCOPE_PGTMP_STANDBY:-} in
+'' | 0) STANDBY= ;;
+1) STANDBY=1 ;;
+*) die "PGSCOPE_PGTMP_STANDBY must be 1 or 0, not '$PGSCOPE_PGTMP_STANDBY'" ;;
+esac
+case ${PGSCOPE_PGTMP_SYNC:-} in
+'' | 0) SYNC= ;;
+1) SYNC=1 STANDBY=1 ;;
+*) die "PGSCOPE_PGTMP_SYNC must be 1 or 0, not '$PGSCOPE_PGTMP_SYNC'" ;;
+esac
+STANDBY_DATA=
+STANDBY_PORT=
 WATCH_OWNER=$PPID
 CHILD=''
 
@@ -496,10 +673,15 @@ on_signal() {
 }
 
 cmd_run() {
-	if [[ ${1:-} == --tls ]]; then
-		TLS=1
+	while [[ $# -gt 0 ]]; do
+		case $1 in
+		--tls) TLS=1 ;;
+		--standby) STANDBY=1 ;;
+		--sync) SYNC=1 STANDBY=1 ;;
+		*) break ;;
+		esac
 		shift
-	fi
+	done
 	[[ ${1:-} == -- ]] && shift
 	[[ $# -gt 0 ]] || usage
 	local status=0
@@ -547,6 +729,14 @@ cmd_start() {
 			TLS=1
 			shift
 			;;
+		--standby)
+			STANDBY=1
+			shift
+			;;
+		--sync)
+			SYNC=1 STANDBY=1
+			shift
+			;;
 		*) usage ;;
 		esac
 	done
@@ -586,6 +776,41 @@ cmd_pgctl() {
 	as_pg "$pgbin/pg_ctl" -D "$PGSCOPE_PGDATA" "$@"
 }
 
+# The standby's data dir, for pgctl-standby and promote: PGSCOPE_STANDBY_PGDATA, else the one
+# in PGSCOPE_TMPDIR. Sets TMP (the cluster's dir) and STANDBY_DATA.
+find_standby() {
+	STANDBY_DATA=${PGSCOPE_STANDBY_PGDATA:-}
+	if [[ -z $STANDBY_DATA && -n ${PGSCOPE_TMPDIR:-} ]]; then
+		STANDBY_DATA=$PGSCOPE_TMPDIR/standby
+	fi
+	[[ -n $STANDBY_DATA ]] ||
+		die "$1: neither PGSCOPE_STANDBY_PGDATA nor PGSCOPE_TMPDIR is set (run inside pgtmp.sh)"
+	TMP=$(dirname "$STANDBY_DATA")
+	[[ -f $TMP/.pgscope && -d $STANDBY_DATA ]] ||
+		die "$1: no pgtmp.sh standby in $STANDBY_DATA (started without --standby?)"
+}
+
+cmd_pgctl_standby() {
+	find_standby pgctl-standby
+	local pgbin=${PGSCOPE_PGBIN:-$(find_pgbin)} arg has_log=
+	for arg in "$@"; do
+		[[ $arg == -l || $arg == --log* ]] && has_log=1
+	done
+	# As pgctl: the standby's own log unless ARGS name one.
+	if [[ -z $has_log && ( ${1:-} == start || ${1:-} == restart ) ]]; then
+		set -- "$@" -l "$TMP/standby.log"
+	fi
+	as_pg "$pgbin/pg_ctl" -D "$STANDBY_DATA" "$@"
+}
+
+# The standby ends recovery and takes writes (-w: once it does). Its primary is left alone.
+cmd_promote() {
+	[[ $# -eq 0 ]] || usage
+	find_standby promote
+	local pgbin=${PGSCOPE_PGBIN:-$(find_pgbin)}
+	as_pg "$pgbin/pg_ctl" -D "$STANDBY_DATA" -w -t 60 promote
+}
+
 main() {
 	local cmd=${1:-}
 	[[ $# -gt 0 ]] && shift
@@ -594,6 +819,8 @@ main() {
 	start) cmd_start "$@" ;;
 	stop) cmd_stop "$@" ;;
 	pgctl) cmd_pgctl "$@" ;;
+	pgctl-standby) cmd_pgctl_standby "$@" ;;
+	promote) cmd_promote "$@" ;;
 	__watchdog) watchdog "$@" ;;
 	-h | --help | help) usage ;;
 	*) usage ;;
