@@ -531,6 +531,16 @@ static const char *pgbench_path(void)
  * same statements per transaction as pgscope's pooled one, in one round trip too. */
 enum { PGB_3RT, PGB_PIPELINED, PGB_PIPELINED_RESET };
 
+/* A PostgreSQL client tool's command: the conninfo without its password (see psql_prepare). */
+typedef struct psql_cmd {
+    const char *path;
+    char *conninfo;
+    int has_password;
+} psql_cmd;
+static char copy_file[64], pass_file[64];
+static psql_cmd psql_prepare(const char *conninfo);
+static void pass_file_remove(void);
+
 static void bench_pgbench(const char *pgbench, const char *conninfo, int n, double seconds,
                           int how, const char *name)
 {
@@ -553,11 +563,38 @@ static void bench_pgbench(const char *pgbench, const char *conninfo, int n, doub
                 : "",
             pipelined ? "\\endpipeline\n" : "");
     fclose(f);
-    char cmd[2048];
-    snprintf(cmd, sizeof cmd,
-             "'%s' -n -M prepared -f '%s' -c %d -j 1 -T %d '%s' 2>&1", pgbench, script, n,
-             (int)(seconds + 0.5), conninfo);
-    FILE *out = popen(cmd, "r");
+    /* The conninfo without its password, which goes through a password file: never on a
+     * command line (ps shows those to every user). */
+    psql_cmd pc = psql_prepare(conninfo);
+    char clients[16], secs[16];
+    snprintf(clients, sizeof clients, "%d", n);
+    snprintf(secs, sizeof secs, "%d", (int)(seconds + 0.5));
+    int p[2];
+    if (pipe(p) != 0)
+        die("pipe: %s", strerror(errno));
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0)
+        die("fork: %s", strerror(errno));
+    if (pid == 0) {
+        dup2(p[1], 1);
+        dup2(p[1], 2);
+        close(p[0]);
+        close(p[1]);
+        if (pc.has_password) {
+            setenv("PGPASSFILE", pass_file, 1);
+            unsetenv("PGPASSWORD");
+        }
+        setenv("LC_ALL", "C", 1);
+        char *argv[] = {"pgbench", "-n", "-M", "prepared", "-f", script, "-c", clients,
+                        "-j", "1", "-T", secs, pc.conninfo, NULL};
+        execv(pgbench, argv);
+        fprintf(stderr, "pgscope-bench: cannot run %s: %s\n", pgbench, strerror(errno));
+        _exit(127);
+    }
+    close(p[1]);
+    FILE *out = fdopen(p[0], "r");
     double tps = 0, lat = 0;
     char line[512];
     while (out && fgets(line, sizeof line, out)) {
@@ -565,7 +602,10 @@ static void bench_pgbench(const char *pgbench, const char *conninfo, int n, doub
         sscanf(line, "tps = %lf", &tps);
     }
     if (out)
-        pclose(out);
+        fclose(out);
+    waitpid(pid, NULL, 0);
+    free(pc.conninfo);
+    pass_file_remove();
     unlink(script);
     result *res = new_result();
     snprintf(res->name, sizeof res->name, "%s", name);
@@ -881,7 +921,6 @@ typedef struct bulk_run {
 /* The temp files, removed at exit and on SIGINT/SIGTERM, by the bench process only (a child
  * that dies must not remove them under the others). */
 static pid_t bulk_owner;
-static char copy_file[64], pass_file[64];
 
 static void bulk_cleanup(void)
 {
@@ -1270,11 +1309,6 @@ static void copy_pgscope_child(const char *conninfo, const void *arg, bulk_run *
 
 /* psql gets the conninfo without its password; the password, if there is one, goes into a
  * temp password file (0600) that PGPASSFILE names, so that it is never on a command line. */
-typedef struct psql_cmd {
-    const char *path;
-    char *conninfo;
-    int has_password;
-} psql_cmd;
 
 static void append_quoted(char **p, const char *val) /* a conninfo value: '...', \ and ' escaped */
 {
@@ -1285,6 +1319,13 @@ static void append_quoted(char **p, const char *val) /* a conninfo value: '...',
         *(*p)++ = *val;
     }
     *(*p)++ = '\'';
+}
+
+static void pass_file_remove(void)
+{
+    if (pass_file[0])
+        unlink(pass_file);
+    pass_file[0] = '\0';
 }
 
 static psql_cmd psql_prepare(const char *conninfo)
@@ -1317,6 +1358,7 @@ static psql_cmd psql_prepare(const char *conninfo)
     if (password && *password) {
         if (strchr(password, '\n') || strchr(password, '\r'))
             die("copy-in: a password with a line break cannot go into a password file");
+        pass_file_remove(); /* one at a time */
         strcpy(pass_file, "/tmp/pgscope-bench-pgpass-XXXXXX");
         int fd = mkstemp(pass_file); /* 0600, as libpq wants */
         if (fd < 0)
