@@ -667,6 +667,44 @@ START_TEST(test_copy_in_inside_a_rolled_back_transaction_leaves_no_rows)
 }
 END_TEST
 
+START_TEST(test_transaction_timeout_mid_copy_rolls_back_and_closes)
+{
+    /* The COPY has started and the caller stalls (writes some rows, never ends): the
+     * transaction's time limit cancels it like pgs_tx_cancel. */
+    th_fresh_table("copy_tx_timeout");
+    struct event_base *b = th_loop_begin();
+    pgs_conn *c = th_open(b, NULL);
+    int pid = th_backend_pid(c);
+    size_t len;
+    char *data = rows_text(1, 5000, &len);
+    xfer x = {.buf = data, .len = len, .chunk = 4096, .stop_at = 8192};
+    pgs_tx *tx;
+    th_txdone d = {0};
+    pgs_tx_opts o = {.timeout_ms = 400};
+    ck_assert_int_eq(pgs_tx_begin(c, &o, NULL, NULL, &tx), PGS_OK);
+    ck_assert_int_eq(pgs_tx_copy_in(tx, "COPY copy_tx_timeout FROM STDIN", on_ready, on_done, &x,
+                                    &x.copy),
+                     PGS_OK);
+    double t0 = th_now();
+    th_run_until(b, &x.done.fired, 10);
+    ck_assert_int_eq(x.done.code, PGS_ETIMEDOUT);
+    ck_assert_msg(x.done.at - t0 >= 0.35 && x.done.at - t0 < 3.0, "done after %.3f s",
+                  x.done.at - t0);
+    ck_assert_int_ge(x.writes, 1); /* it was under way */
+    ck_assert_int_eq(pgs_tx_end(tx, 1, th_record_tx, &d), PGS_OK);
+    th_run_until(b, &d.fired, 10);
+    ck_assert_int_eq(d.outcome, PGS_TX_ROLLED_BACK);
+    ck_assert_int_eq(d.err.code, PGS_ETIMEDOUT);
+    th_wait_backend_gone(pid, 5); /* the connection was closed, its state unknown */
+    ck_assert_int_eq(th_rows("copy_tx_timeout"), 0);
+    th_close(b, c);
+    th_loop_end(b);
+    free(data);
+    ck_assert_int_eq(x.done.fired, 1);
+    ck_assert_int_eq(d.fired, 1);
+}
+END_TEST
+
 START_TEST(test_failing_copy_in_a_transaction_rolls_it_back_with_that_error)
 {
     th_fresh_table("copy_tx_bad");
@@ -1503,6 +1541,7 @@ static Suite *copy_suite(void)
     tcase_add_test(t, test_close_during_copy_in_reports_eclosed_and_keeps_no_rows);
     tcase_add_test(t, test_copy_in_inside_a_committed_transaction_lands_rows_at_commit);
     tcase_add_test(t, test_copy_in_inside_a_rolled_back_transaction_leaves_no_rows);
+    tcase_add_test(t, test_transaction_timeout_mid_copy_rolls_back_and_closes);
     tcase_add_test(t, test_failing_copy_in_a_transaction_rolls_it_back_with_that_error);
     tcase_add_test(t, test_copy_in_write_before_the_copy_starts_is_eagain_and_after_end_misuse);
     tcase_add_test(t, test_copy_in_of_much_data_stops_at_eagain_and_resumes_from_on_ready);
