@@ -22,7 +22,11 @@ cleanup() {
 trap cleanup EXIT
 
 # run-demo uses a server named here instead of starting one: none of them, so it starts its own.
+# Nor the outer server's conninfo (tools/run-tests sets it): the demo's `--check-args` run, before
+# run-demo's server starts, would carry that password, and the sampling below would take that
+# short-lived process (and the wrong password) for the demo.
 unset PGSCOPE_DEMO_CONNINFO PGHOST PGHOSTADDR PGPORT PGDATABASE PGUSER PGSERVICE
+unset PGSCOPE_TEST_CONNINFO PGSCOPE_SOCKET_CONNINFO PGPASSWORD
 export PGSCOPE_DEMO_BIN=$demo
 # Marks this test's processes, so the sampling below finds our demo and no other.
 export PGSCOPE_RUN_DEMO_TEST=$$
@@ -78,6 +82,9 @@ while kill -0 "$run_demo_pid" 2>/dev/null; do
 		done
 	fi
 	# The demo's command line each time, every other process's now and then.
+	if [[ -n $demo_pid ]] && ! [[ -e /proc/$demo_pid ]]; then
+		demo_pid='' # gone (a run that ended at once): look again
+	fi
 	if [[ -n $demo_pid ]] && read_cmdline "$demo_pid"; then
 		samples=$((samples + 1))
 		[[ $LINE == *"$password"* ]] && leaks=$((leaks + 1))
