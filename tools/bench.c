@@ -22,7 +22,7 @@
 #include <unistd.h>
 
 static struct event_base *base;
-static int accounts = 100000; /* pgbench_accounts rows (scale 1) */
+static int accounts = 100000; /* pgscope_bench_accounts rows (pgbench's scale 1) */
 static unsigned seed = 12345;
 
 static double now_s(void)
@@ -147,8 +147,32 @@ static char *random_aid(char *buf)
     return buf;
 }
 
-/* pgbench_accounts is checked (and set up) on first use, so that a run --only leaves without
- * a workload on it does not touch it. */
+/* The mark on the tables the benchmark creates (a comment): a table of one of their names
+ * without it is someone else's, and the benchmark never drops or alters it. */
+static const char copy_table_marker[] = "pgscope-bench: created and dropped by the benchmark";
+
+/* 1 when `table` exists and is the benchmark's own, 0 when it does not exist; a table of that
+ * name without the mark stops the benchmark. */
+static int own_table(PGconn *pg, const char *table)
+{
+    const char *params[1] = {table};
+    PGresult *r = PQexecParams(pg,
+                               "SELECT obj_description(c, 'pg_class') FROM "
+                               "to_regclass($1) c WHERE c IS NOT NULL",
+                               1, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(r) != PGRES_TUPLES_OK)
+        die("checking %s: %s", table, PQerrorMessage(pg));
+    int exists = PQntuples(r) > 0;
+    if (exists && (PQgetisnull(r, 0, 0) || strcmp(PQgetvalue(r, 0, 0), copy_table_marker) != 0))
+        die("a table %s exists that pgscope-bench did not create; not touching it (drop or "
+            "rename it yourself)",
+            table);
+    PQclear(r);
+    return exists;
+}
+
+/* pgscope_bench_accounts (pgbench_accounts' shape, the benchmark's own) is checked (and set up)
+ * on first use, so that a run --only leaves without a workload on it does not touch it. */
 static const char *accounts_conninfo;
 static void setup_tables(const char *conninfo);
 
@@ -160,7 +184,7 @@ static void need_accounts(void)
 }
 
 static const char update_sql[] =
-    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = $1::int";
+    "UPDATE pgscope_bench_accounts SET abalance = abalance + 1 WHERE aid = $1::int";
 
 /* ---- the baseline: hand-written non-blocking libpq on the same loop ---- */
 
@@ -554,7 +578,7 @@ static void bench_pgbench(const char *pgbench, const char *conninfo, int n, doub
     FILE *f = fdopen(fd, "w");
     int pipelined = how != PGB_3RT;
     fprintf(f, "\\set aid random(1, %d)\n%s%sBEGIN;\n"
-               "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n"
+               "UPDATE pgscope_bench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n"
                "COMMIT;\n%s",
             accounts, pipelined ? "\\startpipeline\n" : "",
             how == PGB_PIPELINED_RESET
@@ -840,23 +864,34 @@ static void setup_tables(const char *conninfo)
         die("cannot connect: %s", PQerrorMessage(pg));
     PQsetNoticeProcessor(pg, quiet, NULL);
     char sql[512];
-    snprintf(sql, sizeof sql, "SELECT count(*) FROM pgbench_accounts");
-    PGresult *r = PQexec(pg, sql);
-    int have = PQresultStatus(r) == PGRES_TUPLES_OK ? atoi(PQgetvalue(r, 0, 0)) : -1;
-    PQclear(r);
+    int have = -1;
+    if (own_table(pg, "pgscope_bench_accounts")) {
+        PGresult *r = PQexec(pg, "SELECT count(*) FROM pgscope_bench_accounts");
+        have = PQresultStatus(r) == PGRES_TUPLES_OK ? atoi(PQgetvalue(r, 0, 0)) : -1;
+        PQclear(r);
+    }
+    PGresult *r;
     if (have != accounts) {
-        printf("setting up pgbench_accounts with %d rows\n", accounts);
-        PQclear(PQexec(pg, "DROP TABLE IF EXISTS pgbench_accounts"));
-        PQclear(PQexec(pg, "CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, "
-                           "abalance int, filler char(84)) WITH (fillfactor = 100)"));
+        printf("setting up pgscope_bench_accounts with %d rows\n", accounts);
+        PQclear(PQexec(pg, "DROP TABLE IF EXISTS pgscope_bench_accounts")); /* (its own) */
         snprintf(sql, sizeof sql,
-                 "INSERT INTO pgbench_accounts SELECT g, 1, 0, '' FROM generate_series(1, %d) g",
+                 "CREATE TABLE pgscope_bench_accounts (aid int PRIMARY KEY, bid int, "
+                 "abalance int, filler char(84)) WITH (fillfactor = 100); "
+                 "COMMENT ON TABLE pgscope_bench_accounts IS '%s'",
+                 copy_table_marker);
+        r = PQexec(pg, sql);
+        if (PQresultStatus(r) != PGRES_COMMAND_OK)
+            die("setup: %s", PQerrorMessage(pg));
+        PQclear(r);
+        snprintf(sql, sizeof sql,
+                 "INSERT INTO pgscope_bench_accounts SELECT g, 1, 0, '' "
+                 "FROM generate_series(1, %d) g",
                  accounts);
         r = PQexec(pg, sql);
         if (PQresultStatus(r) != PGRES_COMMAND_OK)
             die("setup: %s", PQerrorMessage(pg));
         PQclear(r);
-        PQclear(PQexec(pg, "VACUUM ANALYZE pgbench_accounts"));
+        PQclear(PQexec(pg, "VACUUM ANALYZE pgscope_bench_accounts"));
     }
     PQfinish(pg);
 }
@@ -1133,7 +1168,6 @@ static void print_run(const char *label, long rows, int round, const bulk_run *r
 
 /* ---- COPY FROM STDIN: pgscope against psql's \copy, from one file ---- */
 
-static const char copy_table_marker[] = "pgscope-bench: created and dropped by the benchmark";
 
 /* The table is the bench's own: created here, marked with a comment, truncated before each run,
  * dropped at the end. A table of that name without the mark is someone else's: left alone. */
@@ -1143,23 +1177,14 @@ static PGconn *copy_table_create(const char *conninfo)
     if (PQstatus(pg) != CONNECTION_OK)
         die("cannot connect: %s", PQerrorMessage(pg));
     PQsetNoticeProcessor(pg, quiet, NULL);
-    PGresult *r = PQexec(pg, "SELECT obj_description(c, 'pg_class') FROM "
-                             "to_regclass('pgscope_bench_copy') c WHERE c IS NOT NULL");
-    if (PQresultStatus(r) != PGRES_TUPLES_OK)
-        die("copy-in: %s", PQerrorMessage(pg));
-    if (PQntuples(r) > 0) {
-        if (PQgetisnull(r, 0, 0) || strcmp(PQgetvalue(r, 0, 0), copy_table_marker) != 0)
-            die("copy-in: a table pgscope_bench_copy exists that pgscope-bench did not create; "
-                "not touching it (drop or rename it yourself)");
+    if (own_table(pg, "pgscope_bench_copy"))
         PQclear(PQexec(pg, "DROP TABLE pgscope_bench_copy")); /* an interrupted run's */
-    }
-    PQclear(r);
     char sql[256];
     snprintf(sql, sizeof sql, "CREATE TABLE pgscope_bench_copy (id int NOT NULL, name text NOT "
                               "NULL, amount numeric(12,2) NOT NULL, at timestamptz NOT NULL); "
                               "COMMENT ON TABLE pgscope_bench_copy IS '%s'",
              copy_table_marker);
-    r = PQexec(pg, sql);
+    PGresult *r = PQexec(pg, sql);
     if (PQresultStatus(r) != PGRES_COMMAND_OK)
         die("copy-in: creating pgscope_bench_copy: %s", PQerrorMessage(pg));
     PQclear(r);
