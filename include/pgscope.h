@@ -125,6 +125,56 @@ typedef void (*pgs_notify_cb)(pgs_conn *conn, const PGnotify *n, void *arg);
  * pgs_conn_close to release it. Fires at most once. */
 typedef void (*pgs_lost_cb)(pgs_conn *conn, const pgs_error *err, void *arg);
 
+/* ---------------------------------------------------------------------------------------- */
+/* Tracing hooks                                                                             */
+/* ---------------------------------------------------------------------------------------- */
+
+/* What OpenTelemetry instrumentation, a logger or metrics plug into (pgx's QueryTracer,
+ * asyncpg's query logger): one struct of optional callbacks, given per connection
+ * (pgs_conn_opts.hooks) or per pool (pgs_pool_opts.hooks: its connections get it too). Rules:
+ *  - Every member may be NULL; the struct and `arg` are borrowed and must outlive every
+ *    connection and pool that uses them. With no hooks set the library pays nothing but a
+ *    pointer test (the benchmark's instruction count says so).
+ *  - Hooks observe; they are not results. They may call the read-only functions
+ *    (pgs_pool_stats, pgs_conn_txstatus, pgs_conn_pgconn, pgs_router_lag_ms, pgs_strerror) and
+ *    nothing else of the library. stmt_start fires inside the call that queues the statement
+ *    (pgs_query, pgs_tx_query, ...), before it returns; the others fire from the loop, just
+ *    before the callback of what they describe (stmt_end before the statement's callback,
+ *    tx_end before the transaction's done, acquire before the acquire's callback).
+ *  - Statement text only, never parameter values. Durations are in microseconds, from the
+ *    call that queued the work to its end. */
+typedef struct pgs_tx pgs_tx;
+typedef struct pgs_pool pgs_pool;
+typedef struct pgs_tx_result pgs_tx_result;
+
+typedef struct pgs_stmt_trace {
+    const char *sql;        /* the statement's text (borrowed, valid during the hook) */
+    long long duration_us;  /* from queueing to its end */
+    long long rows;         /* rows returned or affected (PQcmdTuples), -1 when none or failed */
+    const pgs_error *err;   /* NULL on success; else the code and SQLSTATE its callback gets */
+} pgs_stmt_trace;
+
+typedef struct pgs_acquire_trace {
+    long long wait_us; /* from pgs_pool_acquire to its outcome */
+    pgs_code code;     /* PGS_OK (granted), PGS_ETIMEDOUT, PGS_ECONNECT, PGS_ECANCELED, PGS_ECLOSED */
+} pgs_acquire_trace;
+
+typedef struct pgs_hooks {
+    void (*stmt_start)(pgs_conn *conn, const char *sql, void *arg);
+    void (*stmt_end)(pgs_conn *conn, const pgs_stmt_trace *t, void *arg);
+    /* A transaction guard begun (root or savepoint: tx's parent says which) and ended. */
+    void (*tx_begin)(pgs_conn *conn, pgs_tx *tx, void *arg);
+    void (*tx_end)(pgs_conn *conn, const pgs_tx_result *r, long long duration_us, void *arg);
+    void (*acquire)(pgs_pool *pool, const pgs_acquire_trace *t, void *arg);
+    /* A connection up (err NULL) or failed to open; lost after it was up. */
+    void (*conn_open)(pgs_conn *conn, const pgs_error *err, void *arg);
+    void (*conn_lost)(pgs_conn *conn, const pgs_error *err, void *arg);
+    /* The pool closed a connection that could not be reused (why: its error, or NULL when it
+     * was retired: idle timeout, lifetime, dirty session) and will open another if needed. */
+    void (*conn_replaced)(pgs_pool *pool, pgs_conn *conn, const pgs_error *why, void *arg);
+    void *arg;
+} pgs_hooks;
+
 /* Options for pgs_conn_open. Zero-initialise ({0}); every zero field means its default. */
 typedef struct pgs_conn_opts {
     /* Whole connect deadline across all hosts, in ms. 0: the conninfo's connect_timeout (or
@@ -158,6 +208,7 @@ typedef struct pgs_conn_opts {
      * session. How many distinct statements it keeps: the first N, no eviction (0: 256; < 0:
      * off, as it must be behind such a pooler). */
     int statement_cache;
+    const pgs_hooks *hooks; /* tracing (see above); NULL: none */
 } pgs_conn_opts;
 
 /* Enter a connection guard: start a non-blocking connection described by `conninfo` (libpq's
@@ -203,6 +254,27 @@ PGS_API int pgs_conn_open(struct event_base *base, const char *conninfo,
  * error (the connection is already gone), PGS_ENOMEM. */
 PGS_API int pgs_query(pgs_conn *conn, const char *sql, int nparams, const char *const *values,
                       pgs_result_cb cb, void *arg);
+
+/* Per-statement limits for pgs_query_ex. Zero-initialise; zero means none. */
+typedef struct pgs_query_opts {
+    /* Client-side deadline in ms, from the call to the result: when it passes first, a cancel
+     * request goes to the server and the connection is closed (after a cancel its state is
+     * unknown, and a late cancel must never hit the next statement), the statement's callback
+     * gets PGS_ETIMEDOUT, and so does every other statement still pending on the guard (the
+     * message says it was another's deadline). The guard stays to be closed; a pool replaces
+     * it. Also while the statement waits in its Parse (a new statement, a locked table). */
+    int timeout_ms;
+    /* Server-side limit in ms: statement_timeout for this statement only, set with
+     * set_config(..., is_local) in the same pipeline segment and undone at its sync, so the
+     * session's own setting is untouched. Over it the statement fails with PGS_ETIMEDOUT
+     * (SQLSTATE 57014) and the connection stays usable. */
+    int server_timeout_ms;
+} pgs_query_opts;
+
+/* pgs_query with limits (opts may be NULL: then exactly pgs_query). The same contract, and
+ * PGS_EINVAL for a negative limit. */
+PGS_API int pgs_query_ex(pgs_conn *conn, const char *sql, int nparams, const char *const *values,
+                         const pgs_query_opts *opts, pgs_result_cb cb, void *arg);
 
 /* Exit the guard. Every pending callback (on_open while connecting, every queued or running
  * statement) fires with PGS_ECLOSED first, then `done` fires, then the handle is freed.
@@ -616,6 +688,19 @@ typedef struct pgs_pool_opts {
     void (*on_connect)(pgs_conn *conn, void *arg);
     void (*on_release)(pgs_conn *conn, void *arg);
     void *cb_arg;
+    /* Setup statements for every new connection (asyncpg's init, pgx's AfterConnect): a
+     * NULL-terminated list of SQL statements (SET search_path ..., LISTEN ..., PREPARE ...;
+     * copied at pgs_pool_new), run in order in one round trip after the connection is up and
+     * before anyone gets it: a waiter never gets a half-configured connection. If one fails,
+     * that connection is closed, the failure counted (setup_failures) and reported (the
+     * conn_replaced hook, with the statement's error), and the pool opens another with
+     * backoff, as after a failed connect; waiters that time out meanwhile get PGS_ECONNECT
+     * with that error. The session reset (PGS_RESET_SESSION, PGS_RESET_ALL) undoes what setup
+     * did (RESET ALL, UNLISTEN *, DISCARD), so the setup statements run again after every
+     * reset, in the same pipeline segment (no extra round trip): each user finds the session
+     * as setup left it. With PGS_RESET_NONE they run once per connection. NULL: none. */
+    const char *const *setup_sql;
+    const pgs_hooks *hooks; /* tracing for the pool and its connections (overrides conn.hooks) */
 } pgs_pool_opts;
 
 /* Counters for export (pgs_pool_stats fills them; the type's tag and name are one). */
@@ -625,6 +710,17 @@ typedef struct pgs_pool_counts {
     int in_use;  /* handed out */
     int waiting; /* requests waiting */
     unsigned long acquired, timed_out, canceled, replaced, reset, connect_failures;
+    /* Since the pool was created or pgs_pool_stats_reset: */
+    unsigned long requests;       /* pgs_pool_acquire calls accepted */
+    unsigned long refused_busy;   /* refused with PGS_EBUSY (max_waiting) */
+    unsigned long failed_connect; /* requests that ended with PGS_ECONNECT */
+    unsigned long closed;         /* requests failed by the pool's close */
+    unsigned long opened;         /* connections that came up */
+    unsigned long lost;           /* connections lost (idle or in use) */
+    unsigned long setup_failures; /* connections closed because a setup statement failed */
+    unsigned long resets_failed;  /* session resets that failed (the guard was closed) */
+    double wait_total_ms;         /* summed over granted requests, from acquire to grant */
+    double wait_max_ms;
 } pgs_pool_counts;
 
 /* Create a pool on `base` for `conninfo` (copied). opts may be NULL. min_size connections start
@@ -659,6 +755,17 @@ PGS_API int pgs_pool_run_tx(pgs_pool *pool, const pgs_tx_opts *opts, pgs_tx_body
 
 /* Fill *stats. */
 PGS_API void pgs_pool_stats(const pgs_pool *pool, pgs_pool_counts *stats);
+
+/* Zero the cumulative counters (everything below `waiting`), e.g. after each export; the
+ * gauges (size, idle, in_use, waiting) are the pool's state and stay. */
+PGS_API void pgs_pool_stats_reset(pgs_pool *pool);
+
+/* pgs_pool_acquire with its own timeout instead of the pool's acquire_timeout_ms (psycopg's
+ * getconn(timeout=)): ms > 0, or < 0 to wait as long as it takes; 0 is PGS_EINVAL. The
+ * error message of a timeout names the limit it hit and the pool's state ("no connection
+ * within 200 ms (this request's timeout; max_size 4, all in use, 3 waiting)"). */
+PGS_API int pgs_pool_acquire_within(pgs_pool *pool, int timeout_ms, pgs_conn_cb cb, void *arg,
+                                    pgs_pool_req **req);
 
 /* Close the pool: new acquires fail with PGS_ECLOSED, waiting requests are told PGS_ECLOSED,
  * idle connections close now, guards in use close as they come back; done fires when the last
