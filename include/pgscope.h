@@ -137,12 +137,15 @@ typedef void (*pgs_lost_cb)(pgs_conn *conn, const pgs_error *err, void *arg);
  *    pointer test (the benchmark's instruction count says so).
  *  - Hooks observe; they are not results. They may call the read-only functions
  *    (pgs_pool_stats, pgs_conn_txstatus, pgs_conn_pgconn, pgs_router_lag_ms, pgs_strerror) and
- *    nothing else of the library. stmt_start fires inside the call that queues the statement
- *    (pgs_query, pgs_tx_query, ...), before it returns; the others fire from the loop, just
- *    before the callback of what they describe (stmt_end before the statement's callback,
- *    tx_end before the transaction's done, acquire before the acquire's callback).
+ *    nothing else of the library. stmt_start and tx_begin fire inside the call that queues
+ *    the work (pgs_query, pgs_tx_query, pgs_tx_begin, ...), before it returns; the others
+ *    fire from the loop, just before the callback of what they describe (stmt_end before the
+ *    statement's callback, tx_end before the transaction's done, acquire before the acquire's
+ *    callback). Internal statements are traced too (BEGIN, COMMIT, the pool's reset).
  *  - Statement text only, never parameter values. Durations are in microseconds, from the
- *    call that queued the work to its end. */
+ *    call that queued the work to its end. tx_end fires for every transaction guard (each
+ *    attempt of pgs_run_tx: its attempts field counts the body's runs so far); its conn is
+ *    NULL when the connection guard was closed under the transaction. */
 typedef struct pgs_tx pgs_tx;
 typedef struct pgs_pool pgs_pool;
 typedef struct pgs_tx_result pgs_tx_result;

@@ -121,6 +121,8 @@ void conn_lost(pgs_conn *c, const pgs_error *why)
     /* Before on_open has fired, it is on_open that reports the failure. */
     if (c->state == CS_READY && c->opts.on_lost && !c->on_open)
         c->lost_due = 1;
+    if (c->state == CS_READY && c->opts.hooks && !c->on_open)
+        c->lost_hook_due = 1;
     go_dead(c, why);
 }
 
@@ -225,6 +227,7 @@ not_ready:
     if (c->on_open && c->state != CS_CONNECTING) {
         pgs_conn_cb cb = c->on_open;
         c->on_open = NULL;
+        trace_conn_open(c, c->dead_err);
         cb(c, c->dead_err, c->open_arg);
     }
     for (op *o; (o = list_pop(&c->failed));) {
@@ -232,6 +235,8 @@ not_ready:
             /* Its result came (only the sync, ReadyForQuery, was lost), or its error did. */
             deliver(c, o);
         } else if (o->cb) {
+            if (o->flags & OP_TRACED)
+                trace_end(c, o, NULL, c->dead_err);
             pgs_result_cb cb = o->cb;
             o->cb = NULL;
             c->reporting_not_run = (o->flags & OP_NOT_RUN) != 0;
@@ -239,6 +244,10 @@ not_ready:
             c->reporting_not_run = 0;
         }
         op_release(c, o);
+    }
+    if (c->lost_hook_due) {
+        c->lost_hook_due = 0;
+        trace_conn_lost(c, c->dead_err);
     }
     if (c->lost_due) {
         c->lost_due = 0;

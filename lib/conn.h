@@ -35,6 +35,10 @@ enum {
 /* pgs_query with flags (and without pgs_query's check of the owner). */
 int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *values, int flags,
                pgs_result_cb cb, void *arg);
+/* pgs_query with flags: refused as pgs_query is while a transaction guard or a keeper owns
+ * the session. */
+int conn_user_query(pgs_conn *c, const char *sql, int nparams, const char *const *values,
+                    int flags, pgs_result_cb cb, void *arg);
 /* Queue a lone pipeline sync: it ends the implicit transaction segment and, after an error,
  * the server's skipping of everything sent before it. Outside pipeline mode (every statement
  * sent so far had its own sync) there is nothing to end, and it is dropped. */
@@ -108,6 +112,9 @@ int conn_user_prepared(pgs_conn *c);
  * handed to libpq, skipped after an earlier error of its pipeline segment, or after the
  * server's FATAL), whatever error it reports; 0 when it ran or may have. */
 int conn_not_run(pgs_conn *c);
+
+/* The connection's tracing hooks, or NULL. */
+const pgs_hooks *conn_hooks(pgs_conn *c);
 
 /* Why the connection is gone (NULL while it is up or connecting). */
 const pgs_error *conn_error(pgs_conn *c);

@@ -34,8 +34,9 @@ enum {
     OP_PREPARED = 1 << 18, /* executed by name; its Parse went just before it */
     OP_SOLO = 1 << 19,     /* sent on its own, outside pipeline mode */
     OP_NOT_RUN = 1 << 20,  /* failed with the connection, and certainly never ran (mark_not_run) */
-    OP_BULK = 1 << 21      /* a COPY or streamed statement: `bulk` is set (flags are at hand on
+    OP_BULK = 1 << 21,     /* a COPY or streamed statement: `bulk` is set (flags are at hand on
                               the hot paths where the pointer is not) */
+    OP_TRACED = 1 << 22    /* its connection has hooks: `trace` is set (trace.c) */
 };
 
 /* send_op's answers besides 0 (accepted): not accepted, and why */
@@ -43,19 +44,20 @@ enum { SEND_LOST = -1, SEND_NOMEM = -2 };
 
 typedef struct op {
     struct op *next;
-    op_phase phase;
-    int flags;
     pgs_result_cb cb; /* NULL once it has fired */
     void *arg;
     PGresult *res; /* the statement's result, once it came */
-    ExecStatusType status; /* PQresultStatus(res), read once */
     /* OP_UNSENT only: one block holding the value pointers, then the strings */
-    int nparams;
     char **copy;
     struct stmt *stmt; /* OP_PREPARE / OP_PREPARED: the cache entry (it may be gone since:
                           cache_forget checks) */
-    unsigned stmt_no;  /* the entry's number, to tell it from a later one at that address */
     struct pgs_copy *bulk; /* a COPY or streamed statement (copy.c); NULL for the rest */
+    struct op_trace *trace; /* its start, for the hooks (trace.c); NULL without hooks */
+    int flags;
+    int nparams;
+    unsigned stmt_no;     /* the entry's number, to tell it from a later one at that address */
+    unsigned char phase;  /* an op_phase (small: op_new clears the record for every statement) */
+    unsigned char status; /* an ExecStatusType: PQresultStatus(res), read once */
 } op;
 
 /* A COPY or streamed statement's state (copy.c): the public pgs_copy handle. */
@@ -164,6 +166,7 @@ struct pgs_conn {
                        since the last sync or flush request) */
     int in_io;      /* inside the socket handler: it flushes on its way out */
     int lost_due;   /* on_lost is to fire */
+    int lost_hook_due; /* the conn_lost hook is to fire */
     stmt **cache;        /* CACHE_BUCKETS chains, allocated at the first statement */
     stmt *last;          /* the entry found last, and the address of the text it was found
                             for: the same text at the same address skips hashing */
@@ -241,9 +244,12 @@ static inline void op_release(pgs_conn *c, op *o)
         PQclear(o->res);
     if (o->copy)
         free(o->copy);
-    if (o->flags & OP_BULK) {
-        free(o->bulk->abort_reason);
-        free(o->bulk);
+    if (o->flags & (OP_BULK | OP_TRACED)) {
+        if (o->flags & OP_BULK) {
+            free(o->bulk->abort_reason);
+            free(o->bulk);
+        }
+        free(o->trace);
     }
     if (c->nspare < SPARE_OPS) { /* (op_new clears it) */
         o->next = c->spare;
@@ -288,6 +294,13 @@ void bulk_last_words(pgs_conn *c);
  * PGS_ECANCELED (the caller's abort), leave the session usable. */
 const pgs_error *bulk_outcome(pgs_conn *c, struct op *o, const PGresult *res,
                               const pgs_error *err, pgs_error *e);
+
+/* trace.c: the hooks of the connection layer (only with c->opts.hooks set) */
+long long trace_now_us(void);
+void trace_start(pgs_conn *c, struct op *o, const char *sql);
+void trace_end(pgs_conn *c, struct op *o, const PGresult *res, const pgs_error *err);
+void trace_conn_open(pgs_conn *c, const pgs_error *err);
+void trace_conn_lost(pgs_conn *c, const pgs_error *err);
 
 /* conn.c: the guard's life, loss and exit */
 pgs_conn *conn_new(struct event_base *base, const pgs_conn_opts *opts, pgs_conn_cb on_open,

@@ -72,6 +72,7 @@ static void connected(pgs_conn *c)
         return;
     pgs_conn_cb cb = c->on_open;
     c->on_open = NULL;
+    trace_conn_open(c, NULL);
     cb(c, NULL, c->open_arg);
 }
 

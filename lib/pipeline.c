@@ -344,29 +344,43 @@ __attribute__((always_inline)) static inline int enqueue(pgs_conn *c, const char
         }
         o->phase = OP_UNSENT;
         list_push(&c->unsent, o);
-        return PGS_OK;
+    } else {
+        int r = send_op(c, o, sql, values);
+        if (r != 0) {
+            /* Not accepted, so its callback never fires; after a libpq failure the others
+             * hear of the loss. */
+            o->bulk = NULL; /* (the caller frees it) */
+            free(o->copy);
+            free(o);
+            if (r == SEND_NOMEM)
+                return PGS_ENOMEM;
+            lost_from_libpq(c);
+            return PGS_ECONN;
+        }
     }
-    int r = send_op(c, o, sql, values);
-    if (r != 0) {
-        /* Not accepted, so its callback never fires; after a libpq failure the others hear
-         * of the loss. */
-        o->bulk = NULL; /* (the caller frees it) */
-        free(o->copy);
-        free(o);
-        if (r == SEND_NOMEM)
-            return PGS_ENOMEM;
-        lost_from_libpq(c);
-        return PGS_ECONN;
-    }
+    /* Accepted (a statement's record stays until its callback; a lone sync's may be gone) */
+    if (__builtin_expect(c->opts.hooks != NULL, 0) && sql)
+        trace_start(c, o, sql);
     return PGS_OK;
+}
+
+/* A statement's arguments checked, then queued (inlined into each caller: pgs_query's is the
+ * hot path). */
+__attribute__((always_inline)) static inline int checked_query(pgs_conn *c, const char *sql,
+                                                               int nparams,
+                                                               const char *const *values,
+                                                               int flags, pgs_result_cb cb,
+                                                               void *arg)
+{
+    if (!c || !sql || !cb || nparams < 0 || (nparams > 0 && !values))
+        return PGS_EINVAL;
+    return enqueue(c, sql, nparams, values, flags, NULL, cb, arg);
 }
 
 int conn_query(pgs_conn *c, const char *sql, int nparams, const char *const *values, int flags,
                pgs_result_cb cb, void *arg)
 {
-    if (!c || !sql || !cb || nparams < 0 || (nparams > 0 && !values))
-        return PGS_EINVAL;
-    return enqueue(c, sql, nparams, values, flags, NULL, cb, arg);
+    return checked_query(c, sql, nparams, values, flags, cb, arg);
 }
 
 int conn_bulk(pgs_conn *c, const char *sql, int nparams, const char *const *values,
@@ -430,11 +444,21 @@ void conn_unplug(pgs_conn *c, int plug)
     send_list(c, &c->unsent);
 }
 
+/* A transaction guard owns the session (use pgs_tx_query), or the pool does. */
+static inline int owned(const pgs_conn *c)
+{
+    return c && (c->owner || (c->keeper && !c->lent));
+}
+
+int conn_user_query(pgs_conn *c, const char *sql, int nparams, const char *const *values,
+                    int flags, pgs_result_cb cb, void *arg)
+{
+    return owned(c) ? PGS_EMISUSE : checked_query(c, sql, nparams, values, flags, cb, arg);
+}
+
 int pgs_query(pgs_conn *c, const char *sql, int nparams, const char *const *values,
               pgs_result_cb cb, void *arg)
 {
-    if (c && (c->owner || (c->keeper && !c->lent)))
-        return PGS_EMISUSE; /* a transaction guard owns the session (use pgs_tx_query), or the
-                               pool does */
-    return conn_query(c, sql, nparams, values, 0, cb, arg);
+    /* (not through conn_user_query: the hot path, with its flags known) */
+    return owned(c) ? PGS_EMISUSE : checked_query(c, sql, nparams, values, 0, cb, arg);
 }

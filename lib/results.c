@@ -70,8 +70,12 @@ int deliver(pgs_conn *c, op *o)
         }
         break;
     }
-    if (__builtin_expect(o->flags & OP_BULK, 0))
-        err = bulk_outcome(c, o, res, err, &e);
+    if (__builtin_expect(o->flags & (OP_BULK | OP_TRACED), 0)) {
+        if (o->flags & OP_BULK)
+            err = bulk_outcome(c, o, res, err, &e);
+        if (o->flags & OP_TRACED)
+            trace_end(c, o, res, err);
+    }
     pgs_result_cb cb = o->cb;
     o->cb = NULL;
     /* The server's result goes with its own error (a COPY the caller aborted: ECANCELED) */

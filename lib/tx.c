@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "tx_private.h"
 
@@ -83,6 +84,8 @@ struct pgs_tx {
     pgs_tx_outcome outcome;
     char xid[48];
     loop_ev *defer; /* done, from the loop */
+    const pgs_hooks *hooks; /* its connection's tracing hooks, or NULL */
+    long long t0_us;        /* begun at (with hooks only) */
     loop_ev *timer; /* root: the whole-transaction timeout, then the commit grace */
 };
 
@@ -479,6 +482,25 @@ static void tx_free(pgs_tx *tx)
     free(tx);
 }
 
+static long long tx_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* The tx_begin hook, inside the call that began it (a trace, not a result). */
+static void traced_begin(pgs_tx *tx, pgs_conn *conn)
+{
+    const pgs_hooks *h = conn_hooks(conn);
+    if (!h)
+        return;
+    tx->hooks = h;
+    tx->t0_us = tx_now_us();
+    if (h->tx_begin)
+        h->tx_begin(conn, tx, h->arg);
+}
+
 static void fire_done(void *arg, int what)
 {
     (void)what;
@@ -494,6 +516,11 @@ static void fire_done(void *arg, int what)
     if (tx->failed)
         r.err = &tx->err;
     memcpy(r.xid, tx->xid, sizeof r.xid);
+    if (tx->hooks && tx->hooks->tx_end) {
+        pgs_tx_result t = r;
+        t.attempts = tx->run ? run_attempts(tx->run) : 1;
+        tx->hooks->tx_end(conn_of(tx), &t, tx_now_us() - tx->t0_us, tx->hooks->arg);
+    }
     if (!tx->orphan && tx->done)
         tx->done(&r, tx->done_arg);
     run *rn = tx->run;
@@ -651,6 +678,7 @@ int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, vo
     if (tx->opts.timeout_ms > 0)
         loop_ev_timer(tx->timer, tx->opts.timeout_ms);
     *out = tx;
+    traced_begin(tx, conn);
     return PGS_OK;
 }
 
@@ -682,6 +710,7 @@ int pgs_tx_savepoint(pgs_tx *parent, pgs_tx_cb on_begun, void *arg, pgs_tx **out
     }
     parent->child = tx;
     *out = tx;
+    traced_begin(tx, conn_of(parent));
     return PGS_OK;
 }
 

@@ -16,6 +16,7 @@ void tx_attach_run(pgs_tx *tx, run *r);
 /* tx_run.c: a guard of the run ended (its outcome, owned by the caller); the connection guard
  * the run holds was freed under it. */
 void run_after(run *r, pgs_tx_result *res);
+int run_attempts(const run *r); /* the body's runs so far */
 void run_conn_freed(void *owner);
 
 #endif

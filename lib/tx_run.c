@@ -28,6 +28,11 @@ struct run {
     loop_ev *ev;
 };
 
+int run_attempts(const run *r)
+{
+    return r->attempts;
+}
+
 static void run_finish(run *r, pgs_tx_result *res)
 {
     res->attempts = r->attempts;
