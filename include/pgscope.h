@@ -777,6 +777,95 @@ PGS_API int pgs_pool_acquire_within(pgs_pool *pool, int timeout_ms, pgs_conn_cb 
 PGS_API int pgs_pool_close(pgs_pool *pool, pgs_done_cb done, void *arg);
 
 /* ---------------------------------------------------------------------------------------- */
+/* Listener: LISTEN that survives reconnects                                                 */
+/* ---------------------------------------------------------------------------------------- */
+
+/* A guard that LISTENs on a set of channels and keeps doing so across lost connections
+ * (psycopg's notifies() loop, pgx's pglisten): after a loss it opens a new connection with
+ * backoff and LISTENs again. Notifications sent while it is not listening are lost, since the
+ * server queues them only for sessions that listen; so it tells its user where each gap begins
+ * and ends, and a user who keeps state from notifications re-reads it when a gap ends. Rules:
+ *  - on_state(1) fires once LISTEN has succeeded for every channel on a connection: first
+ *    after pgs_listener_new, then after each reconnect. Re-read the state the notifications
+ *    describe then (at the first one too): nothing before it reached this listener.
+ *  - on_state(0, why) fires once per gap, when it begins: when the loss is noticed (the
+ *    server closed the session, the network failed, a ping went unanswered), or when the first
+ *    attempt to connect and LISTEN fails (so a wrong password or an unreachable server is
+ *    told, not hidden). During a gap the listener retries with backoff (retry_base_ms doubled
+ *    per failure up to retry_max_ms, each a random point in the upper half of its step), and
+ *    failed attempts are not told again. So on_state's calls alternate, 0 and 1, starting with
+ *    either. Failures no retry can mend (PGS_EAUTH, PGS_ENODB) are retried just the same;
+ *    close the listener to give up.
+ *  - A LISTEN that fails (a server in recovery refuses it with 25006; a channel name the
+ *    connection's encoding cannot quote gives PGS_EINVAL) fails the whole attempt: the
+ *    connection is closed and the next attempt comes after the backoff. on_state(1) always
+ *    means every channel, never some.
+ *  - on_notify fires only while listening: after on_state(1), before the next on_state(0)
+ *    or the close. A notification that arrives on a connection whose LISTENs are not all
+ *    answered yet is dropped: it reports a commit made before on_state(1) fires, which the
+ *    re-read then sees.
+ *  - While listening the connection is pinged (SELECT 1, an ordinary statement: hooks see
+ *    it) every ping_interval_ms; an answer later than ping_timeout_ms starts a gap
+ *    (PGS_ETIMEDOUT), so a network that stalls without closing is noticed. ping_timeout_ms also bounds the wait for the LISTENs'
+ *    answers. A loss the server or the kernel reports (a terminated backend, a reset) is
+ *    noticed at once, without a ping.
+ *  - pgs_listener_close: fires done exactly once, from the loop, once the connection is
+ *    closed; from the close on nothing else fires. It may be called from inside any of the
+ *    listener's callbacks.
+ * The listener's connections are ordinary guards (the opts.conn options apply to each). */
+typedef struct pgs_listener pgs_listener;
+
+/* Options for pgs_listener_new. Zero-initialise; zero means the default. */
+typedef struct pgs_listener_opts {
+    /* For each connection the listener opens (connect_timeout_ms bounds each attempt, a
+     * notice callback, hooks, ...); its on_notify, on_lost and their args are the listener's
+     * own and ignored here. */
+    pgs_conn_opts conn;
+    int retry_base_ms;    /* the first retry's step (0: 100 ms) */
+    int retry_max_ms;     /* the largest step (0: 5000 ms, or retry_base_ms if larger) */
+    int ping_interval_ms; /* a ping this long after each answer while listening (0: 30000;
+                             < 0: no pings) */
+    int ping_timeout_ms;  /* how long a ping, or the LISTENs, may go unanswered (0: 10000) */
+} pgs_listener_opts;
+
+/* A notification on one of the channels. n is borrowed (freed after the callback): relname
+ * is the channel, extra the payload, be_pid the notifying backend's pid. */
+typedef void (*pgs_listener_notify_cb)(pgs_listener *l, const PGnotify *n, void *arg);
+
+/* listening = 1 (why NULL): LISTEN is in place on every channel; re-read state now.
+ * listening = 0: a gap begins; why says why (borrowed: the connect error, PGS_ECONN with the
+ * server's reason such as 57P01, PGS_ETIMEDOUT for an unanswered ping or LISTEN, PGS_ESQL
+ * for a LISTEN the server refused). */
+typedef void (*pgs_listener_state_cb)(pgs_listener *l, int listening, const pgs_error *why,
+                                      void *arg);
+
+/* Start a listener on `base` for `conninfo` (copied) and the NULL-terminated list `channels`
+ * (copied; each a channel name as pg_notify takes it, 1 to 63 bytes, any characters: it is
+ * quoted with PQescapeIdentifier, never spliced into SQL). The first connection starts at
+ * once; on_state tells how it went. on_notify and on_state fire from the loop, never inside
+ * a call of this API. opts may be NULL (defaults). The listener is exited with
+ * pgs_listener_close, exactly once.
+ * Returns PGS_OK and sets *out, or at once (*out NULL, no callback ever): PGS_EINVAL (NULL
+ * base, conninfo, channels, on_notify, on_state or out; no channel; an empty channel name or
+ * one over 63 bytes, which the server would cut; a negative retry or ping_timeout option; a
+ * conninfo that does not parse), PGS_ENOMEM. */
+PGS_API int pgs_listener_new(struct event_base *base, const char *conninfo,
+                             const char *const *channels, const pgs_listener_opts *opts,
+                             pgs_listener_notify_cb on_notify, pgs_listener_state_cb on_state,
+                             void *arg, pgs_listener **out);
+
+/* Exit the listener: its connection (or attempt) is closed, and done (may be NULL) fires
+ * exactly once, from the loop, after which the handle is freed; no other callback fires from
+ * this call on. Returns PGS_OK, PGS_EINVAL (NULL), or PGS_EMISUSE when it is already closing
+ * (the first close stands; this done never fires). */
+PGS_API int pgs_listener_close(pgs_listener *l, pgs_done_cb done, void *arg);
+
+/* The connection guard that listens now, for inspection only (pgs_conn_pgconn: PQbackendPID,
+ * PQparameterStatus, ...); NULL during a gap, before the first on_state(1) and once closing.
+ * Borrowed: valid until the next on_state; never close it or send on it. */
+PGS_API pgs_conn *pgs_listener_conn(const pgs_listener *l);
+
+/* ---------------------------------------------------------------------------------------- */
 /* Read routing: a primary and a standby                                                     */
 /* ---------------------------------------------------------------------------------------- */
 
