@@ -479,7 +479,10 @@ typedef void (*pgs_tx_body)(pgs_tx *tx, void *arg);
 /* The whole `async with` form on one connection: begin, run the body, commit or roll back as
  * the body's end says, retry serialization failures and deadlocks as opts->retries allows
  * (never after an unknown commit), then fire done exactly once with the final outcome and the
- * number of attempts. The body runs from the loop, never inside this call. Retries run on the
+ * number of attempts. The body runs from the loop, never inside this call; the session is the
+ * run's from this call on (pgs_query and pgs_tx_begin on it are refused with PGS_EMISUSE until
+ * done, and a guard closed before the body ran ends the run ROLLED_BACK with PGS_ECLOSED,
+ * the body never run; a pool then closes that guard instead of reusing it). Retries run on the
  * same connection; when it dies before a retry (during the backoff), done reports the failure
  * that asked for the retry (its code and SQLSTATE, the message saying it was not retried),
  * and attempts the body's runs (pgs_pool_run_tx moves such a retry to another guard).
@@ -694,7 +697,11 @@ typedef struct pgs_pool_opts {
     /* Setup statements for every new connection (asyncpg's init, pgx's AfterConnect): a
      * NULL-terminated list of SQL statements (SET search_path ..., LISTEN ..., PREPARE ...;
      * copied at pgs_pool_new), run in order in one round trip after the connection is up and
-     * before anyone gets it: a waiter never gets a half-configured connection. If one fails,
+     * before anyone gets it: a waiter never gets a half-configured connection. They run
+     * inside a transaction block (BEGIN ... COMMIT, so that none of it is undone by an error
+     * of the next user's statements in the same pipeline segment): a statement that cannot
+     * (VACUUM, CREATE DATABASE) fails there. A PREPARE among them makes each reset a DISCARD
+     * ALL (see PGS_RESET_SESSION), so the statement cache is parsed anew for every user. If one fails,
      * that connection is closed, the failure counted (setup_failures) and reported (the
      * conn_replaced hook, with the statement's error), and the pool opens another with
      * backoff, as after a failed connect; waiters that time out meanwhile get PGS_ECONNECT

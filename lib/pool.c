@@ -1,15 +1,14 @@
 /* The pool: connection guards handed out and taken back on one loop, with FIFO waiters,
- * limits, health (loss noticed at once, reconnects with backoff), reset on return and close.
- * The top layer of the library: it uses the connection layer (conn.h, as the guards' keeper)
- * and the loop adapter; pgs_pool_run_tx is pool_run.c's. */
+ * limits, health (loss noticed at once, reconnects with backoff), setup statements for each new
+ * connection, reset on return, and close. The top layer of the library: it uses the
+ * connection layer (conn.h, as the guards' keeper) and the loop adapter; its counters, hooks
+ * and failure messages are pool_stats.c's, pgs_pool_run_tx is pool_run.c's. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "conn.h"
-#include "error.h"
-#include "loop.h"
+#include "pool_private.h"
 
 enum {
     DEFAULT_MAX_SIZE = 10,
@@ -20,71 +19,9 @@ enum {
     RETRY_MAX_MS = 2000,
 };
 
-typedef enum slot_state {
-    SL_CONNECTING,
-    SL_IDLE,
-    SL_IN_USE,    /* handed out, or granted and about to be */
-    SL_CLOSING,   /* the pool closes it; gone when its close's done fires */
-} slot_state;
-
-typedef struct slot {
-    struct slot *prev, *next; /* the idle list, while idle */
-    struct slot *all_prev, *all_next;
-    pgs_pool *pool;
-    pgs_conn *conn;
-    slot_state state;
-    double born;
-    loop_ev *idle_timer; /* idle timeout, or the end of its lifetime, while idle */
-    struct pgs_pool_req *granted_to; /* set aside for a request not yet delivered */
-    int reset_owed; /* came back, its session reset not sent yet (see slot_returned) */
-} slot;
-
-typedef enum req_state {
-    RQ_WAITING, /* in the queue; its event is the timeout */
-    RQ_GRANTED, /* a connection is set aside; its event delivers it */
-    RQ_FAILED,  /* cancelled or the pool closed; its event delivers err */
-    RQ_FIRING,  /* its callback runs: too late to cancel */
-} req_state;
-
-struct pgs_pool_req {
-    pgs_pool_req *prev, *next;
-    pgs_pool *pool;
-    pgs_conn_cb cb;
-    void *arg;
-    loop_ev *ev;
-    req_state state;
-    slot *granted;
-    pgs_error err;
-    double deadline; /* when its acquire timeout ends */
-};
-
-struct pgs_pool {
-    struct event_base *base;
-    char *conninfo;
-    pgs_pool_opts opts;
-    slot *idle; /* most recently returned first: warm connections are reused */
-    slot *all;
-    pgs_pool_req *wait_head, *wait_tail;
-    int size, nidle, in_use, waiting, connecting;
-    int retiring;  /* closing, not yet gone: not counted toward min_size */
-    int requests; /* acquire callbacks not yet fired: the pool outlives them */
-    int closing;
-    pgs_done_cb done;
-    void *done_arg;
-    loop_ev *retry; /* reconnect backoff while the server cannot be reached */
-    int retry_ms;
-    int retry_armed;
-    int connect_failing;
-    pgs_error connect_err;
-    loop_ev *finish; /* the close's done, from the loop */
-    pgs_pool_counts counters;
-};
-
-static void dispatch(pgs_pool *p);
 static void slot_available(slot *s);
-static int send_reset(pgs_pool *p, slot *s, pgs_conn *conn);
 
-static double now_ms(void)
+double pool_now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -164,7 +101,7 @@ static void wait_remove(pgs_pool_req *r)
 
 static void maybe_finish(pgs_pool *p)
 {
-    if (p->closing && p->size == 0 && p->requests == 0)
+    if (p->closing && p->size == 0 && p->outstanding == 0)
         loop_ev_post(p->finish);
 }
 
@@ -180,6 +117,7 @@ static void slot_free(slot *s)
     if (s->state == SL_CLOSING)
         p->retiring--;
     loop_ev_free(s->idle_timer);
+    free(s->setup);
     free(s);
     p->size--;
 }
@@ -190,12 +128,12 @@ static void slot_gone(void *arg)
     slot *s = arg;
     pgs_pool *p = s->pool;
     slot_free(s);
-    dispatch(p);
+    pool_dispatch(p);
     maybe_finish(p);
 }
 
 /* Close a slot's connection (really: the keeper lets go first). */
-static void retire(slot *s)
+void slot_retire(slot *s)
 {
     if (s->state == SL_CLOSING)
         return; /* already on its way out: slot_gone comes once */
@@ -208,10 +146,33 @@ static void retire(slot *s)
     pgs_conn_close(s->conn, slot_gone, s); /* the pool's guards always accept this close */
 }
 
+/* The pool lets go of a connection it will not reuse: counted, the hook told, closed. */
+void slot_replace(slot *s, int counts, const pgs_error *why)
+{
+    pool_replaced(s, counts, why);
+    slot_retire(s);
+}
+
+/* Why a slot's connection cannot be used (for the hook and the counts): its error once it is
+ * gone, else `fallback` (code rc) in *buf. */
+static const pgs_error *unusable_why(slot *s, int rc, const char *fallback, pgs_error *buf,
+                                     int *counts)
+{
+    const pgs_error *why = conn_error(s->conn);
+    *counts = REPLACED_COUNT;
+    if (why && why->code == PGS_ECONN && !s->failed_by_pool)
+        *counts |= REPLACED_LOST;
+    if (!why) {
+        err_set(buf, rc, NULL, fallback, NULL);
+        why = buf;
+    }
+    return why;
+}
+
 static int expired(const slot *s)
 {
     int life = s->pool->opts.max_lifetime_ms;
-    return life > 0 && now_ms() - s->born >= life;
+    return life > 0 && pool_now_ms() - s->born >= life;
 }
 
 /* While idle: wake at the idle timeout or the end of its lifetime, whichever is first. */
@@ -220,7 +181,7 @@ static void arm_idle_timer(slot *s)
     pgs_pool *p = s->pool;
     double wait = p->opts.idle_timeout_ms > 0 ? p->opts.idle_timeout_ms : -1;
     if (p->opts.max_lifetime_ms > 0) {
-        double left = s->born + p->opts.max_lifetime_ms - now_ms();
+        double left = s->born + p->opts.max_lifetime_ms - pool_now_ms();
         if (wait < 0 || left < wait)
             wait = left < 1 ? 1 : left;
     }
@@ -236,17 +197,41 @@ static void on_idle_timeout(void *arg, int what)
     if (s->state != SL_IDLE)
         return;
     if (expired(s)) {
-        p->counters.replaced++;
-        retire(s);
-        dispatch(p); /* min_size brings a fresh one */
+        slot_replace(s, REPLACED_COUNT, NULL);
+        pool_dispatch(p); /* min_size brings a fresh one */
     } else if (p->size - p->retiring > p->opts.min_size) {
-        retire(s);
+        slot_replace(s, 0, NULL);
     } else {
         arm_idle_timer(s); /* kept for min_size: its lifetime still counts */
     }
 }
 
 /* ---- requests ---- */
+
+/* A granted request's guard, just before it is delivered: alive, and its owed reset sent
+ * now, so that the statements its user queues in the callback share the reset's pipeline
+ * segment (one write and one sync for both; should the reset fail, the server skips them).
+ * Returns 0, or -1 when it cannot be handed out (it is retired). */
+static int ready_for_grant(pgs_pool *p, slot *s)
+{
+    /* Never grant a dead guard: read what the server sent first (EOF, its FATAL, the
+     * failure of a reset still in flight), which a peek cannot tell from replies. */
+    conn_refresh(s->conn);
+    int rc = PGS_OK;
+    if (s->reset_owed && conn_ready(s->conn)) {
+        s->reset_owed = 0;
+        rc = slot_send_reset(s);
+    }
+    if (rc == PGS_OK && conn_ready(s->conn))
+        return 0;
+    pgs_error buf;
+    int counts;
+    const pgs_error *why =
+        unusable_why(s, rc, "the pool could not queue the session reset", &buf, &counts);
+    p->in_use--;
+    slot_replace(s, counts, why);
+    return -1;
+}
 
 static void req_fire(void *arg, int what)
 {
@@ -257,52 +242,29 @@ static void req_fire(void *arg, int what)
     const pgs_error *err = &r->err;
     switch (r->state) {
     case RQ_WAITING: /* its timeout */
+        pool_timeout_error(p, r);
         wait_remove(r);
-        p->counters.timed_out++;
-        if (p->connect_failing) {
-            char msg[sizeof r->err.message + 64];
-            snprintf(msg, sizeof msg, "no connection within the acquire timeout: %s",
-                     p->connect_err.message);
-            err_set(&r->err, PGS_ECONNECT, p->connect_err.sqlstate, msg, NULL);
-        } else {
-            err_set(&r->err, PGS_ETIMEDOUT, NULL,
-                    "no connection became free within the acquire timeout", NULL);
-        }
         break;
     case RQ_GRANTED: {
         slot *s = r->granted;
         s->granted_to = NULL;
-        /* The last user's session reset goes out now, in this turn, and the statements the
-         * callback below queues share its pipeline segment: one write and one sync for both,
-         * and should the reset fail, the server skips them. */
-        int reset_failed = 0;
-        /* Never grant a dead guard: read what the server sent first (EOF, its FATAL, the
-         * failure of a reset still in flight), which a peek cannot tell from replies. */
-        conn_refresh(s->conn);
-        if (s->reset_owed && conn_ready(s->conn)) {
-            s->reset_owed = 0;
-            reset_failed = send_reset(p, s, s->conn) != PGS_OK;
-        }
-        if (reset_failed || !conn_ready(s->conn)) {
+        if (ready_for_grant(p, s) != 0) {
             /* Died between the grant and now (or its reset could not be sent): never hand
              * out a dead or dirty one. Back to the head of the line, with the time it has
              * left. */
-            p->in_use--;
-            p->counters.replaced++;
-            retire(s);
             r->state = RQ_WAITING;
             r->granted = NULL;
             wait_push_front(r);
-            if (p->opts.acquire_timeout_ms > 0)
-                loop_ev_timer(r->ev, r->deadline - now_ms() > 1 ? (int)(r->deadline - now_ms())
-                                                                 : 1);
-            dispatch(p);
+            if (r->timeout_ms > 0) {
+                double left = r->deadline - pool_now_ms();
+                loop_ev_timer(r->ev, left > 1 ? (int)left : 1);
+            }
+            pool_dispatch(p);
             return;
         }
         conn = s->conn;
         err = NULL;
         conn_lend(conn);
-        p->counters.acquired++;
         break;
     }
     case RQ_FAILED:
@@ -310,10 +272,11 @@ static void req_fire(void *arg, int what)
         break;
     }
     r->state = RQ_FIRING;
+    pool_req_outcome(p, r, err ? err->code : PGS_OK);
     r->cb(conn, err, r->arg);
     loop_ev_free(r->ev);
     free(r);
-    p->requests--;
+    p->outstanding--;
     maybe_finish(p);
 }
 
@@ -330,12 +293,12 @@ static void grant(pgs_pool_req *r, slot *s)
     loop_ev_post(r->ev);
 }
 
-static void fail_req(pgs_pool_req *r, pgs_code code, const char *msg)
+static void fail_req(pgs_pool_req *r, pgs_code code)
 {
+    pool_failed_error(r->pool, r, code);
     if (r->state == RQ_WAITING)
         wait_remove(r);
     r->state = RQ_FAILED;
-    err_set(&r->err, code, NULL, msg, NULL);
     loop_ev_stop(r->ev);
     loop_ev_post(r->ev);
 }
@@ -347,16 +310,17 @@ static void on_retry(void *arg, int what)
     (void)what;
     pgs_pool *p = arg;
     p->retry_armed = 0;
-    dispatch(p);
+    pool_dispatch(p);
 }
 
-static void connect_failed(pgs_pool *p, const pgs_error *err)
+/* A new connection failed (its connect or its setup): waiters hear why when their wait runs
+ * out, and new ones are opened only after a backoff, so a down server is not hammered;
+ * waiters and min_size bring us back. */
+void pool_backoff(pgs_pool *p, const pgs_error *err)
 {
     p->connect_failing = 1;
     p->connect_err = *err;
-    p->counters.connect_failures++;
     if (!p->retry_armed && !p->closing) {
-        /* Back off so a down server is not hammered; waiters and min_size bring us back. */
         p->retry_ms = p->retry_ms ? p->retry_ms * 2 : RETRY_FIRST_MS;
         if (p->retry_ms > RETRY_MAX_MS)
             p->retry_ms = RETRY_MAX_MS;
@@ -365,18 +329,33 @@ static void connect_failed(pgs_pool *p, const pgs_error *err)
     }
 }
 
+static void connect_failed(pgs_pool *p, const pgs_error *err)
+{
+    p->counters.connect_failures++;
+    pool_backoff(p, err);
+}
+
 static void slot_lost(pgs_conn *conn, const pgs_error *err, void *arg)
 {
     slot *s = arg;
     pgs_pool *p = s->pool;
     if (s->state == SL_IDLE) {
         /* Died while idle (terminated, server restart): never handed out; replace it. */
-        p->counters.replaced++;
-        retire(s);
+        slot_replace(s, REPLACED_COUNT | REPLACED_LOST, err);
         return;
     }
+    /* (In use: counted when its user closes it, slot_freed. During its setup: setup_over.) */
     if (s->state == SL_IN_USE && !s->granted_to && p->opts.conn.on_lost)
         p->opts.conn.on_lost(conn, err, p->opts.conn.lost_arg);
+}
+
+/* A new connection is up and set up: reconnecting works again; to a waiter, or idle. */
+void slot_ready(slot *s)
+{
+    pgs_pool *p = s->pool;
+    p->connect_failing = 0;
+    p->retry_ms = 0;
+    slot_available(s);
 }
 
 static const conn_keeper keeper;
@@ -385,39 +364,58 @@ static void slot_opened(pgs_conn *conn, const pgs_error *err, void *arg)
 {
     slot *s = arg;
     pgs_pool *p = s->pool;
+    if (s->state != SL_CLOSING && !err) {
+        p->counters.opened++;
+        s->born = pool_now_ms();
+        conn_set_keeper(conn, &keeper, s);
+        s->state = SL_SETUP; /* neither connecting nor idle while on_connect runs */
+        if (p->opts.on_connect)
+            p->opts.on_connect(conn, p->opts.cb_arg);
+        if (s->state != SL_CLOSING && p->nsetup) {
+            slot_start_setup(s); /* still counted as connecting, until setup_over */
+            return;
+        }
+    }
     p->connecting--;
     if (s->state == SL_CLOSING)
-        return; /* the pool closed it while it was connecting: slot_gone follows */
+        return; /* the pool was closed meanwhile (from on_connect, say): slot_gone follows */
     if (err) {
         connect_failed(p, err);
-        retire(s);
+        slot_retire(s);
         return;
     }
-    p->connect_failing = 0;
-    p->retry_ms = 0;
-    s->born = now_ms();
-    conn_set_keeper(conn, &keeper, s);
-    s->state = SL_IN_USE; /* neither connecting nor idle while on_connect runs */
-    if (p->opts.on_connect)
-        p->opts.on_connect(conn, p->opts.cb_arg);
-    if (s->state == SL_CLOSING)
-        return; /* the pool was closed from on_connect */
-    slot_available(s);
+    slot_ready(s);
+}
+
+static slot *new_slot(pgs_pool *p)
+{
+    slot *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->pool = p;
+    s->own.s = s;
+    s->idle_timer = loop_ev_new(p->base, on_idle_timeout, s);
+    if (s->idle_timer && p->nsetup && (s->setup = calloc((size_t)p->nsetup, sizeof *s->setup)))
+        for (int i = 0; i < p->nsetup; i++)
+            s->setup[i] = (stmt_ref){s, i + 1};
+    if (!s->idle_timer || (p->nsetup && !s->setup)) {
+        loop_ev_free(s->idle_timer);
+        free(s->setup);
+        free(s);
+        return NULL;
+    }
+    return s;
 }
 
 static void open_slot(pgs_pool *p)
 {
-    slot *s = calloc(1, sizeof *s);
-    if (s)
-        s->idle_timer = loop_ev_new(p->base, on_idle_timeout, s);
-    if (!s || !s->idle_timer) {
-        free(s);
+    slot *s = new_slot(p);
+    if (!s) {
         pgs_error e;
         err_set(&e, PGS_ENOMEM, NULL, NULL, NULL);
         connect_failed(p, &e);
         return;
     }
-    s->pool = p;
     s->state = SL_CONNECTING;
     s->all_next = p->all;
     if (p->all)
@@ -428,6 +426,8 @@ static void open_slot(pgs_pool *p)
     pgs_conn_opts o = p->opts.conn;
     o.on_lost = slot_lost;
     o.lost_arg = s;
+    if (p->opts.hooks)
+        o.hooks = p->opts.hooks;
     if (pgs_conn_open(p->base, p->conninfo, &o, slot_opened, s, &s->conn) != PGS_OK) {
         p->connecting--;
         slot_free(s);
@@ -438,17 +438,23 @@ static void open_slot(pgs_pool *p)
 }
 
 /* Hand idle connections to waiters in FIFO order, then open what waiters and min_size need. */
-static void dispatch(pgs_pool *p)
+void pool_dispatch(pgs_pool *p)
 {
     if (p->closing)
         return;
     while (p->wait_head && p->idle) {
         slot *s = p->idle;
-        if (!conn_probe(s->conn) || expired(s)) {
-            /* Dead or too old: never handed out. (A probed-dead guard's on_lost comes later
-             * and finds it closing.) retire takes it off the idle list. */
-            p->counters.replaced++;
-            retire(s);
+        /* Dead or too old: never handed out. (A probed-dead guard's on_lost comes later and
+         * finds it closing.) retire takes it off the idle list. */
+        if (!conn_probe(s->conn)) {
+            pgs_error buf;
+            int counts;
+            const pgs_error *why = unusable_why(s, PGS_ECONN, NULL, &buf, &counts);
+            slot_replace(s, counts, why);
+            continue;
+        }
+        if (expired(s)) {
+            slot_replace(s, REPLACED_COUNT, NULL);
             continue;
         }
         idle_remove(s);
@@ -469,10 +475,12 @@ static void dispatch(pgs_pool *p)
 static void slot_available(slot *s)
 {
     pgs_pool *p = s->pool;
-    if (p->closing || expired(s)) {
-        if (!p->closing)
-            p->counters.replaced++;
-        retire(s);
+    if (p->closing) {
+        slot_retire(s);
+        return;
+    }
+    if (expired(s)) {
+        slot_replace(s, REPLACED_COUNT, NULL);
         return;
     }
     if (p->wait_head) {
@@ -483,10 +491,14 @@ static void slot_available(slot *s)
         /* Idle: reset now, so what the last user left (advisory locks above all) is not
          * kept while it waits. */
         s->reset_owed = 0;
-        if (send_reset(p, s, s->conn) != PGS_OK) {
-            p->counters.replaced++;
-            retire(s);
-            dispatch(p);
+        int rc = slot_send_reset(s);
+        if (rc != PGS_OK) {
+            pgs_error buf;
+            int counts;
+            const pgs_error *why =
+                unusable_why(s, rc, "the pool could not queue the session reset", &buf, &counts);
+            slot_replace(s, counts, why);
+            pool_dispatch(p);
             return;
         }
     }
@@ -496,63 +508,6 @@ static void slot_available(slot *s)
 
 /* ---- the guard comes back ---- */
 
-static void reset_done(pgs_conn *conn, const PGresult *res, const pgs_error *err, void *arg)
-{
-    (void)res;
-    slot *s = arg;
-    pgs_pool *p = s->pool;
-    if (!err)
-        return;
-    /* The reset failed (or the connection went). Idle: replace it. Already handed out: its
-     * new user's statements are queued behind the reset, on a session that may still hold
-     * the last user's state, so close it now; they hear why instead of running on it. */
-    if (s->state == SL_IDLE) {
-        p->counters.replaced++;
-        retire(s);
-        dispatch(p);
-    } else if (conn_ready(conn)) {
-        char msg[sizeof err->message + 64];
-        snprintf(msg, sizeof msg, "the pool's session reset failed: %s", err->message);
-        pgs_error e;
-        err_set(&e, PGS_ECONN, err->sqlstate, msg, NULL); /* the server's SQLSTATE, if any */
-        conn_fail(conn, &e, 0);
-    }
-}
-
-/* Everything DISCARD ALL resets except prepared statements (and cached plans), so the
- * statement cache stays warm, in DISCARD ALL's order, with no sync of its own: it shares the
- * next user's segment and write (each write costs the server a wake-up; sent on return as two
- * segments of its own, it made three writes per lease and half the transactions per second:
- * tools/run-bench). It is a transaction of its own, begun READ COMMITTED, so whatever
- * defaults the last user left (serializable deferrable could wait for a safe snapshot,
- * serializable fails on a hot standby) do not apply to it, and every step works in a
- * read-only transaction. RESET ALL leaves the role and session user, hence SET SESSION
- * AUTHORIZATION DEFAULT. A failure leaves the block open and aborted (the server skips to
- * the sync, and refuses what comes after it): reset_done closes the guard then. */
-static const char *const session_reset[] = {
-    "BEGIN ISOLATION LEVEL READ COMMITTED", "CLOSE ALL", "SET SESSION AUTHORIZATION DEFAULT",
-    "RESET ALL", "UNLISTEN *", "SELECT pg_catalog.pg_advisory_unlock_all()", "DISCARD TEMP",
-    "DISCARD SEQUENCES", "COMMIT", NULL,
-};
-
-static int send_reset(pgs_pool *p, slot *s, pgs_conn *conn)
-{
-    /* No sync of its own: what the new user queues in this turn joins its segment (DISCARD
-     * ALL and the reset's COMMIT end their transaction at once, so the user's first
-     * statement starts a fresh one, even VACUUM); otherwise a sync ends it with the turn.
-     * DISCARD ALL when asked, or when the user's own SQL PREPARE left statements behind. */
-    enum { F = CONN_RESET | CONN_NO_SYNC | CONN_SYNC_TURN };
-    if (p->opts.reset == PGS_RESET_ALL || conn_user_prepared(conn))
-        return conn_query(conn, "DISCARD ALL", 0, NULL, F, reset_done, s);
-    for (int i = 0; session_reset[i]; i++) {
-        /* Each reports to reset_done: a failure, or the skip it caused, is handled once. */
-        int rc = conn_query(conn, session_reset[i], 0, NULL, F, reset_done, s);
-        if (rc != PGS_OK)
-            return rc;
-    }
-    return PGS_OK;
-}
-
 static void slot_returned(void *arg, pgs_conn *conn)
 {
     slot *s = arg;
@@ -561,7 +516,7 @@ static void slot_returned(void *arg, pgs_conn *conn)
     if (p->opts.on_release)
         p->opts.on_release(conn, p->opts.cb_arg);
     if (p->closing) {
-        retire(s);
+        slot_retire(s);
         return;
     }
     /* The next user gets a clean session: the reset is owed, and sent when the guard goes
@@ -574,16 +529,21 @@ static void slot_returned(void *arg, pgs_conn *conn)
     slot_available(s);
 }
 
-/* The user closed a guard that could not come back (or it was lost): it is gone. */
+/* The user closed a guard that could not come back (or it was lost): it is gone. Why, for
+ * the hook: its error (lost, cancelled, timed out, its reset failed), or none when the user
+ * closed it dirty (inside a transaction, with statements running). */
 static void slot_freed(void *arg, pgs_conn *conn)
 {
     (void)conn;
     slot *s = arg;
     pgs_pool *p = s->pool;
     p->in_use--;
-    p->counters.replaced++;
+    pgs_error buf;
+    int counts;
+    const pgs_error *why = unusable_why(s, PGS_ECLOSED, NULL, &buf, &counts);
+    pool_replaced(s, counts, why->code == PGS_ECLOSED ? NULL : why);
     slot_free(s);
-    dispatch(p);
+    pool_dispatch(p);
     maybe_finish(p);
 }
 
@@ -600,10 +560,10 @@ static void pool_finished(void *arg, int what)
         p->done(p->done_arg);
     loop_ev_free(p->retry);
     loop_ev_free(p->finish);
+    pool_free_setup(p);
     free(p->conninfo);
     free(p);
 }
-
 int pgs_pool_new(struct event_base *base, const char *conninfo, const pgs_pool_opts *opts,
                  pgs_pool **out)
 {
@@ -631,28 +591,32 @@ int pgs_pool_new(struct event_base *base, const char *conninfo, const pgs_pool_o
     p->conninfo = strdup(conninfo);
     p->retry = loop_ev_new(base, on_retry, p);
     p->finish = loop_ev_new(base, pool_finished, p);
-    if (!p->conninfo || !p->retry || !p->finish) {
+    if (!p->conninfo || !p->retry || !p->finish || pool_copy_setup(p, o.setup_sql) != 0) {
         loop_ev_free(p->retry);
         loop_ev_free(p->finish);
+        pool_free_setup(p);
         free(p->conninfo);
         free(p);
         return PGS_ENOMEM;
     }
-    dispatch(p); /* min_size, in the background */
+    pool_dispatch(p); /* min_size, in the background */
     *out = p;
     return PGS_OK;
 }
 
-int pgs_pool_acquire(pgs_pool *p, pgs_conn_cb cb, void *arg, pgs_pool_req **out)
+static int acquire(pgs_pool *p, int timeout_ms, int own_timeout, pgs_conn_cb cb, void *arg,
+                   pgs_pool_req **out)
 {
     if (out)
         *out = NULL;
-    if (!p || !cb)
+    if (!p || !cb || timeout_ms == 0)
         return PGS_EINVAL;
     if (p->closing)
         return PGS_ECLOSED;
-    if (p->opts.max_waiting > 0 && !p->idle && p->waiting >= p->opts.max_waiting)
+    if (p->opts.max_waiting > 0 && !p->idle && p->waiting >= p->opts.max_waiting) {
+        p->counters.refused_busy++;
         return PGS_EBUSY;
+    }
     pgs_pool_req *r = calloc(1, sizeof *r);
     if (!r)
         return PGS_ENOMEM;
@@ -665,44 +629,48 @@ int pgs_pool_acquire(pgs_pool *p, pgs_conn_cb cb, void *arg, pgs_pool_req **out)
         return PGS_ENOMEM;
     }
     r->state = RQ_WAITING;
-    p->requests++;
+    r->timeout_ms = timeout_ms;
+    r->own_timeout = own_timeout;
+    r->asked = pool_now_ms();
+    r->deadline = r->asked + timeout_ms;
+    p->outstanding++;
+    p->counters.requests++;
     wait_push(r);
-    r->deadline = now_ms() + p->opts.acquire_timeout_ms;
-    if (p->opts.acquire_timeout_ms > 0)
-        loop_ev_timer(r->ev, p->opts.acquire_timeout_ms);
-    dispatch(p); /* a grant is delivered from the loop, never from inside this call */
+    if (timeout_ms > 0)
+        loop_ev_timer(r->ev, timeout_ms);
+    pool_dispatch(p); /* a grant is delivered from the loop, never from inside this call */
     if (out)
         *out = r;
     return PGS_OK;
+}
+
+int pgs_pool_acquire(pgs_pool *p, pgs_conn_cb cb, void *arg, pgs_pool_req **out)
+{
+    return acquire(p, p ? p->opts.acquire_timeout_ms : 0, 0, cb, arg, out);
+}
+
+int pgs_pool_acquire_within(pgs_pool *p, int timeout_ms, pgs_conn_cb cb, void *arg,
+                            pgs_pool_req **out)
+{
+    return acquire(p, timeout_ms, 1, cb, arg, out);
 }
 
 int pgs_pool_acquire_cancel(pgs_pool_req *r)
 {
     if (!r)
         return PGS_EINVAL;
-    pgs_pool *p = r->pool;
     if (r->state == RQ_FAILED || r->state == RQ_FIRING)
         return PGS_EMISUSE;
-    p->counters.canceled++;
     if (r->state == RQ_GRANTED) {
         /* Set aside but not yet delivered: the cancel wins, the connection moves on. */
         slot *s = r->granted;
         r->granted = NULL;
         s->granted_to = NULL;
-        p->in_use--;
+        r->pool->in_use--;
         slot_available(s);
     }
-    fail_req(r, PGS_ECANCELED, "the request was canceled");
+    fail_req(r, PGS_ECANCELED);
     return PGS_OK;
-}
-
-void pgs_pool_stats(const pgs_pool *p, pgs_pool_counts *st)
-{
-    *st = p->counters;
-    st->size = p->size;
-    st->idle = p->nidle;
-    st->in_use = p->in_use;
-    st->waiting = p->waiting;
 }
 
 int pgs_pool_close(pgs_pool *p, pgs_done_cb done, void *arg)
@@ -717,11 +685,11 @@ int pgs_pool_close(pgs_pool *p, pgs_done_cb done, void *arg)
     loop_ev_stop(p->retry);
     p->retry_armed = 0;
     while (p->wait_head)
-        fail_req(p->wait_head, PGS_ECLOSED, "the pool was closed");
+        fail_req(p->wait_head, PGS_ECLOSED);
     for (slot *s = p->all, *next; s; s = next) {
         next = s->all_next;
-        if (s->state == SL_IDLE || s->state == SL_CONNECTING)
-            retire(s);
+        if (s->state == SL_IDLE || s->state == SL_CONNECTING || s->state == SL_SETUP)
+            slot_retire(s);
     }
     maybe_finish(p);
     return PGS_OK;

@@ -70,9 +70,14 @@ static void run_attempt(void *arg, int what)
         return;
     }
     int rc = r->conn ? pgs_tx_begin(r->conn, &r->opts, NULL, NULL, &tx) : PGS_ECLOSED;
+    /* Refused because its guard is closing (closed by its user before the body ran). */
+    int closed = !r->conn || (rc == PGS_EMISUSE && !conn_ready(r->conn));
     if (rc != PGS_OK) {
         pgs_error e;
-        err_set(&e, rc, NULL, "could not begin the transaction", NULL);
+        err_set(&e, closed ? PGS_ECLOSED : rc, NULL,
+                closed ? "the connection guard was closed before the body ran"
+                       : "could not begin the transaction",
+                NULL);
         pgs_tx_result res = {.outcome = PGS_TX_ROLLED_BACK, .err = &e};
         run_finish(r, &res);
         return;
@@ -146,6 +151,10 @@ int tx_run(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body, pgs_tx_don
         free(r);
         return PGS_ENOMEM;
     }
+    /* The session is the run's from this call, as it is through a retry's backoff: until the
+     * body's transaction begins nothing else may take it (a pool's guard closed meanwhile is
+     * really closed, not handed to someone else under a body still to run). */
+    conn_set_owner(conn, r, run_conn_freed);
     if (prior) {
         /* A retry the pool moved here: it backs off as it would have on the old guard. */
         r->attempts = prior->attempts;

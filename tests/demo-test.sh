@@ -71,11 +71,82 @@ bulk_checks() {
 		expect "$what: peak memory stayed flat" grep -q '\[ok\]   peak memory stayed flat' "$out"
 	fi
 }
+# The transfer scenario's trace summary (its pool's pgs_hooks), against what the scenario itself
+# counted: trace_checks N WHAT, for a run of N transfers in $out.
+# shellcheck disable=SC2016 # the $ in the awk programs are awk's
+trace_checks() {
+	local n=$1 what=$2 line committed refused retries
+	line=$(grep -E "^  $n transfers in [0-9.]+ s \([0-9]+/s\): [0-9]+ committed, [0-9]+ refused as overdrafts, [0-9]+ retries$" "$out")
+	expect "$what: the transfer line" test -n "$line"
+	read -r committed refused retries < <(sed -E 's/.*: ([0-9]+) committed, ([0-9]+) refused as overdrafts, ([0-9]+) retries$/\1 \2 \3/' <<<"$line")
+	# Statements: every one traced at its start ended, and the counts say so.
+	line=$(grep -E "^  trace \(the pool's pgs_hooks\): [0-9]+ statements ended \([0-9]+ started; the pool's resets included\), [0-9]+ failed$" "$out")
+	expect "$what: trace: the statements line" test -n "$line"
+	local ended started
+	read -r ended started < <(sed -E 's/.*: ([0-9]+) statements ended \(([0-9]+) started.*/\1 \2/' <<<"$line")
+	expect "$what: trace: statements started = ended (${started:-?} = ${ended:-?})" \
+		test "${started:-x}" = "${ended:-y}"
+	expect "$what: trace: at least 4 statements per transfer (BEGIN, 2 UPDATEs, COMMIT)" \
+		test "${ended:-0}" -ge $((4 * n))
+	# Transactions: one per transfer on its first attempt, one per retry, as the scenario counted.
+	line=$(grep -E '^  trace: [0-9]+ transactions: [0-9]+ transfers, [0-9]+ retries$' "$out")
+	expect "$what: trace: the transactions line" test -n "$line"
+	local tx tx_transfers tx_retries
+	read -r tx tx_transfers tx_retries < <(sed -E 's/.*: ([0-9]+) transactions: ([0-9]+) transfers, ([0-9]+) retries$/\1 \2 \3/' <<<"$line")
+	expect "$what: trace: transfers = the scenario's ($n)" test "${tx_transfers:-x}" = "$n"
+	expect "$what: trace: retries = the scenario's (${retries:-?})" test "${tx_retries:-x}" = "${retries:-y}"
+	expect "$what: trace: transactions = transfers + retries" \
+		test "${tx:-x}" = "$((n + ${retries:-0}))"
+	expect "$what: trace: the demo's own check of the transactions held" \
+		grep -q "\[ok\]   the trace saw every transfer once ($n) and every retry (${retries:-?}), each begun and ended" "$out"
+	expect "$what: trace: the demo's own check of the statements held" \
+		grep -q "\[ok\]   every statement traced at its start ended (${ended:-?})" "$out"
+	# (A connection still opening when the pool closes is told as closed while opening.)
+	expect "$what: trace: connections opened, none failed or lost" \
+		grep -Eq "^  trace: connections opened [1-9][0-9]*, failed 0, closed while opening [0-9]+, lost 0, replaced [0-9]+$" "$out"
+	# Acquire waits: the percentiles, over at least one grant per transfer, or "no acquire traces".
+	line=$(grep -E '^  trace: (acquire wait p50 [0-9.]+ ms, p99 [0-9.]+ ms \([0-9]+ granted, [0-9]+ failed\)|no acquire traces)$' "$out")
+	expect "$what: trace: the acquire line" test -n "$line"
+	if [[ $line == *p50* ]]; then
+		expect "$what: trace: p50 <= p99, and a grant per transfer at least" awk -v n="$n" '
+			{ p50 = $5; p99 = $8; granted = substr($10, 2) + 0 }
+			END { exit !(p50 + 0 <= p99 + 0 && granted >= n) }' <<<"$line"
+	fi
+	# The slowest statements: one to three, slowest first, each its text (a known statement's,
+	# parameters as $n: never a value).
+	awk '/^  trace: slowest statements / { on = 1; next }
+		on && /^  trace:   [0-9.]+ ms  / { print; next } { on = 0 }' "$out" >"$tmp/slow"
+	expect "$what: trace: 1 to 3 slowest statements" \
+		test "$(wc -l <"$tmp/slow")" -ge 1 -a "$(wc -l <"$tmp/slow")" -le 3
+	expect "$what: trace: slowest first" awk '{ ms = $2 + 0; if (NR > 1 && ms > last) bad = 1; last = ms }
+		END { exit bad }' "$tmp/slow"
+	expect "$what: trace: statement texts, no values" awk '{ sub(/^  trace: +[0-9.]+ ms  /, "") }
+		/^(BEGIN|COMMIT|ROLLBACK|UPDATE demo_accounts SET balance = balance [-+] \$1::bigint WHERE id = \$2::int|CLOSE ALL|SET SESSION AUTHORIZATION DEFAULT|RESET ALL|UNLISTEN \*|SELECT pg_catalog.pg_advisory_unlock_all\(\)|DISCARD (TEMP|SEQUENCES|ALL))/ { next }
+		{ print "not a statement text: " $0; bad = 1 } END { exit bad }' "$tmp/slow"
+	# Outcomes by kind: committed and refused as the scenario counted; every other kind is an
+	# attempt that was retried; each kind's attempts add up to its count.
+	grep -E '^  trace: transactions [a-z ]+(, [A-Za-z0-9_ ]+)?: [0-9]+ \(on attempt 1: [0-9]+, 2: [0-9]+, 3 or later: [0-9]+\)$' \
+		"$out" >"$tmp/kinds"
+	expect "$what: trace: the committed kind = the scenario's commits (${committed:-?})" \
+		grep -q "^  trace: transactions committed: ${committed:-x} " "$tmp/kinds"
+	if [[ ${refused:-0} -gt 0 ]]; then
+		expect "$what: trace: refused as overdrafts (${refused}) = rolled back with 23514" \
+			grep -q "^  trace: transactions rolled back, SQLSTATE 23514: $refused " "$tmp/kinds"
+	fi
+	expect "$what: trace: the kinds add up to the transactions; the rest are the retries" awk \
+		-v tx="${tx:-x}" -v retries="${retries:-x}" '
+		{ match($0, /: [0-9]+ \(/); count = substr($0, RSTART + 2, RLENGTH - 4) + 0; sum += count
+		  s = $0; sub(/.*\(on attempt 1: /, "", s); split(s, b, /, 2: |, 3 or later: |\)/)
+		  if (b[1] + b[2] + b[3] != count) bad = 1
+		  if ($0 !~ /transactions committed:/ && $0 !~ /SQLSTATE 23514:/) rest += count }
+		END { exit !(!bad && sum == tx && rest == retries) }' "$tmp/kinds"
+}
 # In a sanitizer build the peak says nothing (ASan keeps freed memory): the demo says so.
 asan=0
 libs=$(ldd "$demo" 2>/dev/null || true) # (no pipe into grep -q: pipefail and SIGPIPE)
 [[ $libs == *libasan* ]] && asan=1
 bulk_checks 100000 "tour: bulk"
+trace_checks 500 "tour: transfer"
 
 # The README's sample of the tour (between the demo-sample markers) has the shape of this run:
 # each of its lines, but for "..." (lines left out), is a line of the run, in the same order,
@@ -104,6 +175,7 @@ rc=$?
 expect "tour --count 40 --rows 3000 exits 0" test "$rc" -eq 0
 expect "tour --count 40: its transfer part runs 40" grep -q '^  40 transfers in' "$out"
 expect "tour --count 40: the header says 40" grep -q '^== transfer: 40 random' "$out"
+trace_checks 40 "tour --count 40: transfer"
 expect "tour --rows 3000: its bulk part loads 3000" grep -q '^== bulk: 3000 rows in' "$out"
 
 "$demo" bulk >"$out" 2>&1
@@ -121,6 +193,7 @@ cat "$out"
 expect "transfer exits 0" test "$rc" -eq 0
 expect "transfer: 2000 done" grep -q '2000 transfers in' "$out"
 expect "transfer: invariant held" grep -q '\[ok\]   invariant held' "$out"
+trace_checks 2000 "transfer"
 
 # Options for scenarios that take none: refused, in a clear message, before connecting.
 for args in "commit --count 5" "cancel --concurrency 3" "--count 5 retry" "bulk --count 5"; do

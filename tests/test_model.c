@@ -578,7 +578,7 @@ static void learn_finished(mconn *c)
 
 static unsigned pred_query(const mconn *c)
 {
-    if (c->closing)
+    if (c->closing || c->runs_pending > 0) /* a pending pgs_run_tx holds the session */
         return M(PGS_EMISUSE);
     int own = owner_state(c);
     if (own == 2)
@@ -592,11 +592,11 @@ static unsigned pred_query(const mconn *c)
 /* pgs_tx_begin and pgs_run_tx: the guard must be connected and idle. */
 static unsigned pred_begin(const mconn *c)
 {
-    if (c->closing || c->dead == 2 || c->nq > 0 || owner_state(c) == 2 || (c->bad && c->connecting))
+    if (c->closing || c->dead == 2 || c->nq > 0 || owner_state(c) == 2 ||
+        (c->bad && c->connecting) || c->runs_pending > 0) /* (a pending run holds the session) */
         return M(PGS_EMISUSE);
-    /* Connected before on_open fired, a killer pending, the last transaction's end not seen,
-     * or a pgs_run_tx whose body has not begun (the header does not say it holds the guard). */
-    if (c->connecting || c->dead == 1 || owner_state(c) == 1 || c->runs_pending > 0)
+    /* Connected before on_open fired, a killer pending, the last transaction's end not seen. */
+    if (c->connecting || c->dead == 1 || owner_state(c) == 1)
         return M(PGS_OK) | M(PGS_EMISUSE);
     return M(PGS_OK);
 }

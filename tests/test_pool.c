@@ -1093,6 +1093,67 @@ START_TEST(test_handles_stay_valid_inside_their_close_done)
 }
 END_TEST
 
+/* A body that must never run: the guard it was meant for was closed first. */
+static void body_never(pgs_tx *tx, void *arg)
+{
+    (void)arg;
+    ck_abort_msg("the body ran on a guard that was closed before it");
+    pgs_tx_end(tx, 0, NULL, NULL);
+}
+
+typedef struct order_rec {
+    th_txdone run;
+    int run_seq, close_seq, closed;
+} order_rec;
+
+static void order_run_done(const pgs_tx_result *r, void *arg)
+{
+    order_rec *o = arg;
+    th_record_tx(r, &o->run);
+    o->run_seq = th_fire_seq++;
+}
+
+static void order_closed(void *arg)
+{
+    order_rec *o = arg;
+    o->closed++;
+    o->close_seq = th_fire_seq++;
+}
+
+START_TEST(test_guard_closed_before_its_run_body_is_not_handed_out_under_it)
+{
+    /* The defect: pgs_run_tx then pgs_conn_close on a pooled guard gave the guard back to the
+     * pool (its close's done first) while the run's body was still to run on it. The run now
+     * holds the session from the call: the close really closes, the run ends ECLOSED first. */
+    struct event_base *b = th_loop_begin();
+    pgs_pool *p = new_pool(b, "pool_run_close", (pgs_pool_opts){.max_size = 1});
+    pgs_conn *c = acquire(b, p);
+    order_rec o = {0};
+    ck_assert_int_eq(pgs_run_tx(c, NULL, body_never, order_run_done, &o), PGS_OK);
+    th_call k = {0};
+    ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, th_record, &k), PGS_EMISUSE); /* held */
+    ck_assert_int_eq(pgs_conn_close(c, order_closed, &o), PGS_OK);
+    th_run_until(b, &o.closed, 10);
+    th_run_for(b, 0.05);
+    ck_assert_int_eq(o.run.fired, 1);
+    ck_assert_int_eq(o.run.outcome, PGS_TX_ROLLED_BACK);
+    ck_assert_int_eq(o.run.err.code, PGS_ECLOSED);
+    ck_assert_int_eq(o.run.attempts, 0);
+    ck_assert_int_lt(o.run_seq, o.close_seq);
+    pgs_pool_counts st;
+    pgs_pool_stats(p, &st);
+    ck_assert_uint_eq(st.replaced, 1); /* closed, not reused */
+    pgs_conn *again = acquire(b, p); /* a fresh one works */
+    th_call q = {0};
+    ck_assert_int_eq(pgs_query(again, "SELECT 7", 0, NULL, th_record, &q), PGS_OK);
+    th_run_until(b, &q.fired, 10);
+    ck_assert_str_eq(q.value, "7");
+    release(b, again);
+    close_pool(b, p);
+    th_loop_end(b);
+}
+END_TEST
+
 static Suite *pool_suite(int restart_only)
 {
     Suite *s = suite_create("pool");
@@ -1119,10 +1180,13 @@ static Suite *pool_suite(int restart_only)
         tcase_add_test(t, test_pool_run_tx_retries_on_another_guard_when_the_connection_died);
         tcase_add_test(t, test_pool_run_tx_done_fires_with_the_guard_back);
         tcase_add_test(t, test_handles_stay_valid_inside_their_close_done);
+        tcase_add_test(t, test_guard_closed_before_its_run_body_is_not_handed_out_under_it);
     }
     suite_add_tcase(s, t);
     return s;
 }
+
+
 
 int main(int argc, char **argv)
 {

@@ -341,6 +341,46 @@ static void bench_raw(const char *conninfo, workload w, int prepared, int n, dou
     finish_run(&r, name, el);
 }
 
+/* ---- a light tracer: what pgs_hooks costs when set ---- */
+
+/* What a light tracer or metrics exporter does per statement: stamp the start with the clock
+ * (a span's start), and at the end take the duration the library measured, bump counters and a
+ * log2 latency histogram. Set on the guards of the "+ hooks" rows and the guard-hooks
+ * instructions mode; without it (NULL) the library pays a pointer test. */
+typedef struct light_tracer {
+    long started, ended, failed;
+    long long last_start_ns, total_us;
+    long buckets[32]; /* duration_us in [2^i, 2^(i+1)) */
+} light_tracer;
+
+static light_tracer tracer;
+
+static void lt_stmt_start(pgs_conn *c, const char *sql, void *arg)
+{
+    (void)c;
+    (void)sql;
+    light_tracer *t = arg;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    t->last_start_ns = (long long)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    t->started++;
+}
+
+static void lt_stmt_end(pgs_conn *c, const pgs_stmt_trace *tr, void *arg)
+{
+    (void)c;
+    light_tracer *t = arg;
+    t->ended++;
+    t->failed += tr->err != NULL;
+    t->total_us += tr->duration_us;
+    unsigned long long us = tr->duration_us > 0 ? (unsigned long long)tr->duration_us : 1;
+    int b = 63 - __builtin_clzll(us);
+    t->buckets[b < 31 ? b : 31]++;
+}
+
+static const pgs_hooks light_hooks = {.stmt_start = lt_stmt_start, .stmt_end = lt_stmt_end,
+                                      .arg = &tracer};
+
 /* ---- pgscope: a guard per connection, a statement at a time ---- */
 
 typedef struct guard_client {
@@ -386,16 +426,20 @@ static void guard_next(guard_client *g)
         die("pgscope: cannot queue");
 }
 
-static void bench_guard(const char *conninfo, int n, double seconds, const char *name)
+/* hooks: NULL, or the light tracer (whose counts must then match the statements run). */
+static void bench_guard(const char *conninfo, int n, double seconds, const pgs_hooks *hooks,
+                        const char *name)
 {
     if (skipped(name))
         return;
     guard_client *gs = calloc((size_t)n, sizeof *gs);
     run r = {0};
     int up = 0;
+    pgs_conn_opts opts = {.hooks = hooks};
+    memset(&tracer, 0, sizeof tracer);
     for (int i = 0; i < n; i++) {
         gs[i].r = &r;
-        if (pgs_conn_open(base, conninfo, NULL, opened, &up, &gs[i].conn) != PGS_OK)
+        if (pgs_conn_open(base, conninfo, &opts, opened, &up, &gs[i].conn) != PGS_OK)
             die("pgscope: cannot open");
     }
     while (up < n)
@@ -413,6 +457,9 @@ static void bench_guard(const char *conninfo, int n, double seconds, const char 
     while (down < n)
         event_base_loop(base, EVLOOP_ONCE);
     free(gs);
+    if (hooks && (tracer.ended != (long)r.nlat || tracer.started != tracer.ended))
+        die("the tracer saw %ld statements start and %ld end, the run %zu", tracer.started,
+            tracer.ended, r.nlat);
     finish_run(&r, name, el);
 }
 
@@ -822,19 +869,23 @@ __attribute__((noinline)) static void measured_statements(int guard, void *conn,
 
 static void instructions_mode(const char *conninfo, const char *mode, long count)
 {
-    int guard = strcmp(mode, "guard") == 0;
+    int hooks = strcmp(mode, "guard-hooks") == 0;
+    int guard = hooks || strcmp(mode, "guard") == 0;
     if (!guard && strcmp(mode, "raw") != 0)
-        die("--instructions takes raw or guard");
+        die("--instructions takes raw, guard or guard-hooks");
     if (guard) {
         pgs_conn *c;
         int up = 0, down = 0;
-        pgs_conn_open(base, conninfo, NULL, opened, &up, &c);
+        pgs_conn_opts opts = {.hooks = hooks ? &light_hooks : NULL};
+        pgs_conn_open(base, conninfo, &opts, opened, &up, &c);
         while (!up)
             event_base_loop(base, EVLOOP_ONCE);
         measured_statements(1, c, count);
         pgs_conn_close(c, closed, &down);
         while (!down)
             event_base_loop(base, EVLOOP_ONCE);
+        if (hooks && tracer.ended != count)
+            die("the tracer saw %ld statements end, not %ld", tracer.ended, count);
     } else {
         PGconn *pg = PQconnectdb(conninfo);
         if (PQstatus(pg) != CONNECTION_OK)
@@ -921,6 +972,31 @@ static void ratio(const char *what, const char *a, const char *b, double target)
     }
     printf("  %-66s %5.2fx  (target >= %.2fx: %s)\n", what, x / y, target,
            x / y >= target ? "met" : "NOT met");
+}
+
+/* The median, over the slices of a and b run one beside the other (the i-th slice of each:
+ * main runs the SELECT 1 rows as A B C C B A, so the guard's i-th sits next to the hooks' i-th
+ * and to raw's i-th), of a's throughput over b's; 0 without a pair. A burst of noise on the
+ * shared machine then moves one pair, not the figure. */
+static double paired_ratio(const char *a, const char *b, int *pairs)
+{
+    double ta[64], tb[64], r[64];
+    int na = 0, nb = 0;
+    for (int i = 0; i < nresults; i++) {
+        if (strcmp(results[i].name, a) == 0 && na < 64)
+            ta[na++] = results[i].tps;
+        else if (strcmp(results[i].name, b) == 0 && nb < 64)
+            tb[nb++] = results[i].tps;
+    }
+    int n = na < nb ? na : nb, m = 0;
+    for (int i = 0; i < n; i++)
+        if (tb[i] > 0)
+            r[m++] = ta[i] / tb[i];
+    *pairs = m;
+    if (m == 0)
+        return 0;
+    qsort(r, (size_t)m, sizeof r[0], cmp_double);
+    return m % 2 ? r[m / 2] : (r[m / 2 - 1] + r[m / 2]) / 2;
 }
 
 /* ---- bulk data: COPY FROM STDIN and a streamed SELECT (only when --only names them) ---- */
@@ -1758,8 +1834,9 @@ static const char *const usage_text =
     "                   pgbench's pipelined transaction after the pool's default reset\n"
     "  --only LIST      run only the workloads whose names contain one of these (comma-separated;\n"
     "                   the last two lines are named memory and scale)\n"
-    "  --instructions raw|guard [--count N]\n"
-    "                   only run N statements one way (for callgrind; see tools/run-bench)\n"
+    "  --instructions raw|guard|guard-hooks [--count N]\n"
+    "                   only run N statements one way (for callgrind; see tools/run-bench);\n"
+    "                   guard-hooks: a guard with a light tracer's pgs_hooks set\n"
     "\n"
     "The bulk-data part runs only when --only names it (over TCP; a few minutes at the default\n"
     "sizes; e.g. --only copy-in,stream):\n"
@@ -1837,14 +1914,20 @@ int main(int argc, char **argv)
             snprintf(section, sizeof section, "\n%s, %d connection(s)\n", nets[ni].label, n);
 #define NAME(fmt) (snprintf(name, sizeof name, fmt " %s %d", nets[ni].label, n), name)
             const char *ci = nets[ni].conninfo;
-            /* The two sides of a targeted ratio alternate in slices, A B B A A B B A ...: a
-             * drift of the machine (it is shared and noisy) weighs on both alike, and a row's
-             * figure is the mean of its slices. k slices of about a second per side (pgbench
-             * takes whole seconds), at least one. */
+            /* The sides of a compared pair alternate in slices, A B B A A B B A ...: a drift
+             * of the machine (it is shared and noisy) weighs on both alike, and a row's figure
+             * is the mean of its slices. k slices of about a second per side (pgbench takes
+             * whole seconds), at least one. The SELECT 1 rows are three: raw libpq, the guard,
+             * and the guard with a light tracer's hooks set, in the order A B C C B A, so that
+             * each pair (guard / raw, hooks / none) sits side by side as often as reversed. */
             int k = seconds < 1.5 ? 1 : (int)(seconds + 0.5);
-            for (int i = 0; i < 4 * k; i++) {
-                if (i % 4 == 1 || i % 4 == 2)
-                    bench_guard(ci, n, seconds / (2 * k), NAME("pgscope guard SELECT 1"));
+            for (int i = 0; i < 6 * k; i++) {
+                int at = i % 6;
+                if (at == 1 || at == 4)
+                    bench_guard(ci, n, seconds / (2 * k), NULL, NAME("pgscope guard SELECT 1"));
+                else if (at == 2 || at == 3)
+                    bench_guard(ci, n, seconds / (2 * k), &light_hooks,
+                                NAME("pgscope guard SELECT 1 + hooks"));
                 else
                     bench_raw(ci, W_SELECT, 1, n, seconds / (2 * k), NAME("raw libpq SELECT 1"));
             }
@@ -1891,6 +1974,14 @@ int main(int argc, char **argv)
             snprintf(b, sizeof b, "raw libpq SELECT 1 %s %d", l, n);
             snprintf(what, sizeof what, "guard / raw libpq, SELECT 1, %s, %d conn", l, n);
             ratio(what, a, b, 0.95);
+            snprintf(b, sizeof b, "pgscope guard SELECT 1 + hooks %s %d", l, n);
+            snprintf(what, sizeof what, "  guard with hooks / without, SELECT 1, %s, %d conn", l, n);
+            ratio(what, b, a, 0);
+            int pairs;
+            double med = paired_ratio(b, a, &pairs);
+            snprintf(what, sizeof what, "    the same, median of its %d adjacent slice pairs", pairs);
+            if (pairs > 0)
+                printf("  %-66s %5.2fx\n", what, med);
             snprintf(a, sizeof a, "pgscope pool tx one round trip %s %d", l, n);
             snprintf(b, sizeof b, "pgscope pool tx 3 round trips %s %d", l, n);
             snprintf(what, sizeof what, "pgscope tx one round trip / its 3 round trips, %s, %d conn", l, n);

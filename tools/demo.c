@@ -717,6 +717,228 @@ static void on_pool_closed(void *arg)
     *(int *)arg = 1;
 }
 
+/* ---- tracing: what a light tracer plugs into the pool's hooks (pgs_hooks) ---- */
+
+/* The hooks only observe: they count, keep the three slowest statements (their text, which
+ * never holds a parameter value) and the acquire waits, and call nothing of the library. A
+ * service would hand the same facts to its logger or metrics. */
+enum { SLOWEST = 3, SQL_SHOWN = 100, TX_KINDS = 8 };
+
+typedef struct slow_stmt {
+    long long us;
+    char sql[SQL_SHOWN + 4]; /* cut at SQL_SHOWN bytes, "..." then */
+} slow_stmt;
+
+/* Transactions that ended the same way (tx_end): the outcome and the SQLSTATE (or the code when
+ * there is none), with the attempt each ended on: 1, 2, 3 or later. */
+typedef struct tx_kind {
+    pgs_tx_outcome outcome;
+    char why[32]; /* "" (as the end asked), a SQLSTATE, or a code's name */
+    int n;
+    int at_attempt[3];
+} tx_kind;
+
+typedef struct tracer {
+    long stmt_started, stmt_ended, stmt_failed;
+    slow_stmt slow[SLOWEST]; /* slowest first */
+    int nslow;
+    long tx_begun, tx_ended, tx_first; /* tx_first: ended on attempt 1 (one per transfer) */
+    tx_kind kinds[TX_KINDS];
+    int nkinds;
+    long long *waits; /* granted acquires' waits, in us */
+    size_t nwaits, cap;
+    long acquire_failed; /* acquires that did not get a connection */
+    int waits_lost;      /* out of memory for a wait: the percentiles leave it out */
+    long conn_opened, conn_failed, conn_abandoned, conn_lost, conn_replaced;
+} tracer;
+
+static void t_stmt_start(pgs_conn *c, const char *sql, void *arg)
+{
+    (void)c;
+    (void)sql;
+    ((tracer *)arg)->stmt_started++;
+}
+
+/* The statement's text on one line, cut at SQL_SHOWN bytes. */
+static void shown_sql(char *out, size_t cap, const char *sql)
+{
+    size_t n = 0;
+    for (const char *p = sql; *p && n < SQL_SHOWN && n + 4 < cap; p++)
+        out[n++] = (*p == '\n' || *p == '\t' || *p == '\r') ? ' ' : *p;
+    snprintf(out + n, cap - n, "%s", sql[n] ? "..." : "");
+}
+
+/* Keeps the slowest run of each of the SLOWEST slowest texts: the statements of one pipeline
+ * segment end together, so the slowest runs alone would often be one transaction's. */
+static void t_stmt_end(pgs_conn *c, const pgs_stmt_trace *t, void *arg)
+{
+    (void)c;
+    tracer *tr = arg;
+    tr->stmt_ended++;
+    tr->stmt_failed += t->err != NULL;
+    if (tr->nslow == SLOWEST && t->duration_us <= tr->slow[SLOWEST - 1].us)
+        return;
+    char sql[sizeof tr->slow[0].sql];
+    shown_sql(sql, sizeof sql, t->sql);
+    int at = 0; /* the text's entry, or where a new one goes (the last, when the list is full) */
+    while (at < tr->nslow && strcmp(tr->slow[at].sql, sql) != 0)
+        at++;
+    if (at < tr->nslow && tr->slow[at].us >= t->duration_us)
+        return; /* its text was slower before */
+    if (at == tr->nslow && tr->nslow < SLOWEST)
+        tr->nslow++;
+    else if (at == tr->nslow)
+        at = SLOWEST - 1; /* the fastest of the list gives way */
+    slow_stmt s = {.us = t->duration_us};
+    memcpy(s.sql, sql, sizeof sql);
+    while (at > 0 && tr->slow[at - 1].us < s.us) { /* move up to its place */
+        tr->slow[at] = tr->slow[at - 1];
+        at--;
+    }
+    tr->slow[at] = s;
+}
+
+static void t_tx_begin(pgs_conn *c, pgs_tx *tx, void *arg)
+{
+    (void)c;
+    (void)tx;
+    ((tracer *)arg)->tx_begun++;
+}
+
+static void t_tx_end(pgs_conn *c, const pgs_tx_result *r, long long duration_us, void *arg)
+{
+    (void)c;
+    (void)duration_us;
+    tracer *tr = arg;
+    tr->tx_ended++;
+    tr->tx_first += r->attempts <= 1;
+    char why[32] = "";
+    if (r->err && r->err->sqlstate[0])
+        snprintf(why, sizeof why, "SQLSTATE %s", r->err->sqlstate);
+    else if (r->err)
+        snprintf(why, sizeof why, "%.*s", (int)strcspn(pgs_strerror(r->err->code), ":"),
+                 pgs_strerror(r->err->code));
+    int i = 0;
+    while (i < tr->nkinds && (tr->kinds[i].outcome != r->outcome || strcmp(tr->kinds[i].why, why)))
+        i++;
+    if (i == tr->nkinds && tr->nkinds < TX_KINDS - 1) {
+        tr->kinds[i].outcome = r->outcome;
+        memcpy(tr->kinds[i].why, why, sizeof why);
+        tr->nkinds++;
+    } else if (i == tr->nkinds) {
+        i = TX_KINDS - 1; /* the last slot takes the rest (outcome 0: "other") */
+        tr->nkinds = TX_KINDS;
+    }
+    tr->kinds[i].n++;
+    tr->kinds[i].at_attempt[r->attempts <= 1 ? 0 : r->attempts == 2 ? 1 : 2]++;
+}
+
+static void t_acquire(pgs_pool *p, const pgs_acquire_trace *t, void *arg)
+{
+    (void)p;
+    tracer *tr = arg;
+    if (t->code != PGS_OK) {
+        tr->acquire_failed++;
+        return;
+    }
+    if (tr->nwaits == tr->cap) {
+        size_t cap = tr->cap ? 2 * tr->cap : 1024;
+        long long *w = realloc(tr->waits, cap * sizeof *w);
+        if (!w) {
+            tr->waits_lost = 1; /* a tracer never stops the work it watches */
+            return;
+        }
+        tr->waits = w;
+        tr->cap = cap;
+    }
+    tr->waits[tr->nwaits++] = t->wait_us;
+}
+
+static void t_conn_open(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    (void)c;
+    tracer *tr = arg;
+    if (err && err->code == PGS_ECLOSED)
+        tr->conn_abandoned++; /* still opening when the pool closed: not a failure */
+    else if (err)
+        tr->conn_failed++;
+    else
+        tr->conn_opened++;
+}
+
+static void t_conn_lost(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    (void)c;
+    (void)err;
+    ((tracer *)arg)->conn_lost++;
+}
+
+static void t_conn_replaced(pgs_pool *p, pgs_conn *c, const pgs_error *why, void *arg)
+{
+    (void)p;
+    (void)c;
+    (void)why;
+    ((tracer *)arg)->conn_replaced++;
+}
+
+static int cmp_ll(const void *a, const void *b)
+{
+    long long x = *(const long long *)a, y = *(const long long *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Committed first, then refused, then the rest, each in the order first seen: stable lines. */
+static int kind_rank(const tx_kind *k)
+{
+    return k->outcome == PGS_TX_COMMITTED ? 0 : strcmp(k->why, "SQLSTATE 23514") == 0 ? 1 : 2;
+}
+
+/* The summary, once the pool is closed (every statement it traced has ended). */
+static void trace_summary(tracer *tr, const load *l)
+{
+    say("trace (the pool's pgs_hooks): %ld statements ended (%ld started; the pool's resets "
+        "included), %ld failed",
+        tr->stmt_ended, tr->stmt_started, tr->stmt_failed);
+    say("trace: %ld transactions: %ld transfers, %ld retries", tr->tx_ended, tr->tx_first,
+        tr->tx_ended - tr->tx_first);
+    say("trace: connections opened %ld, failed %ld, closed while opening %ld, lost %ld, "
+        "replaced %ld",
+        tr->conn_opened, tr->conn_failed, tr->conn_abandoned, tr->conn_lost, tr->conn_replaced);
+    if (tr->nwaits == 0) {
+        say("trace: no acquire traces");
+    } else {
+        qsort(tr->waits, tr->nwaits, sizeof *tr->waits, cmp_ll);
+        size_t p99 = (size_t)((double)tr->nwaits * 0.99);
+        if (p99 >= tr->nwaits)
+            p99 = tr->nwaits - 1;
+        say("trace: acquire wait p50 %.2f ms, p99 %.2f ms (%zu granted, %ld failed)",
+            tr->waits[tr->nwaits / 2] / 1e3, tr->waits[p99] / 1e3, tr->nwaits, tr->acquire_failed);
+    }
+    if (tr->waits_lost)
+        say("trace: (some acquire waits were not kept: out of memory)");
+    say("trace: slowest statements (queued to answered; the slowest run of each text; text only, "
+        "never values):");
+    for (int i = 0; i < tr->nslow; i++)
+        say("trace:   %.1f ms  %s", tr->slow[i].us / 1e3, tr->slow[i].sql);
+    for (int rank = 0; rank < 3; rank++)
+        for (int i = 0; i < tr->nkinds; i++) {
+            const tx_kind *k = &tr->kinds[i];
+            if (kind_rank(k) != rank)
+                continue;
+            say("trace: transactions %s%s%s: %d (on attempt 1: %d, 2: %d, 3 or later: %d)",
+                k->outcome ? outcome_name(k->outcome) : "ended otherwise", k->why[0] ? ", " : "",
+                k->why, k->n, k->at_attempt[0], k->at_attempt[1], k->at_attempt[2]);
+        }
+    check(tr->tx_first == l->finished && tr->tx_ended - tr->tx_first == l->retries &&
+              tr->tx_begun == tr->tx_ended,
+          "the trace saw every transfer once (%ld) and every retry (%ld), each begun and ended",
+          tr->tx_first, tr->tx_ended - tr->tx_first);
+    check(tr->stmt_started == tr->stmt_ended, "every statement traced at its start ended (%ld)",
+          tr->stmt_ended);
+    free(tr->waits);
+    tr->waits = NULL;
+}
+
 /* How many more connections the server takes now: max_connections, less the slots reserved
  * for superusers (and, from PostgreSQL 16, for pg_use_reserved_connections), less the client
  * connections already open (this one among them). Tells how it got there in `how`. */
@@ -756,8 +978,13 @@ static void scenario_transfer(int count, int concurrency)
     long total0 = total_balance(c);
     load l = {.count = count, .concurrency = concurrency, .seed = (unsigned)time(NULL),
               .tty = isatty(STDOUT_FILENO)};
+    tracer tr = {0};
+    const pgs_hooks hooks = {.stmt_start = t_stmt_start, .stmt_end = t_stmt_end,
+                             .tx_begin = t_tx_begin, .tx_end = t_tx_end, .acquire = t_acquire,
+                             .conn_open = t_conn_open, .conn_lost = t_conn_lost,
+                             .conn_replaced = t_conn_replaced, .arg = &tr};
     pgs_pool_opts po = {.max_size = concurrency, .acquire_timeout_ms = 60000,
-                        .conn = {.connect_timeout_ms = connect_timeout_ms}};
+                        .conn = {.connect_timeout_ms = connect_timeout_ms}, .hooks = &hooks};
     if (pgs_pool_new(base, conninfo, &po, &l.pool) != PGS_OK)
         fatal("cannot create the pool", NULL);
     l.t0 = now_s();
@@ -785,6 +1012,7 @@ static void scenario_transfer(int count, int concurrency)
     int closed = 0;
     pgs_pool_close(l.pool, on_pool_closed, &closed);
     wait_for(&closed);
+    trace_summary(&tr, &l);
     close_conn(c);
 }
 
@@ -1217,7 +1445,7 @@ static const char *const usage_text =
     "  cancel     a long statement is cancelled: the backend is gone, nothing written\n"
     "  timeout    a statement over the transaction's time budget: same outcome\n"
     "  retry      two conflicting serializable transfers: one retried, both applied\n"
-    "  transfer   many random transfers on a pool [--count N] [--concurrency C]\n"
+    "  transfer   many random transfers on a traced pool [--count N] [--concurrency C]\n"
     "  bulk       COPY in and out, a large SELECT streamed row by row, memory flat [--rows N]\n"
     "\n"
     "options:\n"
