@@ -747,6 +747,11 @@ PGS_API int pgs_pool_new(struct event_base *base, const char *conninfo,
  * PGS_EBUSY (max_waiting reached), PGS_ENOMEM; then cb never fires. */
 PGS_API int pgs_pool_acquire(pgs_pool *pool, pgs_conn_cb cb, void *arg, pgs_pool_req **req);
 
+/* Why the pool's last acquire was refused at once (PGS_EBUSY, PGS_ECLOSED) in words that name
+ * the limit: "too many requests waiting (max_waiting 3; max_size 4, 4 in use)". A static
+ * buffer of the pool's, valid until its next acquire; "" before any refusal (or NULL pool). */
+PGS_API const char *pgs_pool_refusal(const pgs_pool *pool);
+
 /* Abandon a request that has not fired yet: its cb fires with PGS_ECANCELED, and a connection
  * already set aside for it goes to the next waiter (hand-over and cancel are one decision).
  * Returns PGS_OK, PGS_EINVAL, or PGS_EMISUSE when its callback is already running or done, or

@@ -611,10 +611,15 @@ static int acquire(pgs_pool *p, int timeout_ms, int own_timeout, pgs_conn_cb cb,
         *out = NULL;
     if (!p || !cb || timeout_ms == 0)
         return PGS_EINVAL;
-    if (p->closing)
+    if (p->closing) {
+        snprintf(p->refusal, sizeof p->refusal, "the pool is closing");
         return PGS_ECLOSED;
+    }
     if (p->opts.max_waiting > 0 && !p->idle && p->waiting >= p->opts.max_waiting) {
         p->counters.refused_busy++;
+        snprintf(p->refusal, sizeof p->refusal,
+                 "too many requests waiting (max_waiting %d; max_size %d, %d in use)",
+                 p->opts.max_waiting, p->opts.max_size, p->in_use);
         return PGS_EBUSY;
     }
     pgs_pool_req *r = calloc(1, sizeof *r);

@@ -67,6 +67,7 @@ struct pgs_pool_req {
 
 struct pgs_pool {
     struct event_base *base;
+    char refusal[160]; /* why the last acquire was refused at once (pgs_pool_refusal) */
     char *conninfo;
     pgs_pool_opts opts; /* opts.setup_sql points to `setup` */
     char **setup;       /* the setup statements, copied (NULL-terminated), or NULL */

@@ -115,6 +115,11 @@ void pgs_pool_stats(const pgs_pool *p, pgs_pool_counts *st)
     st->waiting = p->waiting;
 }
 
+const char *pgs_pool_refusal(const pgs_pool *p)
+{
+    return p ? p->refusal : "";
+}
+
 void pgs_pool_stats_reset(pgs_pool *p)
 {
     if (p)

@@ -198,7 +198,11 @@ START_TEST(test_acquire_timeout_and_waiter_bound_have_their_own_codes)
     pgs_conn *held = acquire(b, p);
     got waiter = {0}, over = {0};
     ck_assert_int_eq(pgs_pool_acquire(p, on_got, &waiter, NULL), PGS_OK);
+    ck_assert_str_eq(pgs_pool_refusal(p), "");
     ck_assert_int_eq(pgs_pool_acquire(p, on_got, &over, NULL), PGS_EBUSY); /* at once */
+    /* the words name the limit it hit */
+    ck_assert_str_eq(pgs_pool_refusal(p),
+                     "too many requests waiting (max_waiting 1; max_size 1, 1 in use)");
     double t0 = th_now();
     th_run_until(b, &waiter.fired, 5);
     double took = th_now() - t0;
