@@ -36,6 +36,17 @@ void th_record(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg
     }
 }
 
+void th_on_open(pgs_conn *c, const pgs_error *err, void *arg)
+{
+    (void)c;
+    th_open_rec *r = arg;
+    r->fired++;
+    r->at = th_now();
+    r->ok = !err;
+    if (err)
+        r->err = *err;
+}
+
 void th_count_done(void *arg)
 {
     (*(int *)arg)++;

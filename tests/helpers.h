@@ -75,6 +75,15 @@ typedef struct th_call {
 extern int th_fire_seq;
 /* A pgs_result_cb that fills the th_call given as arg. */
 void th_record(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg);
+/* An on_open's record: how often it fired, whether it was up, its error, when. */
+typedef struct th_open_rec {
+    int fired;
+    int ok;
+    pgs_error err;
+    double at;
+} th_open_rec;
+/* A pgs_conn_cb that fills the th_open_rec given as arg. */
+void th_on_open(pgs_conn *c, const pgs_error *err, void *arg);
 /* A pgs_done_cb that counts into the int given as arg. */
 void th_count_done(void *arg);
 /* The backend pid of a connected guard. */

@@ -255,32 +255,14 @@ END_TEST
 
 /* ---- connect failures ---- */
 
-typedef struct open_rec {
-    int fired;
-    int ok;
-    pgs_error err;
-    double at;
-} open_rec;
-
-static void on_open_rec(pgs_conn *c, const pgs_error *err, void *arg)
-{
-    (void)c;
-    open_rec *r = arg;
-    r->fired++;
-    r->at = th_now();
-    r->ok = !err;
-    if (err)
-        r->err = *err;
-}
-
 /* Open with conninfo, expect failure with `code`; return the error for further checks. */
 static pgs_error open_fails(const char *conninfo, const pgs_conn_opts *opts, pgs_code code)
 {
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     int done = 0;
     pgs_conn *c = NULL;
-    ck_assert_int_eq(pgs_conn_open(b, conninfo, opts, on_open_rec, &r, &c), PGS_OK);
+    ck_assert_int_eq(pgs_conn_open(b, conninfo, opts, th_on_open, &r, &c), PGS_OK);
     ck_assert_int_eq(r.fired, 0);
     th_run_until(b, &r.fired, 20);
     ck_assert_int_eq(r.ok, 0);
@@ -350,10 +332,10 @@ START_TEST(test_connect_timeout_from_the_environment)
     snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=x dbname=x", port);
     setenv("PGCONNECT_TIMEOUT", "1", 1); /* libpq's rule: 1 s counts as 2 */
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
     double t0 = th_now();
-    ck_assert_int_eq(pgs_conn_open(b, ci, NULL, on_open_rec, &r, &c), PGS_OK);
+    ck_assert_int_eq(pgs_conn_open(b, ci, NULL, th_on_open, &r, &c), PGS_OK);
     unsetenv("PGCONNECT_TIMEOUT");
     th_run_until(b, &r.fired, 10);
     ck_assert_int_eq(r.err.code, PGS_ETIMEDOUT);
@@ -374,10 +356,10 @@ START_TEST(test_connect_timeout_against_silent_listener)
     pgs_conn_opts o = {.connect_timeout_ms = 500};
     double t0 = th_now();
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     int done = 0;
     pgs_conn *c = NULL;
-    ck_assert_int_eq(pgs_conn_open(b, ci, &o, on_open_rec, &r, &c), PGS_OK);
+    ck_assert_int_eq(pgs_conn_open(b, ci, &o, th_on_open, &r, &c), PGS_OK);
     th_run_until(b, &r.fired, 10);
     ck_assert_int_eq(r.err.code, PGS_ETIMEDOUT);
     double took = r.at - t0;
@@ -393,9 +375,9 @@ START_TEST(test_host_name_resolved_through_evdns)
 {
     /* "localhost" goes through libevent's resolver and reaches libpq as a hostaddr. */
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
-    ck_assert_int_eq(pgs_conn_open(b, th_conninfo("host=localhost"), NULL, on_open_rec, &r, &c),
+    ck_assert_int_eq(pgs_conn_open(b, th_conninfo("host=localhost"), NULL, th_on_open, &r, &c),
                      PGS_OK);
     th_run_until(b, &r.fired, 10);
     ck_assert_msg(r.ok, "connect to localhost failed: %s", r.err.message);
@@ -414,10 +396,10 @@ START_TEST(test_unresolvable_host_fails_with_reason_then_next_host_used)
     ck_assert_ptr_nonnull(strstr(e.message, "pgscope-no-such-host.invalid"));
     /* a list: the bad name is skipped, the next host is used */
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
     ck_assert_int_eq(pgs_conn_open(b, th_conninfo("host=pgscope-no-such-host.invalid,127.0.0.1"),
-                                   &o, on_open_rec, &r, &c),
+                                   &o, th_on_open, &r, &c),
                      PGS_OK);
     th_run_until(b, &r.fired, 10);
     ck_assert_msg(r.ok, "connect failed: %s", r.err.message);
@@ -443,11 +425,11 @@ START_TEST(test_close_while_connecting)
     int lfd;
     const char *ci = silent_conninfo(&lfd);
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     int done = 0;
     pgs_conn *c = NULL;
     th_call k = {0};
-    ck_assert_int_eq(pgs_conn_open(b, ci, NULL, on_open_rec, &r, &c), PGS_OK);
+    ck_assert_int_eq(pgs_conn_open(b, ci, NULL, th_on_open, &r, &c), PGS_OK);
     ck_assert_int_eq(pgs_query(c, "SELECT 1", 0, NULL, th_record, &k), PGS_OK);
     event_base_loop(b, EVLOOP_NONBLOCK); /* let the handshake start */
     ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_OK);
@@ -465,10 +447,10 @@ END_TEST
 START_TEST(test_close_while_host_name_is_looked_up)
 {
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     int done = 0;
     pgs_conn *c = NULL;
-    ck_assert_int_eq(pgs_conn_open(b, th_conninfo("host=localhost"), NULL, on_open_rec, &r, &c),
+    ck_assert_int_eq(pgs_conn_open(b, th_conninfo("host=localhost"), NULL, th_on_open, &r, &c),
                      PGS_OK);
     ck_assert_int_eq(pgs_conn_close(c, th_count_done, &done), PGS_OK);
     th_loop_end(b); /* the abandoned lookup frees itself and leaves nothing behind */
@@ -569,9 +551,9 @@ START_TEST(test_misuse_gets_codes_not_crashes)
 {
     struct event_base *b = th_loop_begin();
     pgs_conn *c = NULL;
-    ck_assert_int_eq(pgs_conn_open(NULL, "", NULL, on_open_rec, NULL, &c), PGS_EINVAL);
+    ck_assert_int_eq(pgs_conn_open(NULL, "", NULL, th_on_open, NULL, &c), PGS_EINVAL);
     ck_assert_ptr_null(c);
-    ck_assert_int_eq(pgs_conn_open(b, NULL, NULL, on_open_rec, NULL, &c), PGS_EINVAL);
+    ck_assert_int_eq(pgs_conn_open(b, NULL, NULL, th_on_open, NULL, &c), PGS_EINVAL);
     ck_assert_int_eq(pgs_conn_open(b, "", NULL, NULL, NULL, &c), PGS_EINVAL);
     ck_assert_int_eq(pgs_query(NULL, "SELECT 1", 0, NULL, th_record, NULL), PGS_EINVAL);
     ck_assert_int_eq(pgs_conn_close(NULL, NULL, NULL), PGS_EINVAL);
@@ -717,9 +699,9 @@ START_TEST(test_cancel_while_connecting)
     int lfd;
     const char *ci = silent_conninfo(&lfd);
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
-    ck_assert_int_eq(pgs_conn_open(b, ci, NULL, on_open_rec, &r, &c), PGS_OK);
+    ck_assert_int_eq(pgs_conn_open(b, ci, NULL, th_on_open, &r, &c), PGS_OK);
     ck_assert_int_eq(pgs_conn_cancel(c), PGS_OK);
     ck_assert_int_eq(r.fired, 0);
     th_run_until(b, &r.fired, 5);
@@ -1324,10 +1306,10 @@ START_TEST(test_connect_does_not_stall_the_loop)
     g.ev = event_new(b, -1, EV_PERSIST, on_gap_tick, &g);
     struct timeval ms = {0, 1000};
     ck_assert_int_eq(event_add(g.ev, &ms), 0);
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
     g.last = th_now() * 1000;
-    ck_assert_int_eq(pgs_conn_open(b, ci, NULL, on_open_rec, &r, &c), PGS_OK);
+    ck_assert_int_eq(pgs_conn_open(b, ci, NULL, th_on_open, &r, &c), PGS_OK);
     th_run_for(b, 0.4);
     event_free(g.ev);
     th_close(b, c);

@@ -8,23 +8,6 @@
 
 #include "helpers.h"
 
-typedef struct open_rec {
-    int fired, ok;
-    pgs_error err;
-    double at;
-} open_rec;
-
-static void on_open_rec(pgs_conn *c, const pgs_error *err, void *arg)
-{
-    (void)c;
-    open_rec *r = arg;
-    r->fired++;
-    r->ok = err == NULL;
-    if (err)
-        r->err = *err;
-    r->at = th_now();
-}
-
 /* The server's conninfo with the host list and port list replaced. */
 static const char *hosts_conninfo(const char *hosts, const char *ports, const char *more)
 {
@@ -35,10 +18,10 @@ static const char *hosts_conninfo(const char *hosts, const char *ports, const ch
 
 /* Open at `ci`, wait for on_open (exactly once), return how long it took. */
 static double open_and_wait(struct event_base *b, const char *ci, const pgs_conn_opts *o,
-                            open_rec *r, pgs_conn **c)
+                            th_open_rec *r, pgs_conn **c)
 {
     double t0 = th_now();
-    ck_assert_int_eq(pgs_conn_open(b, ci, o, on_open_rec, r, c), PGS_OK);
+    ck_assert_int_eq(pgs_conn_open(b, ci, o, th_on_open, r, c), PGS_OK);
     th_run_until(b, &r->fired, 30);
     th_run_for(b, 0.05);
     ck_assert_int_eq(r->fired, 1);
@@ -54,7 +37,7 @@ START_TEST(test_deaf_first_host_is_skipped_after_its_connect_timeout)
     char ports[64];
     snprintf(ports, sizeof ports, "%d,%s", deaf, th_conninfo_value("port"));
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
     double took = open_and_wait(b, hosts_conninfo("127.0.0.1,127.0.0.1", ports, "connect_timeout=2"),
                                 NULL, &r, &c);
@@ -80,7 +63,7 @@ START_TEST(test_without_connect_timeout_each_host_gets_a_share_of_the_deadline)
     snprintf(ports, sizeof ports, "%d,%s", deaf, th_conninfo_value("port"));
     pgs_conn_opts o = {.connect_timeout_ms = 1200}; /* two hosts: 600 ms each */
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
     double took = open_and_wait(b, hosts_conninfo("127.0.0.1,127.0.0.1", ports, "connect_timeout=0"),
                                 &o, &r, &c);
@@ -103,7 +86,7 @@ START_TEST(test_all_hosts_deaf_fails_in_time_naming_every_host)
     snprintf(p2, sizeof p2, "port %d", deaf2);
     pgs_conn_opts o = {.connect_timeout_ms = 1000};
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
     double took = open_and_wait(b, hosts_conninfo("127.0.0.1,127.0.0.1", ports, "connect_timeout=0"),
                                 &o, &r, &c);
@@ -130,7 +113,7 @@ START_TEST(test_overall_deadline_names_the_host_it_was_trying)
     snprintf(p1, sizeof p1, "port %d", deaf);
     pgs_conn_opts o = {.connect_timeout_ms = 700};
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
     double took = open_and_wait(b, hosts_conninfo("127.0.0.1,127.0.0.1", ports, "connect_timeout=2"),
                                 &o, &r, &c);
@@ -153,7 +136,7 @@ START_TEST(test_refused_first_host_makes_way_at_once_and_each_host_gets_its_full
     char ports[96];
     snprintf(ports, sizeof ports, "%d,%d,%s", th_closed_port(), deaf, th_conninfo_value("port"));
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
     double took = open_and_wait(
         b, hosts_conninfo("127.0.0.1,127.0.0.1,127.0.0.1", ports, "connect_timeout=2"), NULL, &r,
@@ -177,7 +160,7 @@ START_TEST(test_prefer_standby_comes_back_to_a_primary_before_a_deaf_host)
     char ports[64];
     snprintf(ports, sizeof ports, "%s,%d", th_conninfo_value("port"), deaf);
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
     double took = open_and_wait(
         b,
@@ -202,7 +185,7 @@ START_TEST(test_host_names_in_a_list_skip_a_deaf_host_too)
     char ports[64];
     snprintf(ports, sizeof ports, "%d,%s", deaf, th_conninfo_value("port"));
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
     open_and_wait(b, hosts_conninfo("localhost,localhost", ports, "connect_timeout=2"), NULL, &r,
                   &c);

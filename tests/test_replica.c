@@ -53,22 +53,6 @@ static void pgtmp(const char *args)
 
 /* ---- helpers ---- */
 
-typedef struct open_rec {
-    int fired;
-    int ok;
-    pgs_error err;
-} open_rec;
-
-static void on_open_rec(pgs_conn *c, const pgs_error *err, void *arg)
-{
-    (void)c;
-    open_rec *r = arg;
-    r->fired++;
-    r->ok = !err;
-    if (err)
-        r->err = *err;
-}
-
 /* One statement on a guard, run to its callback. */
 static th_call *run(struct event_base *b, pgs_conn *c, const char *sql, th_call *k)
 {
@@ -110,9 +94,9 @@ typedef struct landing {
 static landing land(struct event_base *b, const char *conninfo)
 {
     landing l = {0};
-    open_rec r = {0};
+    th_open_rec r = {0};
     pgs_conn *c = NULL;
-    ck_assert_int_eq(pgs_conn_open(b, conninfo, NULL, on_open_rec, &r, &c), PGS_OK);
+    ck_assert_int_eq(pgs_conn_open(b, conninfo, NULL, th_on_open, &r, &c), PGS_OK);
     th_run_until(b, &r.fired, 20);
     ck_assert_int_eq(r.fired, 1);
     l.ok = r.ok;

@@ -51,30 +51,14 @@ static const char *server_password(void)
 
 /* ---- helpers ---- */
 
-typedef struct open_rec {
-    int fired;
-    int ok;
-    pgs_error err;
-} open_rec;
-
-static void on_open_rec(pgs_conn *c, const pgs_error *err, void *arg)
-{
-    (void)c;
-    open_rec *r = arg;
-    r->fired++;
-    r->ok = !err;
-    if (err)
-        r->err = *err;
-}
-
 /* Open with conninfo, expect on_open to fail with `code`; the guard is closed after. */
 static pgs_error open_fails(const char *conninfo, pgs_code code)
 {
     struct event_base *b = th_loop_begin();
-    open_rec r = {0};
+    th_open_rec r = {0};
     int done = 0;
     pgs_conn *c = NULL;
-    ck_assert_int_eq(pgs_conn_open(b, conninfo, NULL, on_open_rec, &r, &c), PGS_OK);
+    ck_assert_int_eq(pgs_conn_open(b, conninfo, NULL, th_on_open, &r, &c), PGS_OK);
     th_run_until(b, &r.fired, 20);
     ck_assert_int_eq(r.ok, 0);
     ck_assert_msg(r.err.code == code, "expected %s, got %s: %s", pgs_strerror(code),

@@ -610,6 +610,41 @@ typedef struct psql_cmd {
 } psql_cmd;
 static char copy_file[64], pass_file[64];
 static psql_cmd psql_prepare(const char *conninfo);
+
+/* Run a PostgreSQL client tool (psql, pgbench) with `argv`, its output (stderr too when
+ * asked) into a pipe; the password, if any, through the password file, never on its command
+ * line; messages untranslated. Returns its pid; *rd is the pipe's end to read. */
+static pid_t run_tool(const char *path, char *const *argv, const psql_cmd *pc, int with_stderr,
+                      int *rd)
+{
+    int p[2];
+    if (pipe(p) != 0)
+        die("pipe: %s", strerror(errno));
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0)
+        die("fork: %s", strerror(errno));
+    if (pid == 0) {
+        dup2(p[1], 1);
+        if (with_stderr)
+            dup2(p[1], 2);
+        close(p[0]);
+        close(p[1]);
+        if (pc->has_password) {
+            setenv("PGPASSFILE", pass_file, 1);
+            unsetenv("PGPASSWORD");
+        }
+        setenv("LC_ALL", "C", 1); /* "Time: 12.345 ms", "tps = ...": with a decimal point */
+        unsetenv("LANGUAGE");
+        execvp(path, argv);
+        fprintf(stderr, "pgscope-bench: cannot run %s: %s\n", path, strerror(errno));
+        _exit(127);
+    }
+    close(p[1]);
+    *rd = p[0];
+    return pid;
+}
 static void pass_file_remove(void);
 
 static void bench_pgbench(const char *pgbench, const char *conninfo, int n, double seconds,
@@ -640,32 +675,11 @@ static void bench_pgbench(const char *pgbench, const char *conninfo, int n, doub
     char clients[16], secs[16];
     snprintf(clients, sizeof clients, "%d", n);
     snprintf(secs, sizeof secs, "%d", (int)(seconds + 0.5));
-    int p[2];
-    if (pipe(p) != 0)
-        die("pipe: %s", strerror(errno));
-    fflush(stdout);
-    fflush(stderr);
-    pid_t pid = fork();
-    if (pid < 0)
-        die("fork: %s", strerror(errno));
-    if (pid == 0) {
-        dup2(p[1], 1);
-        dup2(p[1], 2);
-        close(p[0]);
-        close(p[1]);
-        if (pc.has_password) {
-            setenv("PGPASSFILE", pass_file, 1);
-            unsetenv("PGPASSWORD");
-        }
-        setenv("LC_ALL", "C", 1);
-        char *argv[] = {"pgbench", "-n", "-M", "prepared", "-f", script, "-c", clients,
-                        "-j", "1", "-T", secs, pc.conninfo, NULL};
-        execv(pgbench, argv);
-        fprintf(stderr, "pgscope-bench: cannot run %s: %s\n", pgbench, strerror(errno));
-        _exit(127);
-    }
-    close(p[1]);
-    FILE *out = fdopen(p[0], "r");
+    char *argv[] = {"pgbench", "-n", "-M", "prepared", "-f", script, "-c", clients,
+                    "-j", "1", "-T", secs, pc.conninfo, NULL};
+    int rd;
+    pid_t pid = run_tool(pgbench, argv, &pc, 1, &rd);
+    FILE *out = fdopen(rd, "r");
     double tps = 0, lat = 0;
     char line[512];
     while (out && fgets(line, sizeof line, out)) {
@@ -1486,33 +1500,12 @@ static void copy_psql(const psql_cmd *cmd, const char *file, bulk_run *out)
     memset(out, 0, sizeof *out);
     char copy[256];
     snprintf(copy, sizeof copy, "\\copy pgscope_bench_copy FROM '%s'", file);
-    int p[2];
-    if (pipe(p) != 0)
-        die("pipe: %s", strerror(errno));
-    fflush(stdout);
-    fflush(stderr);
+    char *argv[] = {"psql", "-X", "-w", "-v", "ON_ERROR_STOP=1", "-c", "\\timing on",
+                    "-c", copy, "-d", cmd->conninfo, NULL};
+    int rd;
     double t0 = now_s();
-    pid_t pid = fork();
-    if (pid < 0)
-        die("fork: %s", strerror(errno));
-    if (pid == 0) {
-        dup2(p[1], 1);
-        close(p[0]);
-        close(p[1]);
-        if (cmd->has_password) {
-            setenv("PGPASSFILE", pass_file, 1);
-            unsetenv("PGPASSWORD");
-        }
-        setenv("LC_ALL", "C", 1); /* "Time: 12.345 ms", untranslated, with a decimal point */
-        unsetenv("LANGUAGE");
-        char *argv[] = {"psql", "-X", "-w", "-v", "ON_ERROR_STOP=1", "-c", "\\timing on",
-                        "-c", copy, "-d", cmd->conninfo, NULL};
-        execvp(cmd->path, argv);
-        fprintf(stderr, "pgscope-bench: cannot run %s: %s\n", cmd->path, strerror(errno));
-        _exit(127);
-    }
-    close(p[1]);
-    FILE *f = fdopen(p[0], "r");
+    pid_t pid = run_tool(cmd->path, argv, cmd, 0, &rd);
+    FILE *f = fdopen(rd, "r");
     char line[512];
     double ms = 0;
     while (f && fgets(line, sizeof line, f)) {
