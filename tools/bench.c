@@ -611,13 +611,10 @@ typedef struct psql_cmd {
 static char copy_file[64], pass_file[64];
 static psql_cmd psql_prepare(const char *conninfo);
 
-/* Run a PostgreSQL client tool (psql, pgbench) with `argv`, its output (stderr too when
- * asked) into a pipe; the password, if any, through the password file, never on its command
- * line; messages untranslated. Returns its pid; *rd is the pipe's end to read. */
-static pid_t run_tool(const char *path, char *const *argv, const psql_cmd *pc, int with_stderr,
-                      int *rd)
+/* A pipe, then a child: the stdio buffers flushed first, so nothing is written twice. Returns
+ * fork's answer; p holds both ends in both processes. */
+static pid_t fork_piped(int p[2])
 {
-    int p[2];
     if (pipe(p) != 0)
         die("pipe: %s", strerror(errno));
     fflush(stdout);
@@ -625,6 +622,17 @@ static pid_t run_tool(const char *path, char *const *argv, const psql_cmd *pc, i
     pid_t pid = fork();
     if (pid < 0)
         die("fork: %s", strerror(errno));
+    return pid;
+}
+
+/* Run a PostgreSQL client tool (psql, pgbench) with `argv`, its output (stderr too when
+ * asked) into a pipe; the password, if any, through the password file, never on its command
+ * line; messages untranslated. Returns its pid; *rd is the pipe's end to read. */
+static pid_t run_tool(const char *path, char *const *argv, const psql_cmd *pc, int with_stderr,
+                      int *rd)
+{
+    int p[2];
+    pid_t pid = fork_piped(p);
     if (pid == 0) {
         dup2(p[1], 1);
         if (with_stderr)
@@ -1155,13 +1163,7 @@ typedef void (*bulk_fn)(const char *conninfo, const void *spec, bulk_run *out);
 static void in_child(bulk_fn fn, const char *conninfo, const void *spec, bulk_run *out)
 {
     int p[2];
-    if (pipe(p) != 0)
-        die("pipe: %s", strerror(errno));
-    fflush(stdout);
-    fflush(stderr);
-    pid_t pid = fork();
-    if (pid < 0)
-        die("fork: %s", strerror(errno));
+    pid_t pid = fork_piped(p);
     if (pid == 0) {
         close(p[0]);
         child_pipe = p[1];
