@@ -711,6 +711,12 @@ typedef struct pgs_pool_opts {
      * as setup left it. With PGS_RESET_NONE they run once per connection. NULL: none. */
     const char *const *setup_sql;
     const pgs_hooks *hooks; /* tracing for the pool and its connections (overrides conn.hooks) */
+    /* Multiplexed transactions (opt-in): pgs_pool_run_tx pipelines the transactions of many
+     * callers on few connections, several in flight on one connection at once (see "Multiplexed
+     * transactions" below pgs_pool_run_tx). 0: off, each transaction has a connection to itself. */
+    int multiplex;
+    /* With multiplex: transactions in flight on one connection at most (0: 16). */
+    int mux_depth;
 } pgs_pool_opts;
 
 /* Counters for export (pgs_pool_stats fills them; the type's tag and name are one). */
@@ -767,6 +773,44 @@ PGS_API int pgs_pool_acquire_cancel(pgs_pool_req *req);
  * returns, or PGS_EINVAL (NULL body or done). */
 PGS_API int pgs_pool_run_tx(pgs_pool *pool, const pgs_tx_opts *opts, pgs_tx_body body,
                             pgs_tx_done_cb done, void *arg);
+
+/* Multiplexed transactions (pgs_pool_opts.multiplex): what pgs_pool_run_tx does then.
+ *  - Several callers' transactions are in flight on one connection at once, pipelined, each in
+ *    its own pipeline segments (BEGIN and the body's statements, a sync; COMMIT, a sync), so an
+ *    error aborts only its own transaction, and COMMIT of a failed one answers ROLLBACK and
+ *    leaves the session clean for the next. Results go to their own transaction; outcomes are
+ *    exact as everywhere: a connection lost makes each COMMIT already written UNKNOWN and
+ *    every transaction whose COMMIT was not written (or whose statement had failed) ROLLED_BACK.
+ *  - Callers share sessions, as in PgBouncer's transaction mode: a body must not leave session
+ *    state behind (SET without LOCAL, PREPARE, LISTEN, temporary tables, session advisory
+ *    locks, a role): the next transaction on the connection inherits it. Everything inside the
+ *    transaction is fine (SET LOCAL, pg_advisory_xact_lock, the statement cache's prepared
+ *    statements). No session reset runs between transactions; it runs (pgs_pool_opts.reset)
+ *    when the connection goes back to the pool, after it has been idle for a second.
+ *  - Requests are served in FIFO order, onto the connection with transactions in flight that
+ *    still has room (mux_depth), so few connections carry deep pipelines; another connection
+ *    is taken from the pool (up to max_size) only when every connection in use is full. A
+ *    request that finds no room waits under the pool's rules: acquire_timeout_ms (then done
+ *    reports ROLLED_BACK, attempts 0, with PGS_ETIMEDOUT, or PGS_ECONNECT while the server
+ *    cannot be reached) and max_waiting (then PGS_EBUSY at once).
+ *  - The body runs from the loop. A body that ends its transaction (pgs_tx_end) before it
+ *    returns lets the next transaction follow at once on the same connection. A body that
+ *    returns without ending it (it waits for a result to decide) holds that connection alone
+ *    until it ends: transactions already in flight ahead of it are unaffected, and no other
+ *    transaction is put behind it; they go to other connections (or wait for one). Such
+ *    transactions are as costly as in the default mode.
+ *  - A statement that runs long delays the transactions pipelined behind it on its connection
+ *    (head-of-line blocking): keep multiplexed transactions short.
+ *  - Retries (40001, 40P01) run again, after their backoff, as a new request at the head of
+ *    the queue (perhaps on another connection); never after an unknown commit.
+ *  - pgs_tx_cancel, and pgs_tx_opts.timeout_ms, cost the transaction's neighbours this much:
+ *    the cancel request reaches whatever statement the server runs at that moment, which may
+ *    be a neighbour's: that neighbour then rolls back with SQLSTATE 57014, exactly reported.
+ *    The cancelled transaction rolls back (its pending statements get the cancel's code);
+ *    the others on the connection run to their end, and the connection is then closed, never
+ *    reused. Only when a COMMIT already sent gets no reply within commit_grace_ms is the
+ *    connection closed at once: every COMMIT in flight on it then ends UNKNOWN.
+ *  - pgs_pool_acquire still hands out connections of their own, from the same max_size. */
 
 /* Fill *stats. */
 PGS_API void pgs_pool_stats(const pgs_pool *pool, pgs_pool_counts *stats);
