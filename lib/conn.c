@@ -442,7 +442,8 @@ int conn_user_prepared(pgs_conn *c)
 
 int conn_clean(pgs_conn *c)
 {
-    if (c->state != CS_READY || c->owner || c->cancel || c->returning || (c->keeper && !c->lent))
+    if (c->state != CS_READY || c->owner || c->cancel || c->spoiled || c->returning ||
+        (c->keeper && !c->lent))
         return 0;
     int resets = 0;
     if (c->held) {
@@ -460,6 +461,18 @@ int conn_clean(pgs_conn *c)
     /* A reset in flight was sent from an idle session and leaves it idle; libpq reports the
      * pipeline as active until it is answered. */
     return resets > 0 || PQtransactionStatus(c->pg) == PQTRANS_IDLE;
+}
+
+int conn_between(pgs_conn *c)
+{
+    return c->state == CS_READY && !c->owner && !c->plugged && !c->cancel && !c->spoiled &&
+           !c->returning && (!c->open_segment || c->sync_turn) && !c->held && !c->solo &&
+           !c->draining;
+}
+
+void conn_spoil(pgs_conn *c)
+{
+    c->spoiled = 1;
 }
 
 void conn_set_keeper(pgs_conn *c, const conn_keeper *keeper, void *arg)

@@ -104,6 +104,15 @@ void conn_lend(pgs_conn *c);
 /* Reusable as it is, or free for a transaction guard: connected, no owner, no cancel, nothing
  * in flight but resets, and idle (no transaction) or about to be (after a reset)? */
 int conn_clean(pgs_conn *c);
+/* May a transaction be queued now behind what is in flight, on a session shared by pipelined
+ * transactions (the pool's multiplexed mode)? Connected, no owner, nothing held back by a
+ * plug, no cancel request, not spoiled, and every segment queued so far ended by its sync
+ * (or the pool's reset, whose segment the next user's statements join: CONN_SYNC_TURN). */
+int conn_between(pgs_conn *c);
+/* A cancel request went out on a session that others share: it may still land on whatever
+ * runs next, so the session is never reused (conn_clean and conn_between say no). */
+void conn_spoil(pgs_conn *c);
+
 /* Has SQL PREPARE run on this session (a statement tagged PREPARE came back) since every
  * prepared statement was last dropped (a DISCARD ALL or DEALLOCATE ALL that succeeded)? */
 int conn_user_prepared(pgs_conn *c);

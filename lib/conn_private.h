@@ -177,6 +177,7 @@ struct pgs_conn {
     uint64_t name_tag;        /* random, in every cached statement's name (stmt_name) */
     int user_prepared;        /* SQL PREPARE ran since prepared statements were last dropped */
     int lent;                 /* kept by a keeper: handed to a user, who has not closed it */
+    int spoiled;              /* a cancel request went out on a shared session: never reused */
     int xact;                 /* the transaction status the owner knows (conn_set_xact), or -1 */
     int server_ended;         /* the server sent FATAL: nothing after it runs */
     int reporting_not_run;    /* inside the callback of a statement that certainly never ran */

@@ -105,6 +105,12 @@ static void maybe_finish(pgs_pool *p)
         loop_ev_post(p->finish);
 }
 
+void pool_outstanding_done(pgs_pool *p)
+{
+    p->outstanding--;
+    maybe_finish(p);
+}
+
 static void slot_free(slot *s)
 {
     pgs_pool *p = s->pool;
@@ -560,6 +566,7 @@ static void pool_finished(void *arg, int what)
         p->done(p->done_arg);
     loop_ev_free(p->retry);
     loop_ev_free(p->finish);
+    mux_free(p->mux);
     pool_free_setup(p);
     free(p->conninfo);
     free(p);
@@ -575,7 +582,7 @@ int pgs_pool_new(struct event_base *base, const char *conninfo, const pgs_pool_o
     if (o.max_size == 0)
         o.max_size = DEFAULT_MAX_SIZE;
     if (o.min_size < 0 || o.max_size < 0 || o.min_size > o.max_size || o.max_waiting < 0 ||
-        o.reset < PGS_RESET_SESSION || o.reset > PGS_RESET_NONE)
+        o.reset < PGS_RESET_SESSION || o.reset > PGS_RESET_NONE || o.mux_depth < 0)
         return PGS_EINVAL;
     if (o.acquire_timeout_ms == 0)
         o.acquire_timeout_ms = DEFAULT_ACQUIRE_TIMEOUT_MS;
@@ -691,6 +698,7 @@ int pgs_pool_close(pgs_pool *p, pgs_done_cb done, void *arg)
     p->retry_armed = 0;
     while (p->wait_head)
         fail_req(p->wait_head, PGS_ECLOSED);
+    mux_close(p);
     for (slot *s = p->all, *next; s; s = next) {
         next = s->all_next;
         if (s->state == SL_IDLE || s->state == SL_CONNECTING || s->state == SL_SETUP)

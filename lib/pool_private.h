@@ -89,6 +89,7 @@ struct pgs_pool {
     pgs_error connect_err;
     loop_ev *finish; /* the close's done, from the loop */
     pgs_pool_counts counters; /* the cumulative ones (the gauges are the fields above) */
+    struct mux *mux; /* the multiplexed mode's state (pool_mux.c), from its first request */
 };
 
 /* pool.c */
@@ -103,6 +104,20 @@ void slot_ready(slot *s);
 /* Close a slot's connection; slot_replace also counts it and tells the hook (pool_replaced). */
 void slot_retire(slot *s);
 void slot_replace(slot *s, int counts, const pgs_error *why);
+
+/* A request, carrier or report of the pool's that it must outlive has ended (it was counted
+ * in p->outstanding): the pool may finish closing now. */
+void pool_outstanding_done(pgs_pool *p);
+
+/* pool_mux.c: the multiplexed mode */
+struct mux;
+/* pgs_pool_run_tx with pgs_pool_opts.multiplex (same contract; body and done checked). */
+int mux_run_tx(pgs_pool *p, const pgs_tx_opts *opts, pgs_tx_body body, pgs_tx_done_cb done,
+               void *arg);
+/* The pool closes: waiting transactions fail with PGS_ECLOSED (from the loop), idle carriers go
+ * back, the others once their transactions are done. */
+void mux_close(pgs_pool *p);
+void mux_free(struct mux *m);
 
 /* pool_session.c */
 /* Copy the setup statements into p->setup (0, or -1: no memory); free them. */

@@ -1,9 +1,11 @@
 /* pgs_pool_run_tx: acquire + pgs_run_tx + release as one scope, its done fired once the guard
- * is back, and a retry whose connection died moved to another guard. The top of the library:
- * the pool's public API and the transaction layer's tx.h. */
+ * is back, and a retry whose connection died moved to another guard; in the multiplexed mode,
+ * pool_mux.c's. The top of the library: the pool's public API and the transaction layer's
+ * tx.h. */
 #include <stdlib.h>
 
 #include "error.h"
+#include "pool_private.h"
 #include "tx.h"
 
 typedef struct pool_run {
@@ -90,6 +92,8 @@ int pgs_pool_run_tx(pgs_pool *p, const pgs_tx_opts *opts, pgs_tx_body body, pgs_
 {
     if (!p || !body || !done)
         return PGS_EINVAL;
+    if (p->opts.multiplex)
+        return mux_run_tx(p, opts, body, done, arg);
     pool_run *r = calloc(1, sizeof *r);
     if (!r)
         return PGS_ENOMEM;

@@ -87,6 +87,11 @@ struct pgs_tx {
     const pgs_hooks *hooks; /* its connection's tracing hooks, or NULL */
     long long t0_us;        /* begun at (with hooks only) */
     loop_ev *timer; /* root: the whole-transaction timeout, then the commit grace */
+    /* root, on a session shared by pipelined transactions (the pool's multiplexed mode): */
+    const tx_share *share; /* NULL otherwise */
+    void *share_arg;
+    int share_attempts;
+    int server_aborted; /* the server refused one of its statements: it cannot commit */
 };
 
 typedef struct tx_op {
@@ -153,6 +158,10 @@ static int send_any(pgs_tx *tx, op_kind kind, const char *sql, int nparams,
 {
     if (!conn_of(tx))
         return PGS_ECLOSED;
+    pgs_tx *root = root_of(tx);
+    if (root->share && root->cancel_code != PGS_OK &&
+        (kind == K_USER || kind == K_BEGIN || kind == K_SETUP))
+        return root->cancel_code; /* its connection lives on for the others */
     tx_op *op = malloc(sizeof *op);
     if (!op)
         return PGS_ENOMEM;
@@ -165,7 +174,7 @@ static int send_any(pgs_tx *tx, op_kind kind, const char *sql, int nparams,
     }
     tx->inflight++;
     if (kind != K_TXID && kind != K_COMMIT)
-        root_of(tx)->ahead++;
+        root->ahead++;
     return PGS_OK;
 }
 
@@ -207,8 +216,9 @@ static void finish(pgs_tx *tx)
         conn_set_owner(tx->conn, NULL, NULL);
         conn_set_xact(tx->conn, -1); /* after the end's sync libpq knows it again */
     }
-    /* After a cancel request the session's state is unknown: never reuse it. */
-    if (tx->cancel_code != PGS_OK && conn_ready(tx->conn))
+    /* After a cancel request the session's state is unknown: never reuse it. (A shared one
+     * carries the others' transactions to their end first: kill_shared spoiled it.) */
+    if (tx->cancel_code != PGS_OK && conn_ready(tx->conn) && !tx->share)
         conn_kill(tx->conn, tx->cancel_code, "the transaction was canceled", 0);
 }
 
@@ -264,6 +274,18 @@ static void send_rollback(pgs_tx *tx)
     send_end(tx, K_ROLLBACK, "ROLLBACK", 0);
 }
 
+/* On a shared session the end is queued: the next transaction may follow it at once. */
+static void end_queued(pgs_tx *tx)
+{
+    if (!tx->share)
+        return;
+    if (tx->conn && conn_owner(tx->conn) == tx) {
+        conn_set_owner(tx->conn, NULL, NULL);
+        conn_set_xact(tx->conn, -1);
+    }
+    tx->share->ended(tx->share_arg);
+}
+
 static void end_root(pgs_tx *tx)
 {
     tx->state = TX_ENDING;
@@ -275,22 +297,30 @@ static void end_root(pgs_tx *tx)
         if (tx->opts.resolvable)
             rc = send_stmt(tx, K_TXID, RESOLVABLE_ID, 0, NULL,
                            STMT | CONN_FLUSH_NOW, NULL, NULL);
+        /* Shared: COMMIT gets a segment of its own. A failed statement makes the server skip
+         * only to the sync before it; COMMIT then runs, answers ROLLBACK and leaves the
+         * session idle for the next transaction (in the same segment it would be skipped,
+         * the session left in the failed transaction, and the next BEGIN refused). */
+        if (rc == PGS_OK && tx->share)
+            rc = tx->conn ? conn_sync(tx->conn, 0) : PGS_ECLOSED;
         if (rc == PGS_OK)
             rc = send_stmt(tx, K_COMMIT, "COMMIT", 0, NULL, 0, NULL, NULL);
         if (rc == PGS_OK) {
             tx->commit = tx->settling > 0 || tx->plug ? CM_HELD : CM_SENT;
             tx->outcome = PGS_TX_UNKNOWN; /* until the reply says otherwise */
-            return;
+        } else {
+            /* Not sent: the connection is gone, and the server dropped the transaction. */
+            note_unsent(tx, "COMMIT", rc);
+            tx->outcome = PGS_TX_ROLLED_BACK;
         }
-        /* Not sent: the connection is gone, and the server dropped the transaction with it. */
-        note_unsent(tx, "COMMIT", rc);
-        tx->outcome = PGS_TX_ROLLED_BACK;
+        end_queued(tx);
         return;
     }
     /* The lone sync ends any abort the server is in, so ROLLBACK itself runs. */
     if (tx->conn)
         conn_sync(tx->conn, 0);
     send_rollback(tx);
+    end_queued(tx);
 }
 
 /* ---- results ---- */
@@ -298,6 +328,14 @@ static void end_root(pgs_tx *tx)
 static int is_aborted(const PGresult *res)
 {
     return res && PQresultStatus(res) == PGRES_PIPELINE_ABORTED;
+}
+
+/* The server's ERROR for the statement (not libpq's word on a lost connection, nor a FATAL):
+ * the transaction is aborted, whatever follows. */
+static int refused(const PGresult *res)
+{
+    const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    return PQresultStatus(res) == PGRES_FATAL_ERROR && severity && strcmp(severity, "ERROR") == 0;
 }
 
 /* COMMIT's reply, or what came instead, decides the outcome: COMMITTED only when the server
@@ -341,10 +379,12 @@ static void commit_replied(pgs_tx *tx, pgs_conn *c, const PGresult *res, const p
         }
         return;
     }
-    if (conn_not_run(c)) {
+    if (conn_not_run(c) || tx->server_aborted) {
         /* Never written, or skipped by the server: after an earlier error of its pipeline
-         * segment (the pool's reset, a statement of ours), or after the server's FATAL. The
-         * closed session takes the transaction with it. */
+         * segment (the pool's reset, a statement of ours), or after the server's FATAL; or
+         * (a shared session's COMMIT, in a segment of its own) the server had refused one of
+         * the transaction's statements, so COMMIT could only roll back. The closed session
+         * takes the transaction with it. */
         tx->outcome = PGS_TX_ROLLED_BACK;
         if (tx->cancel_code != PGS_OK)
             note_failure_code(tx, tx->cancel_code, "the transaction was canceled before COMMIT ran");
@@ -408,6 +448,21 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
                 err = &renamed;
             }
         }
+    }
+    if (err && res && op->kind != K_COMMIT && op->kind != K_ROLLBACK &&
+        (tx == root || op->kind != K_USER) && refused(res))
+        root->server_aborted = 1;
+    if (!err && root->share && root->cancel_code != PGS_OK &&
+        (op->kind == K_USER || op->kind == K_SETUP)) {
+        /* Answered after the cancel: the statement ran, but its transaction will not commit,
+         * and every pending callback hears the cancel's code (the connection lives on for
+         * the transactions that share it). */
+        err_set(&renamed, root->cancel_code, NULL,
+                root->cancel_code == PGS_ETIMEDOUT ? "the transaction's time limit passed"
+                                                   : "the transaction was canceled",
+                NULL);
+        err = &renamed;
+        res = NULL;
     }
     /* The transaction's status as the server now has it, for pgs_conn_txstatus in the
      * callbacks below (libpq learns it only at a sync). */
@@ -518,21 +573,47 @@ static void fire_done(void *arg, int what)
     memcpy(r.xid, tx->xid, sizeof r.xid);
     if (tx->hooks && tx->hooks->tx_end) {
         pgs_tx_result t = r;
-        t.attempts = tx->run ? run_attempts(tx->run) : 1;
+        t.attempts = tx->run ? run_attempts(tx->run) : tx->share ? tx->share_attempts : 1;
         tx->hooks->tx_end(conn_of(tx), &t, tx_now_us() - tx->t0_us, tx->hooks->arg);
     }
     if (!tx->orphan && tx->done)
         tx->done(&r, tx->done_arg);
     run *rn = tx->run;
+    const tx_share *share = tx->share;
+    void *share_arg = tx->share_arg;
     pgs_tx_result copy = r;
     pgs_error e = tx->err;
     copy.err = r.err ? &e : NULL;
     tx_free(tx);
     if (rn)
         run_after(rn, &copy);
+    else if (share)
+        share->done(share_arg, &copy);
 }
 
 /* ---- cancel and timeouts ---- */
+
+/* kill_tx on a shared session: the others' transactions on it must not pay for this one more
+ * than the cancel request itself costs (see the header's multiplexed rules). */
+static void kill_shared(pgs_tx *root, pgs_code code)
+{
+    const char *msg = code == PGS_ETIMEDOUT ? "the transaction's time limit passed"
+                                            : "the transaction was canceled";
+    if (root->commit == CM_HELD) {
+        /* Its end waits behind a settling savepoint, and the others' transactions behind it:
+         * close (they hear of it exactly: nothing of theirs was written). */
+        conn_kill(root->conn, PGS_ECONN,
+                  "the connection was closed: a transaction sharing it was canceled", 1);
+        return;
+    }
+    note_failure_code(root, code, msg);
+    if (root->ahead > 0) {
+        /* Its statements are out: stop the one running (it may be a neighbour's, which then
+         * rolls back with 57014), and never reuse the session (the request may land later). */
+        conn_cancel_request(root->conn);
+        conn_spoil(root->conn);
+    }
+}
 
 static void kill_tx(pgs_tx *root, pgs_code code)
 {
@@ -544,9 +625,16 @@ static void kill_tx(pgs_tx *root, pgs_code code)
          * then show whether COMMIT ran or was skipped. Either way wait a bounded grace for
          * its reply, which tells the truth; without one the outcome is unknown. */
         root->in_grace = 1;
-        if (root->ahead > 0 && root->conn)
+        if (root->ahead > 0 && root->conn) {
             conn_cancel_request(root->conn);
+            if (root->share)
+                conn_spoil(root->conn);
+        }
         loop_ev_timer(root->timer, root->opts.commit_grace_ms);
+        return;
+    }
+    if (root->share && root->conn) {
+        kill_shared(root, code);
         return;
     }
     const char *msg = code == PGS_ETIMEDOUT
@@ -637,16 +725,9 @@ static void begin_sql(const pgs_tx_opts *o, char *sql, size_t cap)
              o->deferrable ? " DEFERRABLE" : "");
 }
 
-int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, void *arg,
-                 pgs_tx **out)
+static int begin_on(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, void *arg,
+                    const tx_share *share, void *share_arg, int attempts, pgs_tx **out)
 {
-    if (out)
-        *out = NULL;
-    if (!conn || !out || tx_check_opts(opts) != PGS_OK)
-        return PGS_EINVAL;
-    int rc = tx_check_conn(conn);
-    if (rc != PGS_OK)
-        return rc;
     pgs_tx *tx = tx_new(conn, NULL);
     if (!tx)
         return PGS_ENOMEM;
@@ -658,7 +739,7 @@ int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, vo
     tx->begun_arg = arg;
     char sql[96];
     begin_sql(&tx->opts, sql, sizeof sql);
-    rc = send_stmt(tx, K_BEGIN, sql, 0, NULL, STMT, NULL, NULL);
+    int rc = send_stmt(tx, K_BEGIN, sql, 0, NULL, STMT, NULL, NULL);
     if (rc != PGS_OK) {
         tx_free(tx);
         return rc;
@@ -677,9 +758,36 @@ int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, vo
     }
     if (tx->opts.timeout_ms > 0)
         loop_ev_timer(tx->timer, tx->opts.timeout_ms);
+    tx->share = share;
+    tx->share_arg = share_arg;
+    tx->share_attempts = attempts;
     *out = tx;
     traced_begin(tx, conn);
     return PGS_OK;
+}
+
+int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, void *arg,
+                 pgs_tx **out)
+{
+    if (out)
+        *out = NULL;
+    if (!conn || !out || tx_check_opts(opts) != PGS_OK)
+        return PGS_EINVAL;
+    int rc = tx_check_conn(conn);
+    if (rc != PGS_OK)
+        return rc;
+    return begin_on(conn, opts, on_begun, arg, NULL, NULL, 1, out);
+}
+
+int tx_begin_shared(pgs_conn *conn, const pgs_tx_opts *opts, const tx_share *share, void *arg,
+                    int attempts, pgs_tx **out)
+{
+    *out = NULL;
+    if (tx_check_opts(opts) != PGS_OK)
+        return PGS_EINVAL;
+    if (!conn_between(conn))
+        return conn_ready(conn) ? PGS_EMISUSE : PGS_ECONN;
+    return begin_on(conn, opts, NULL, NULL, share, arg, attempts, out);
 }
 
 int pgs_tx_savepoint(pgs_tx *parent, pgs_tx_cb on_begun, void *arg, pgs_tx **out)

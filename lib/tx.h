@@ -3,6 +3,8 @@
 #ifndef PGS_TX_H
 #define PGS_TX_H
 
+#include <stdint.h>
+
 #include "pgscope.h"
 
 /* pgs_run_tx, continuing after `prior` (NULL: a first run): a retry of a transaction whose
@@ -11,6 +13,30 @@
  * connection die before it, done reports prior's outcome. */
 int tx_run(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body, pgs_tx_done_cb done,
            void *arg, const pgs_tx_result *prior);
+
+/* Are these transaction options valid (NULL: the defaults)? PGS_OK or PGS_EINVAL. */
+int tx_check_opts(const pgs_tx_opts *o);
+
+/* The pool's multiplexed mode: transactions pipelined on a session they share. */
+typedef struct tx_share {
+    /* The transaction's end (COMMIT or ROLLBACK, with the syncs that keep it apart) is queued:
+     * the session may take the next transaction (conn_between says when). Fires inside
+     * pgs_tx_end: it must not call the user. */
+    void (*ended)(void *arg);
+    /* The outcome, from the loop, after the guard's own done; the guard is gone. */
+    void (*done)(void *arg, const pgs_tx_result *res);
+} tx_share;
+
+/* Begin a root transaction on a shared session, behind the transactions in flight on it
+ * (conn_between must hold: else PGS_EMISUSE, or PGS_ECONN when the connection is gone). It
+ * owns the session until its end is queued; its result reports `attempts`. A cancel or timeout
+ * lets the others on the session run to their end (the header's multiplexed rules). */
+int tx_begin_shared(pgs_conn *conn, const pgs_tx_opts *opts, const tx_share *share, void *arg,
+                    int attempts, pgs_tx **out);
+
+/* The wait before retry number `attempts` (the body has run that many times): exponential
+ * backoff with full jitter from opts' retry_base_ms and retry_max_ms; *rng is the state. */
+int tx_backoff_ms(const pgs_tx_opts *opts, int attempts, uint64_t *rng);
 
 /* Rolled back by a serialization failure (40001) or deadlock (40P01): safe to run again. */
 int tx_retryable(const pgs_tx_result *res);

@@ -9,7 +9,6 @@ typedef struct run run;
 
 /* tx.c: the options and the connection a transaction guard can begin with (PGS_OK, or the
  * code pgs_tx_begin would return), and the run a guard reports its end to. */
-int tx_check_opts(const pgs_tx_opts *o);
 int tx_check_conn(pgs_conn *conn);
 void tx_attach_run(pgs_tx *tx, run *r);
 

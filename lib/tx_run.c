@@ -93,18 +93,23 @@ int tx_retryable(const pgs_tx_result *res)
            (strcmp(res->err->sqlstate, "40001") == 0 || strcmp(res->err->sqlstate, "40P01") == 0);
 }
 
-/* Exponential backoff with full jitter: a random wait up to base * 2^(attempt-1). */
-static int backoff_ms(run *r)
+/* Exponential backoff with full jitter: a random wait up to base * 2^(attempts-1). */
+int tx_backoff_ms(const pgs_tx_opts *opts, int attempts, uint64_t *rng)
 {
-    int base = r->opts.retry_base_ms ? r->opts.retry_base_ms : DEFAULT_RETRY_BASE_MS;
-    int cap = r->opts.retry_max_ms ? r->opts.retry_max_ms : DEFAULT_RETRY_MAX_MS;
-    long long limit = (long long)base << (r->attempts - 1 < 20 ? r->attempts - 1 : 20);
+    int base = opts->retry_base_ms ? opts->retry_base_ms : DEFAULT_RETRY_BASE_MS;
+    int cap = opts->retry_max_ms ? opts->retry_max_ms : DEFAULT_RETRY_MAX_MS;
+    long long limit = (long long)base << (attempts - 1 < 20 ? attempts - 1 : 20);
     if (limit > cap)
         limit = cap;
-    r->rng ^= r->rng << 13;
-    r->rng ^= r->rng >> 7;
-    r->rng ^= r->rng << 17;
-    return (int)(r->rng % (uint64_t)(limit + 1));
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    return (int)(*rng % (uint64_t)(limit + 1));
+}
+
+static int backoff_ms(run *r)
+{
+    return tx_backoff_ms(&r->opts, r->attempts, &r->rng);
 }
 
 static void keep_last(run *r, const pgs_tx_result *res)
