@@ -775,41 +775,58 @@ PGS_API int pgs_pool_run_tx(pgs_pool *pool, const pgs_tx_opts *opts, pgs_tx_body
                             pgs_tx_done_cb done, void *arg);
 
 /* Multiplexed transactions (pgs_pool_opts.multiplex): what pgs_pool_run_tx does then.
- *  - Several callers' transactions are in flight on one connection at once, pipelined, each in
- *    its own pipeline segments (BEGIN and the body's statements, a sync; COMMIT, a sync), so an
- *    error aborts only its own transaction, and COMMIT of a failed one answers ROLLBACK and
- *    leaves the session clean for the next. Results go to their own transaction; outcomes are
- *    exact as everywhere: a connection lost makes each COMMIT already written UNKNOWN and
- *    every transaction whose COMMIT was not written (or whose statement had failed) ROLLED_BACK.
+ *  - Several callers' transactions are in flight on one connection at once, pipelined. The
+ *    body's statements are kept until it returns; a body that ended its transaction then (the
+ *    common case) has it sent whole, BEGIN to COMMIT, behind the others queued on that
+ *    connection in the same loop turn, all of them ended by one pipeline sync: one write and
+ *    one wake-up of the server for many transactions. Results go to their own transaction.
+ *  - An error aborts only its own transaction. The server skips what follows an error up to
+ *    the sync, so a transaction behind a failed one in the same segment never ran at all (its
+ *    BEGIN was skipped): it is sent again, whole, on a connection with room, before the
+ *    requests still waiting; its callbacks fire once, for the run that happened, and nothing
+ *    of the skipped one is reported (the statement hooks do show the skipped statements).
+ *    After 8 such runs again it is sent first in a segment of its own, where nothing can skip
+ *    it. Each segment begins with a ROLLBACK, which ends a transaction a failed segment left
+ *    aborted (its "no transaction in progress" warning, SQLSTATE 25P01, is not passed on).
+ *  - Outcomes are exact as everywhere: a connection lost makes each COMMIT already written
+ *    UNKNOWN, and every transaction whose COMMIT was not written, whose statement the server
+ *    refused, or that was skipped, ROLLED_BACK (or sent again, when skipped by a neighbour's
+ *    error that arrived before the loss).
  *  - Callers share sessions, as in PgBouncer's transaction mode: a body must not leave session
  *    state behind (SET without LOCAL, PREPARE, LISTEN, temporary tables, session advisory
  *    locks, a role): the next transaction on the connection inherits it. Everything inside the
  *    transaction is fine (SET LOCAL, pg_advisory_xact_lock, the statement cache's prepared
  *    statements). No session reset runs between transactions; it runs (pgs_pool_opts.reset)
  *    when the connection goes back to the pool, after it has been idle for a second.
- *  - Requests are served in FIFO order, onto the connection with transactions in flight that
- *    still has room (mux_depth), so few connections carry deep pipelines; another connection
- *    is taken from the pool (up to max_size) only when every connection in use is full. A
+ *  - Requests are served in FIFO order, onto the first connection in use that has room
+ *    (mux_depth transactions in flight), so few connections carry deep pipelines; another is
+ *    taken from the pool (up to max_size) only when every connection in use is full. A
  *    request that finds no room waits under the pool's rules: acquire_timeout_ms (then done
  *    reports ROLLED_BACK, attempts 0, with PGS_ETIMEDOUT, or PGS_ECONNECT while the server
- *    cannot be reached) and max_waiting (then PGS_EBUSY at once).
- *  - The body runs from the loop. A body that ends its transaction (pgs_tx_end) before it
- *    returns lets the next transaction follow at once on the same connection. A body that
- *    returns without ending it (it waits for a result to decide) holds that connection alone
- *    until it ends: transactions already in flight ahead of it are unaffected, and no other
- *    transaction is put behind it; they go to other connections (or wait for one). Such
- *    transactions are as costly as in the default mode.
- *  - A statement that runs long delays the transactions pipelined behind it on its connection
- *    (head-of-line blocking): keep multiplexed transactions short.
- *  - Retries (40001, 40P01) run again, after their backoff, as a new request at the head of
- *    the queue (perhaps on another connection); never after an unknown commit.
+ *    cannot be reached) and max_waiting (then PGS_EBUSY at once). done fires once the outcome
+ *    is known; the connection stays with the mode's other transactions.
+ *  - The body runs from the loop. A body that returns without ending its transaction (it
+ *    waits for a result to decide) starts a pipeline segment of its own and holds that
+ *    connection alone until it ends: transactions already in flight ahead of it are
+ *    unaffected, and none is put behind it; the others go to other connections (or wait for
+ *    one). Such a transaction costs what it costs in the default mode. So do those that open
+ *    a savepoint, run a COPY or stream, or use begin_alone. The statement hooks' stmt_start of
+ *    statements kept until the body returns fires when they are sent, just after it returns.
+ *  - A statement that runs long delays the transactions pipelined with it on its connection
+ *    (head-of-line blocking): those behind it run after it, and the replies of those ahead
+ *    of it in its segment, which the server sends at the segment's end, come after it too.
+ *    Keep multiplexed transactions short.
+ *  - Retries (40001, 40P01) run the body again after their backoff, at the head of the queue
+ *    (perhaps on another connection); attempts counts the body's runs; never after an
+ *    unknown commit.
  *  - pgs_tx_cancel, and pgs_tx_opts.timeout_ms, cost the transaction's neighbours this much:
  *    the cancel request reaches whatever statement the server runs at that moment, which may
- *    be a neighbour's: that neighbour then rolls back with SQLSTATE 57014, exactly reported.
- *    The cancelled transaction rolls back (its pending statements get the cancel's code);
- *    the others on the connection run to their end, and the connection is then closed, never
- *    reused. Only when a COMMIT already sent gets no reply within commit_grace_ms is the
- *    connection closed at once: every COMMIT in flight on it then ends UNKNOWN.
+ *    be a neighbour's: that neighbour then rolls back with SQLSTATE 57014, exactly reported;
+ *    those behind it in its segment are sent again elsewhere. The cancelled transaction rolls
+ *    back (its pending statements get the cancel's code); the connection takes no new
+ *    transaction and is closed once those on it are done. Only when a COMMIT already sent gets
+ *    no reply within commit_grace_ms is the connection closed at once: every COMMIT in flight
+ *    on it then ends UNKNOWN.
  *  - pgs_pool_acquire still hands out connections of their own, from the same max_size. */
 
 /* Fill *stats. */

@@ -285,6 +285,11 @@ void conn_notice(void *arg, const PGresult *res)
         c->server_ended = 1; /* (nothing was in flight: libpq parses a notice only then) */
         return;
     }
+    if (c->shared) {
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        if (state && strcmp(state, "25P01") == 0)
+            return; /* a segment's opening ROLLBACK found no transaction: the usual case */
+    }
     if (c->opts.on_notice && c->state == CS_READY && !c->finish_pending) {
         c->in_notice++;
         c->opts.on_notice(c, res, c->opts.notice_arg);
@@ -473,6 +478,21 @@ int conn_between(pgs_conn *c)
 void conn_spoil(pgs_conn *c)
 {
     c->spoiled = 1;
+}
+
+void conn_set_shared(pgs_conn *c)
+{
+    c->shared = 1;
+}
+
+int conn_segment_fresh(pgs_conn *c)
+{
+    return !c->open_segment;
+}
+
+char **conn_copy_statement(const char *sql, int nparams, const char *const *values)
+{
+    return copy_statement(sql, nparams, values);
 }
 
 void conn_set_keeper(pgs_conn *c, const conn_keeper *keeper, void *arg)

@@ -113,6 +113,15 @@ int conn_between(pgs_conn *c);
  * runs next, so the session is never reused (conn_clean and conn_between say no). */
 void conn_spoil(pgs_conn *c);
 
+/* The session carries pipelined transactions that each begin a segment with a ROLLBACK (it
+ * ends a transaction an earlier segment's error left aborted): its warning when there was none
+ * (SQLSTATE 25P01) is not the user's notice. */
+void conn_set_shared(pgs_conn *c);
+/* Does the next statement start a new pipeline segment (nothing sent since the last sync)? */
+int conn_segment_fresh(pgs_conn *c);
+/* A statement's text (v[nparams]) and values in one block, to send later; free() it. */
+char **conn_copy_statement(const char *sql, int nparams, const char *const *values);
+
 /* Has SQL PREPARE run on this session (a statement tagged PREPARE came back) since every
  * prepared statement was last dropped (a DISCARD ALL or DEALLOCATE ALL that succeeded)? */
 int conn_user_prepared(pgs_conn *c);

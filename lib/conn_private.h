@@ -178,6 +178,7 @@ struct pgs_conn {
     int user_prepared;        /* SQL PREPARE ran since prepared statements were last dropped */
     int lent;                 /* kept by a keeper: handed to a user, who has not closed it */
     int spoiled;              /* a cancel request went out on a shared session: never reused */
+    int shared;               /* carries pipelined transactions (conn_set_shared) */
     int xact;                 /* the transaction status the owner knows (conn_set_xact), or -1 */
     int server_ended;         /* the server sent FATAL: nothing after it runs */
     int reporting_not_run;    /* inside the callback of a statement that certainly never ran */

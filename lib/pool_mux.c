@@ -25,6 +25,8 @@ typedef struct mux_req {
     pgs_tx_done_cb done;
     void *arg;
     carrier *on; /* where its transaction runs */
+    pgs_tx *tx;  /* its transaction, while it runs */
+    int replay;  /* its transaction waits to be sent again (its first sending was skipped) */
     int attempts;
     int backing_off;
     double deadline; /* when its wait ends (< 0: never) */
@@ -293,8 +295,11 @@ static void tx_finished(void *arg, const pgs_tx_result *res)
     struct mux *m = r->mux;
     carrier *c = r->on;
     r->on = NULL;
-    c->inflight--;
-    carrier_settle(c);
+    r->tx = NULL;
+    if (c) { /* (none for one abandoned while it waited to be sent again) */
+        c->inflight--;
+        carrier_settle(c);
+    }
     if (tx_retryable(res) && r->attempts <= r->opts.retries && !m->pool->closing) {
         /* Rolled back, so safe to run again: after its backoff, at the head of the queue. */
         r->last = *res;
@@ -315,12 +320,42 @@ static void tx_finished(void *arg, const pgs_tx_result *res)
         loop_ev_post(m->dispatch_ev);
 }
 
-static const tx_share share = {tx_ended, tx_finished};
+/* Its transaction was skipped whole: send it again, first in line (it never ran). */
+static void tx_again(void *arg)
+{
+    mux_req *r = arg;
+    struct mux *m = r->mux;
+    carrier *c = r->on;
+    r->on = NULL;
+    c->inflight--;
+    carrier_settle(c);
+    if (m->pool->closing) {
+        tx_abandon(r->tx, PGS_ECLOSED, "not run: the pool was closed before it could run again");
+        return;
+    }
+    r->replay = 1;
+    r->deadline = -1;
+    req_push_front(&m->queue, r);
+    if (!m->dispatching)
+        loop_ev_post(m->dispatch_ev);
+}
+
+static const tx_share share = {tx_ended, tx_finished, tx_again};
 
 /* Begin the request's transaction on the carrier and run its body. Returns 0, or -1 when the
  * carrier could not take it (the request is back at the head of the queue). */
 static int start(struct mux *m, carrier *c, mux_req *r)
 {
+    if (r->replay) {
+        if (tx_replay(r->tx, c->conn) != PGS_OK) {
+            req_push_front(&m->queue, r);
+            return -1;
+        }
+        r->replay = 0;
+        r->on = c;
+        c->inflight++;
+        return 0;
+    }
     pgs_tx *tx;
     int rc = tx_begin_shared(c->conn, &r->opts, &share, r, r->attempts + 1, &tx);
     if (rc != PGS_OK) {
@@ -334,15 +369,20 @@ static int start(struct mux *m, carrier *c, mux_req *r)
     }
     r->attempts++;
     r->on = c;
+    r->tx = tx;
     c->inflight++;
     r->body(tx, r->arg);
+    tx_body_returned(tx); /* with its end, if the body ended it: then the next may follow */
     return 0;
 }
 
 static carrier *with_room(struct mux *m)
 {
     for (carrier *c = m->carriers; c; c = c->next)
-        if (!c->releasing && c->inflight < m->depth && conn_between(c->conn))
+        /* One with nothing in flight may have died idle unnoticed: read what the server sent
+         * (EOF, its FATAL) first, as the pool does before a grant. */
+        if (!c->releasing && c->inflight < m->depth && conn_between(c->conn) &&
+            (c->inflight > 0 || conn_probe(c->conn)))
             return c;
     return NULL;
 }
@@ -502,6 +542,10 @@ void mux_close(pgs_pool *p)
     const char *why = "the pool was closed while the transaction waited";
     for (mux_req *r; (r = m->queue.head);) {
         req_unlink(&m->queue, r);
+        if (r->replay) {
+            tx_abandon(r->tx, PGS_ECLOSED, "not run: the pool was closed before it could run again");
+            continue;
+        }
         err_set(&r->err, PGS_ECLOSED, NULL, why, NULL);
         req_push(&m->failed, r);
     }

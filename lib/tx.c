@@ -22,88 +22,7 @@
     "SELECT txid_current_if_assigned()::text || '/' || "                                           \
     "(extract(epoch from pg_catalog.pg_postmaster_start_time()) * 1000000)::bigint::text"
 
-enum {
-    DEFAULT_COMMIT_GRACE_MS = 5000,
-    STMT = CONN_NO_SYNC | CONN_FLUSH, /* inside a transaction: no sync, results sent at once */
-};
-
-typedef enum tx_state {
-    TX_OPEN,     /* statements welcome */
-    TX_SETTLING, /* a child's end: waiting for its own results before it decides */
-    TX_ENDING,   /* end statements sent: waiting for their replies and any stragglers */
-    TX_DONE,     /* done is scheduled */
-} tx_state;
-
-typedef enum op_kind {
-    K_BEGIN, /* BEGIN or SAVEPOINT */
-    K_SETUP, /* SET LOCAL-style settings sent with BEGIN */
-    K_USER,
-    K_TXID,
-    K_COMMIT,
-    K_ROLLBACK,
-    K_RELEASE,
-    K_ROLLBACK_TO,
-} op_kind;
-
-/* COMMIT's life: the outcome reported follows from where COMMIT got to (commit_replied). */
-typedef enum commit_phase {
-    CM_NONE,     /* not queued */
-    CM_HELD,     /* queued behind a plug (a settling savepoint, BEGIN sent alone): not handed
-                    to libpq, so it cannot have reached the server */
-    CM_SENT,     /* handed to libpq: it may have reached the server */
-    CM_ANSWERED, /* its reply came, or proof that the server never ran it */
-} commit_phase;
-
-struct pgs_tx {
-    pgs_conn *conn; /* root only (children use the root's); NULL once the guard was freed */
-    pgs_tx *parent;
-    pgs_tx *child; /* the open child (LIFO: at most one) */
-    int children_ending; /* ended children whose end statements are still out */
-    int plug;            /* a settling child's hold on later statements */
-    run *run; /* the pgs_run_tx driving this guard, or NULL */
-    tx_state state;
-    pgs_tx_opts opts; /* the root's, for children too */
-    char savepoint[40];
-    unsigned next_savepoint; /* root: names for children */
-    pgs_tx_cb on_begun;
-    void *begun_arg;
-    pgs_tx_done_cb done;
-    void *done_arg;
-    int inflight; /* statements of this guard whose callbacks have not fired */
-    int ok;       /* what the end asked */
-    int failed;   /* first failure in err */
-    pgs_error err;
-    int orphan; /* ended by its parent: no done; freed with its parent, after the parent's */
-    pgs_tx *orphans;     /* such children of this one, done, waiting to be freed with it */
-    pgs_tx *next_orphan;
-    commit_phase commit;  /* root */
-    pgs_code cancel_code; /* root: PGS_ECANCELED / PGS_ETIMEDOUT once cancelled */
-    int in_grace;         /* root: cancelled with COMMIT out; waiting for its reply */
-    int ahead;            /* root: statements of the tree queued before COMMIT, unanswered */
-    int settling;         /* root: children holding later statements back (a plug) */
-    pgs_tx_outcome outcome;
-    char xid[48];
-    loop_ev *defer; /* done, from the loop */
-    const pgs_hooks *hooks; /* its connection's tracing hooks, or NULL */
-    long long t0_us;        /* begun at (with hooks only) */
-    loop_ev *timer; /* root: the whole-transaction timeout, then the commit grace */
-    /* root, on a session shared by pipelined transactions (the pool's multiplexed mode): */
-    const tx_share *share; /* NULL otherwise */
-    void *share_arg;
-    int share_attempts;
-    int server_aborted; /* the server refused one of its statements: it cannot commit */
-};
-
-typedef struct tx_op {
-    pgs_tx *tx;
-    op_kind kind;
-    pgs_result_cb cb;
-    void *arg;
-} tx_op;
-
-static void progress(pgs_tx *tx);
-
-static pgs_tx *root_of(pgs_tx *tx)
+pgs_tx *root_of(pgs_tx *tx)
 {
     while (tx->parent)
         tx = tx->parent;
@@ -111,12 +30,12 @@ static pgs_tx *root_of(pgs_tx *tx)
 }
 
 /* The connection, or NULL when its guard was closed and freed under the transaction. */
-static pgs_conn *conn_of(pgs_tx *tx)
+pgs_conn *conn_of(pgs_tx *tx)
 {
     return root_of(tx)->conn;
 }
 
-static void note_failure(pgs_tx *tx, const pgs_error *e)
+void note_failure(pgs_tx *tx, const pgs_error *e)
 {
     if (!tx->failed) {
         tx->failed = 1;
@@ -124,7 +43,7 @@ static void note_failure(pgs_tx *tx, const pgs_error *e)
     }
 }
 
-static void note_failure_code(pgs_tx *tx, pgs_code code, const char *msg)
+void note_failure_code(pgs_tx *tx, pgs_code code, const char *msg)
 {
     pgs_error e;
     err_set(&e, code, NULL, msg, NULL);
@@ -133,7 +52,7 @@ static void note_failure_code(pgs_tx *tx, pgs_code code, const char *msg)
 
 /* An end statement (`what`) could not be queued (send_stmt's rc): the connection is gone, and
  * its own reason (the server's FATAL with its SQLSTATE, say) is the failure. */
-static void note_unsent(pgs_tx *tx, const char *what, int rc)
+void note_unsent(pgs_tx *tx, const char *what, int rc)
 {
     pgs_conn *c = conn_of(tx);
     const pgs_error *why = c ? conn_error(c) : NULL;
@@ -178,7 +97,7 @@ static int send_any(pgs_tx *tx, op_kind kind, const char *sql, int nparams,
     return PGS_OK;
 }
 
-static int send_stmt(pgs_tx *tx, op_kind kind, const char *sql, int nparams,
+int send_stmt(pgs_tx *tx, op_kind kind, const char *sql, int nparams,
                      const char *const *values, int flags, pgs_result_cb cb, void *arg)
 {
     return send_any(tx, kind, sql, nparams, values, flags, NULL, NULL, cb, arg);
@@ -229,7 +148,7 @@ static void commit_released(pgs_tx *root)
         root->commit = CM_SENT;
 }
 
-static void progress(pgs_tx *tx)
+void progress(pgs_tx *tx)
 {
     switch (tx->state) {
     case TX_SETTLING:
@@ -259,7 +178,7 @@ static void progress(pgs_tx *tx)
         }
         break;
     case TX_ENDING:
-        if (tx->inflight == 0 && tx->children_ending == 0)
+        if (tx->inflight == 0 && tx->children_ending == 0 && !tx->recording)
             finish(tx);
         break;
     case TX_OPEN:
@@ -274,19 +193,7 @@ static void send_rollback(pgs_tx *tx)
     send_end(tx, K_ROLLBACK, "ROLLBACK", 0);
 }
 
-/* On a shared session the end is queued: the next transaction may follow it at once. */
-static void end_queued(pgs_tx *tx)
-{
-    if (!tx->share)
-        return;
-    if (tx->conn && conn_owner(tx->conn) == tx) {
-        conn_set_owner(tx->conn, NULL, NULL);
-        conn_set_xact(tx->conn, -1);
-    }
-    tx->share->ended(tx->share_arg);
-}
-
-static void end_root(pgs_tx *tx)
+void end_root(pgs_tx *tx)
 {
     tx->state = TX_ENDING;
     if (tx->ok && !tx->failed) {
@@ -297,14 +204,9 @@ static void end_root(pgs_tx *tx)
         if (tx->opts.resolvable)
             rc = send_stmt(tx, K_TXID, RESOLVABLE_ID, 0, NULL,
                            STMT | CONN_FLUSH_NOW, NULL, NULL);
-        /* Shared: COMMIT gets a segment of its own. A failed statement makes the server skip
-         * only to the sync before it; COMMIT then runs, answers ROLLBACK and leaves the
-         * session idle for the next transaction (in the same segment it would be skipped,
-         * the session left in the failed transaction, and the next BEGIN refused). */
-        if (rc == PGS_OK && tx->share)
-            rc = tx->conn ? conn_sync(tx->conn, 0) : PGS_ECLOSED;
         if (rc == PGS_OK)
-            rc = send_stmt(tx, K_COMMIT, "COMMIT", 0, NULL, 0, NULL, NULL);
+            rc = send_stmt(tx, K_COMMIT, "COMMIT", 0, NULL, tx->share ? SHARED_END : 0, NULL,
+                           NULL);
         if (rc == PGS_OK) {
             tx->commit = tx->settling > 0 || tx->plug ? CM_HELD : CM_SENT;
             tx->outcome = PGS_TX_UNKNOWN; /* until the reply says otherwise */
@@ -316,10 +218,12 @@ static void end_root(pgs_tx *tx)
         end_queued(tx);
         return;
     }
-    /* The lone sync ends any abort the server is in, so ROLLBACK itself runs. */
-    if (tx->conn)
+    /* The lone sync ends any abort the server is in, so ROLLBACK itself runs. (Shared: an
+     * abort is ended by the next segment's opening ROLLBACK, so it joins the segment.) */
+    if (tx->conn && !tx->share)
         conn_sync(tx->conn, 0);
-    send_rollback(tx);
+    tx->outcome = PGS_TX_ROLLED_BACK;
+    send_end(tx, K_ROLLBACK, "ROLLBACK", tx->share ? SHARED_END : 0);
     end_queued(tx);
 }
 
@@ -363,6 +267,11 @@ static void commit_replied(pgs_tx *tx, pgs_conn *c, const PGresult *res, const p
              * finish, which ends the failed transaction on the server. */
             tx->outcome = PGS_TX_ROLLED_BACK;
             note_failure_code(tx, tx->cancel_code, "the transaction was canceled before COMMIT ran");
+        } else if (is_aborted(res) && tx->share) {
+            /* An earlier statement failed: the next segment's opening ROLLBACK ends the
+             * failed transaction (a ROLLBACK of ours could land in another's transaction). */
+            tx->outcome = PGS_TX_ROLLED_BACK;
+            note_failure(tx, err);
         } else if (is_aborted(res)) {
             /* An earlier statement failed: after the sync the session sits in the failed
              * transaction; roll it back (its error is already noted). */
@@ -413,6 +322,15 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
     tx->inflight--;
     if (op->kind != K_TXID && op->kind != K_COMMIT)
         root->ahead--;
+    if (root->victim ||
+        (op->kind == K_BEGIN && root->batched && is_aborted(res) && root->cancel_code == PGS_OK)) {
+        /* Its BEGIN was skipped: a transaction before it in the segment failed, so none of
+         * it ran. Its callbacks wait for the run again (replay_victim). */
+        root->victim = 1;
+        free(op);
+        progress(tx);
+        return;
+    }
     pgs_error renamed;
     if (err && op->kind != K_COMMIT && op->kind != K_TXID) {
         int aborted = is_aborted(res);
@@ -526,12 +444,13 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
 
 /* ---- done, from the loop ---- */
 
-static void tx_free(pgs_tx *tx)
+void tx_free(pgs_tx *tx)
 {
     for (pgs_tx *o = tx->orphans, *next; o; o = next) {
         next = o->next_orphan;
         tx_free(o);
     }
+    free_recs(tx);
     loop_ev_free(tx->defer);
     loop_ev_free(tx->timer);
     free(tx);
@@ -567,7 +486,15 @@ static void fire_done(void *arg, int what)
         tx->parent->orphans = tx;
         return;
     }
-    pgs_tx_result r = {.outcome = tx->outcome, .err = NULL, .attempts = 1};
+    fire_unsent(tx);
+    if (tx->state != TX_DONE)
+        return; /* (only those were due: the transaction goes on) */
+    if (tx->victim) {
+        replay_victim(tx);
+        return;
+    }
+    pgs_tx_result r = {
+        .outcome = tx->outcome, .err = NULL, .attempts = tx->share ? tx->share_attempts : 1};
     if (tx->failed)
         r.err = &tx->err;
     memcpy(r.xid, tx->xid, sizeof r.xid);
@@ -591,85 +518,6 @@ static void fire_done(void *arg, int what)
         share->done(share_arg, &copy);
 }
 
-/* ---- cancel and timeouts ---- */
-
-/* kill_tx on a shared session: the others' transactions on it must not pay for this one more
- * than the cancel request itself costs (see the header's multiplexed rules). */
-static void kill_shared(pgs_tx *root, pgs_code code)
-{
-    const char *msg = code == PGS_ETIMEDOUT ? "the transaction's time limit passed"
-                                            : "the transaction was canceled";
-    if (root->commit == CM_HELD) {
-        /* Its end waits behind a settling savepoint, and the others' transactions behind it:
-         * close (they hear of it exactly: nothing of theirs was written). */
-        conn_kill(root->conn, PGS_ECONN,
-                  "the connection was closed: a transaction sharing it was canceled", 1);
-        return;
-    }
-    note_failure_code(root, code, msg);
-    if (root->ahead > 0) {
-        /* Its statements are out: stop the one running (it may be a neighbour's, which then
-         * rolls back with 57014), and never reuse the session (the request may land later). */
-        conn_cancel_request(root->conn);
-        conn_spoil(root->conn);
-    }
-}
-
-static void kill_tx(pgs_tx *root, pgs_code code)
-{
-    root->cancel_code = code;
-    /* A COMMIT held behind a plug has not left: cancel as if not sent (the closed connection
-     * makes its rollback certain). */
-    if (root->commit == CM_SENT) {
-        /* COMMIT is never cancelled. Statements still ahead of it are: the server's replies
-         * then show whether COMMIT ran or was skipped. Either way wait a bounded grace for
-         * its reply, which tells the truth; without one the outcome is unknown. */
-        root->in_grace = 1;
-        if (root->ahead > 0 && root->conn) {
-            conn_cancel_request(root->conn);
-            if (root->share)
-                conn_spoil(root->conn);
-        }
-        loop_ev_timer(root->timer, root->opts.commit_grace_ms);
-        return;
-    }
-    if (root->share && root->conn) {
-        kill_shared(root, code);
-        return;
-    }
-    const char *msg = code == PGS_ETIMEDOUT
-                          ? "the transaction's time limit passed; the connection is closed"
-                          : "the transaction was canceled; the connection is closed";
-    if (root->conn)
-        conn_kill(root->conn, code, msg, 1);
-}
-
-static void on_tx_timer(void *arg, int what)
-{
-    (void)what;
-    pgs_tx *root = arg;
-    if (root->in_grace) {
-        /* No reply to COMMIT within the grace: close without a cancel request (it could hit
-         * the commit itself); the COMMIT then reports PGS_ECOMMIT_UNKNOWN. */
-        if (root->conn)
-            conn_kill(root->conn, PGS_ECONN, "no reply to COMMIT within the grace period", 0);
-        return;
-    }
-    kill_tx(root, PGS_ETIMEDOUT);
-}
-
-int pgs_tx_cancel(pgs_tx *tx)
-{
-    if (!tx)
-        return PGS_EINVAL;
-    pgs_tx *root = root_of(tx);
-    if (root->cancel_code != PGS_OK || root->state == TX_DONE || !root->conn ||
-        !conn_ready(root->conn))
-        return PGS_EMISUSE;
-    kill_tx(root, PGS_ECANCELED);
-    return PGS_OK;
-}
-
 /* ---- begin ---- */
 
 static pgs_tx *tx_new(pgs_conn *conn, pgs_tx *parent)
@@ -682,7 +530,7 @@ static pgs_tx *tx_new(pgs_conn *conn, pgs_tx *parent)
     tx->state = TX_OPEN;
     tx->defer = loop_ev_new(conn_base(conn), fire_done, tx);
     if (!parent)
-        tx->timer = loop_ev_new(conn_base(conn), on_tx_timer, tx);
+        tx->timer = loop_ev_new(conn_base(conn), tx_on_timer, tx);
     if (!tx->defer || (!parent && !tx->timer)) {
         tx_free(tx);
         return NULL;
@@ -725,8 +573,8 @@ static void begin_sql(const pgs_tx_opts *o, char *sql, size_t cap)
              o->deferrable ? " DEFERRABLE" : "");
 }
 
-static int begin_on(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, void *arg,
-                    const tx_share *share, void *share_arg, int attempts, pgs_tx **out)
+int begin_root(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, void *arg,
+               const tx_share *share, void *share_arg, int attempts, pgs_tx **out)
 {
     pgs_tx *tx = tx_new(conn, NULL);
     if (!tx)
@@ -737,13 +585,37 @@ static int begin_on(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun,
         tx->opts.commit_grace_ms = DEFAULT_COMMIT_GRACE_MS;
     tx->on_begun = on_begun;
     tx->begun_arg = arg;
+    tx->share = share;
+    tx->share_arg = share_arg;
+    tx->share_attempts = attempts;
+    tx->rec_tail = &tx->recs;
+    if (share) {
+        /* The body's statements are kept until it returns: then it is known whether the whole
+         * transaction goes out at once (tx_shared.c). */
+        tx->recording = 1;
+        conn_set_owner(conn, tx, conn_freed_under_tx);
+    } else {
+        int rc = send_begin(tx);
+        if (rc != PGS_OK) {
+            tx_free(tx);
+            return rc;
+        }
+    }
+    if (tx->opts.timeout_ms > 0)
+        loop_ev_timer(tx->timer, tx->opts.timeout_ms);
+    *out = tx;
+    traced_begin(tx, conn);
+    return PGS_OK;
+}
+
+int send_begin(pgs_tx *tx)
+{
+    pgs_conn *conn = tx->conn;
     char sql[96];
     begin_sql(&tx->opts, sql, sizeof sql);
     int rc = send_stmt(tx, K_BEGIN, sql, 0, NULL, STMT, NULL, NULL);
-    if (rc != PGS_OK) {
-        tx_free(tx);
+    if (rc != PGS_OK)
         return rc;
-    }
     /* From here the transaction counts as open: BEGIN is queued. */
     conn_set_owner(conn, tx, conn_freed_under_tx);
     conn_set_xact(conn, PQTRANS_INTRANS);
@@ -756,13 +628,6 @@ static int begin_on(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun,
         send_stmt(tx, K_SETUP, "SELECT set_config('statement_timeout', $1, true)", 1, v, STMT, NULL,
              NULL);
     }
-    if (tx->opts.timeout_ms > 0)
-        loop_ev_timer(tx->timer, tx->opts.timeout_ms);
-    tx->share = share;
-    tx->share_arg = share_arg;
-    tx->share_attempts = attempts;
-    *out = tx;
-    traced_begin(tx, conn);
     return PGS_OK;
 }
 
@@ -776,18 +641,7 @@ int pgs_tx_begin(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, vo
     int rc = tx_check_conn(conn);
     if (rc != PGS_OK)
         return rc;
-    return begin_on(conn, opts, on_begun, arg, NULL, NULL, 1, out);
-}
-
-int tx_begin_shared(pgs_conn *conn, const pgs_tx_opts *opts, const tx_share *share, void *arg,
-                    int attempts, pgs_tx **out)
-{
-    *out = NULL;
-    if (tx_check_opts(opts) != PGS_OK)
-        return PGS_EINVAL;
-    if (!conn_between(conn))
-        return conn_ready(conn) ? PGS_EMISUSE : PGS_ECONN;
-    return begin_on(conn, opts, NULL, NULL, share, arg, attempts, out);
+    return begin_root(conn, opts, on_begun, arg, NULL, NULL, 1, out);
 }
 
 int pgs_tx_savepoint(pgs_tx *parent, pgs_tx_cb on_begun, void *arg, pgs_tx **out)
@@ -800,6 +654,8 @@ int pgs_tx_savepoint(pgs_tx *parent, pgs_tx_cb on_begun, void *arg, pgs_tx **out
         return PGS_EMISUSE;
     if (!conn_of(parent))
         return PGS_ECLOSED;
+    if (parent->recording)
+        emit_alone(parent);
     pgs_tx *tx = tx_new(conn_of(parent), parent);
     if (!tx)
         return PGS_ENOMEM;
@@ -829,6 +685,8 @@ int pgs_tx_query(pgs_tx *tx, const char *sql, int nparams, const char *const *va
         return PGS_EINVAL;
     if (tx->state != TX_OPEN || tx->child)
         return PGS_EMISUSE;
+    if (tx->recording)
+        return record_stmt(tx, sql, nparams, values, cb, arg);
     return send_stmt(tx, K_USER, sql, nparams, values, STMT, cb, arg);
 }
 
@@ -842,6 +700,8 @@ static int tx_bulk(pgs_tx *tx, const char *sql, int nparams, const char *const *
         return PGS_EINVAL;
     if (tx->state != TX_OPEN || tx->child)
         return PGS_EMISUSE;
+    if (tx->recording)
+        emit_alone(tx);
     return send_any(tx, K_USER, sql, nparams, values, STMT, spec, out, done, arg);
 }
 
@@ -893,10 +753,14 @@ static void end_tx(pgs_tx *tx, int ok)
         note_failure_code(tx, PGS_EMISUSE,
                           "ended while a savepoint child was still open: both rolled back");
     }
-    if (tx->parent)
+    if (tx->parent) {
         end_child(tx);
-    else
+    } else if (tx->recording) {
+        tx->state = TX_ENDING; /* the end goes out with the body's statements */
+        tx->end_owed = 1;
+    } else {
         end_root(tx);
+    }
 }
 
 int pgs_tx_end(pgs_tx *tx, int ok, pgs_tx_done_cb done, void *arg)

@@ -17,22 +17,31 @@ int tx_run(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_body body, pgs_tx_don
 /* Are these transaction options valid (NULL: the defaults)? PGS_OK or PGS_EINVAL. */
 int tx_check_opts(const pgs_tx_opts *o);
 
-/* The pool's multiplexed mode: transactions pipelined on a session they share. */
+/* The pool's multiplexed mode: transactions pipelined on sessions they share (tx_shared.c). */
 typedef struct tx_share {
-    /* The transaction's end (COMMIT or ROLLBACK, with the syncs that keep it apart) is queued:
-     * the session may take the next transaction (conn_between says when). Fires inside
-     * pgs_tx_end: it must not call the user. */
+    /* The transaction's end is queued: the session may take the next transaction
+     * (conn_between says when). Fires inside pgs_tx_end or tx_body_returned: it must not call
+     * the user. */
     void (*ended)(void *arg);
     /* The outcome, from the loop, after the guard's own done; the guard is gone. */
     void (*done)(void *arg, const pgs_tx_result *res);
+    /* None of it ran (a transaction before it in its pipeline segment failed): it waits to be
+     * sent again, whole, with tx_replay (or failed with tx_abandon). From the loop. */
+    void (*again)(void *arg);
 } tx_share;
 
 /* Begin a root transaction on a shared session, behind the transactions in flight on it
- * (conn_between must hold: else PGS_EMISUSE, or PGS_ECONN when the connection is gone). It
- * owns the session until its end is queued; its result reports `attempts`. A cancel or timeout
- * lets the others on the session run to their end (the header's multiplexed rules). */
+ * (conn_between must hold: else PGS_EMISUSE, or PGS_ECONN when the connection is gone). Its
+ * statements are kept until tx_body_returned; it owns the session until its end is queued.
+ * Its result reports `attempts`. */
 int tx_begin_shared(pgs_conn *conn, const pgs_tx_opts *opts, const tx_share *share, void *arg,
                     int attempts, pgs_tx **out);
+/* The body returned: send the transaction, with its end when the body ended it. */
+void tx_body_returned(pgs_tx *tx);
+/* Send a transaction whose first run was skipped (share->again) on conn (conn_between). */
+int tx_replay(pgs_tx *tx, pgs_conn *conn);
+/* Or give up on it: its callbacks and done report code and msg, ROLLED_BACK (from the loop). */
+void tx_abandon(pgs_tx *tx, pgs_code code, const char *msg);
 
 /* The wait before retry number `attempts` (the body has run that many times): exponential
  * backoff with full jitter from opts' retry_base_ms and retry_max_ms; *rng is the state. */

@@ -1,0 +1,84 @@
+/* Cancel and time limits of transaction guards: pgs_tx_cancel, the whole-transaction timeout
+ * and the grace a COMMIT already sent gets for its reply. On its own session a cancel closes
+ * the connection; on a shared one (the pool's multiplexed mode) the others' transactions run to
+ * their end. Part of the transaction layer (tx_private.h), on conn.h. */
+#include "tx_private.h"
+
+/* kill_tx on a shared session: the others' transactions on it must not pay for this one more
+ * than the cancel request itself costs (see the header's multiplexed rules). */
+static void kill_shared(pgs_tx *root, pgs_code code)
+{
+    const char *msg = code == PGS_ETIMEDOUT ? "the transaction's time limit passed"
+                                            : "the transaction was canceled";
+    if (root->commit == CM_HELD) {
+        /* Its end waits behind a settling savepoint, and the others' transactions behind it:
+         * close (they hear of it exactly: nothing of theirs was written). */
+        conn_kill(root->conn, PGS_ECONN,
+                  "the connection was closed: a transaction sharing it was canceled", 1);
+        return;
+    }
+    note_failure_code(root, code, msg);
+    if (root->ahead > 0) {
+        /* Its statements are out: stop the one running (it may be a neighbour's, which then
+         * rolls back with 57014), and never reuse the session (the request may land later). */
+        conn_cancel_request(root->conn);
+        conn_spoil(root->conn);
+    }
+}
+
+static void kill_tx(pgs_tx *root, pgs_code code)
+{
+    root->cancel_code = code;
+    /* A COMMIT held behind a plug has not left: cancel as if not sent (the closed connection
+     * makes its rollback certain). */
+    if (root->commit == CM_SENT) {
+        /* COMMIT is never cancelled. Statements still ahead of it are: the server's replies
+         * then show whether COMMIT ran or was skipped. Either way wait a bounded grace for
+         * its reply, which tells the truth; without one the outcome is unknown. */
+        root->in_grace = 1;
+        if (root->ahead > 0 && root->conn) {
+            conn_cancel_request(root->conn);
+            if (root->share)
+                conn_spoil(root->conn);
+        }
+        loop_ev_timer(root->timer, root->opts.commit_grace_ms);
+        return;
+    }
+    if (root->share && root->conn) {
+        kill_shared(root, code);
+        return;
+    }
+    const char *msg = code == PGS_ETIMEDOUT
+                          ? "the transaction's time limit passed; the connection is closed"
+                          : "the transaction was canceled; the connection is closed";
+    if (root->conn)
+        conn_kill(root->conn, code, msg, 1);
+}
+
+void tx_on_timer(void *arg, int what)
+{
+    (void)what;
+    pgs_tx *root = arg;
+    if (root->in_grace) {
+        /* No reply to COMMIT within the grace: close without a cancel request (it could hit
+         * the commit itself); the COMMIT then reports PGS_ECOMMIT_UNKNOWN. */
+        if (root->conn)
+            conn_kill(root->conn, PGS_ECONN, "no reply to COMMIT within the grace period", 0);
+        return;
+    }
+    kill_tx(root, PGS_ETIMEDOUT);
+}
+
+int pgs_tx_cancel(pgs_tx *tx)
+{
+    if (!tx)
+        return PGS_EINVAL;
+    pgs_tx *root = root_of(tx);
+    if (root->cancel_code != PGS_OK || root->state == TX_DONE || !root->conn ||
+        !conn_ready(root->conn))
+        return PGS_EMISUSE;
+    if (root->recording)
+        emit_alone(root); /* (its body cancels it before it returned) */
+    kill_tx(root, PGS_ECANCELED);
+    return PGS_OK;
+}

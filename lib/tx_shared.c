@@ -1,0 +1,201 @@
+/* Transactions on a shared session (the pool's multiplexed mode). The body's statements are
+ * kept until it returns. A body that ended its transaction goes out whole (BEGIN, statements,
+ * COMMIT) into the pipeline segment of those before it in the same loop turn: one write and
+ * one sync for all of them. An error in one makes the server skip the rest of the segment, so
+ * a transaction whose BEGIN was skipped never ran: it is sent again (a "victim"), its callbacks
+ * untouched. A body that waits for a result starts a segment of its own and owns the session
+ * until its end. Each segment opens with a ROLLBACK, which ends a transaction the error of an
+ * earlier segment left aborted. Part of the transaction layer (tx_private.h), on conn.h. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tx_private.h"
+
+/* After this many runs again a victim goes out alone, first in its segment, where nothing can
+ * skip its BEGIN. */
+enum { MAX_REPLAYS = 8 };
+
+typedef struct tx_rec {
+    struct tx_rec *next;
+    pgs_result_cb cb;
+    void *arg;
+    int nparams;
+    int unsent; /* could not be sent: its callback hears why (fire_unsent) */
+    char **v;   /* the values, then the text (conn_copy_statement) */
+} tx_rec;
+
+void free_recs(pgs_tx *tx)
+{
+    for (tx_rec *r = tx->recs, *next; r; r = next) {
+        next = r->next;
+        free(r->v);
+        free(r);
+    }
+    tx->recs = NULL;
+    tx->rec_tail = &tx->recs;
+}
+
+int record_stmt(pgs_tx *tx, const char *sql, int nparams, const char *const *values,
+                pgs_result_cb cb, void *arg)
+{
+    tx_rec *r = calloc(1, sizeof *r);
+    if (!r || !(r->v = conn_copy_statement(sql, nparams, values))) {
+        free(r);
+        return PGS_ENOMEM;
+    }
+    r->cb = cb;
+    r->arg = arg;
+    r->nparams = nparams;
+    *tx->rec_tail = r;
+    tx->rec_tail = &r->next;
+    return PGS_OK;
+}
+
+/* The callbacks of statements that could not be sent, with the transaction's failure: from
+ * the loop (the tx's done event, first). */
+void fire_unsent(pgs_tx *tx)
+{
+    for (tx_rec *r = tx->recs; r; r = r->next) {
+        if (!r->unsent)
+            continue;
+        r->unsent = 0;
+        pgs_error e = tx->err;
+        r->cb(NULL, NULL, &e, r->arg);
+    }
+}
+
+static void opening_done(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c, (void)res, (void)err, (void)arg; /* it never fails; a lost connection is told to
+                                                 the transactions behind it */
+}
+
+/* Send the recorded transaction: batched (its end with it, behind what is in the segment) or
+ * alone (a segment of its own). */
+static void emit(pgs_tx *tx, int batched)
+{
+    pgs_conn *c = tx->conn;
+    tx->recording = 0;
+    tx->batched = batched;
+    int rc = c ? PGS_OK : PGS_ECLOSED;
+    if (rc == PGS_OK && !batched && !conn_segment_fresh(c))
+        rc = conn_sync(c, 0); /* nothing before it in its segment can skip its BEGIN */
+    if (rc == PGS_OK && conn_segment_fresh(c))
+        rc = conn_query(c, "ROLLBACK", 0, NULL, CONN_NO_SYNC, opening_done, NULL);
+    if (rc == PGS_OK)
+        rc = send_begin(tx);
+    if (rc != PGS_OK)
+        note_unsent(tx, "BEGIN", rc);
+    for (tx_rec *r = tx->recs; r; r = r->next) {
+        if (rc == PGS_OK) {
+            rc = send_stmt(tx, K_USER, r->v[r->nparams], r->nparams, (const char *const *)r->v,
+                           STMT, r->cb, r->arg);
+            if (rc != PGS_OK)
+                note_unsent(tx, "a statement", rc);
+        }
+        r->unsent = rc != PGS_OK;
+    }
+    if (rc != PGS_OK) {
+        /* The connection is gone (or memory): nothing of it runs. Its callbacks hear of it
+         * from the loop, before its done. */
+        tx->outcome = PGS_TX_ROLLED_BACK;
+        tx->batched = 0;
+        if (tx->end_owed) {
+            tx->end_owed = 0;
+            tx->state = TX_ENDING;
+            end_queued(tx);
+        }
+        if (tx->state == TX_ENDING) {
+            progress(tx);
+            return;
+        }
+        /* A body still open may wait for them: tell them now, from the loop (its done event,
+         * which fires only them while the transaction is not done). */
+        loop_ev_post(tx->defer);
+        return;
+    }
+    if (!batched)
+        free_recs(tx);
+    if (tx->end_owed) {
+        tx->end_owed = 0;
+        end_root(tx);
+    }
+    progress(tx);
+}
+
+void emit_alone(pgs_tx *tx)
+{
+    emit(tx, 0);
+}
+
+void tx_body_returned(pgs_tx *tx)
+{
+    if (!tx->recording)
+        return; /* sent already (before a savepoint, a bulk statement or a cancel) */
+    emit(tx, tx->end_owed && !tx->opts.begin_alone && tx->replays < MAX_REPLAYS);
+}
+
+void end_queued(pgs_tx *tx)
+{
+    if (!tx->share)
+        return;
+    if (tx->conn && conn_owner(tx->conn) == tx) {
+        conn_set_owner(tx->conn, NULL, NULL);
+        conn_set_xact(tx->conn, -1);
+    }
+    tx->share->ended(tx->share_arg);
+}
+
+int tx_begin_shared(pgs_conn *conn, const pgs_tx_opts *opts, const tx_share *share, void *arg,
+                    int attempts, pgs_tx **out)
+{
+    *out = NULL;
+    if (tx_check_opts(opts) != PGS_OK)
+        return PGS_EINVAL;
+    if (!conn_between(conn))
+        return conn_ready(conn) ? PGS_EMISUSE : PGS_ECONN;
+    conn_set_shared(conn);
+    return begin_root(conn, opts, NULL, NULL, share, arg, attempts, out);
+}
+
+/* From its done event: none of it ran. Back to the pool's queue, as it was when its body
+ * returned (its statements kept, its end owed). */
+void replay_victim(pgs_tx *tx)
+{
+    tx->victim = 0;
+    tx->replays++;
+    tx->conn = NULL;
+    tx->state = TX_ENDING;
+    tx->failed = 0;
+    tx->outcome = 0;
+    tx->commit = CM_NONE;
+    tx->server_aborted = 0;
+    tx->in_grace = 0;
+    tx->ahead = 0;
+    tx->xid[0] = '\0';
+    tx->share->again(tx->share_arg);
+}
+
+int tx_replay(pgs_tx *tx, pgs_conn *conn)
+{
+    if (!conn_between(conn))
+        return conn_ready(conn) ? PGS_EMISUSE : PGS_ECONN;
+    conn_set_shared(conn);
+    tx->conn = conn;
+    conn_set_owner(conn, tx, NULL);
+    tx->end_owed = 1;
+    tx->recording = 1;
+    tx_body_returned(tx);
+    return PGS_OK;
+}
+
+void tx_abandon(pgs_tx *tx, pgs_code code, const char *msg)
+{
+    note_failure_code(tx, code, msg);
+    tx->outcome = PGS_TX_ROLLED_BACK;
+    for (tx_rec *r = tx->recs; r; r = r->next)
+        r->unsent = 1;
+    tx->state = TX_DONE;
+    loop_ev_post(tx->defer);
+}
