@@ -36,15 +36,15 @@ extern "C" {
  * program can refuse a library whose major (or, before 1.0, minor) version differs from the
  * header it was built with, as the ABI may differ. */
 #define PGSCOPE_VERSION_MAJOR 0
-#define PGSCOPE_VERSION_MINOR 4
+#define PGSCOPE_VERSION_MINOR 5
 #define PGSCOPE_VERSION_PATCH 0
-#define PGSCOPE_VERSION "0.4.0"
+#define PGSCOPE_VERSION "0.5.0"
 /* MAJOR * 10000 + MINOR * 100 + PATCH, for #if comparisons. */
 #define PGSCOPE_VERSION_NUMBER                                                                  \
     (PGSCOPE_VERSION_MAJOR * 10000 + PGSCOPE_VERSION_MINOR * 100 + PGSCOPE_VERSION_PATCH)
 
 /* The library's version as PGSCOPE_VERSION_NUMBER computes it (its header's, when it was
- * built); `text`, when not NULL, gets the version string ("0.4.0", static). */
+ * built); `text`, when not NULL, gets the version string ("0.5.0", static). */
 PGS_API int pgs_version(const char **text);
 
 /* ---------------------------------------------------------------------------------------- */
