@@ -370,7 +370,7 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
     if (err && res && op->kind != K_COMMIT && op->kind != K_ROLLBACK &&
         (tx == root || op->kind != K_USER) && refused(res))
         root->server_aborted = 1;
-    if (!err && root->share && root->cancel_code != PGS_OK &&
+    if (!err && root->share && root->cancel_code != PGS_OK && root->commit == CM_NONE &&
         (op->kind == K_USER || op->kind == K_SETUP)) {
         /* Answered after the cancel: the statement ran, but its transaction will not commit,
          * and every pending callback hears the cancel's code (the connection lives on for
@@ -495,8 +495,8 @@ static void fire_done(void *arg, int what)
     }
     pgs_tx_result r = {
         .outcome = tx->outcome, .err = NULL, .attempts = tx->share ? tx->share_attempts : 1};
-    if (tx->failed)
-        r.err = &tx->err;
+    if (tx->failed && tx->outcome != PGS_TX_COMMITTED)
+        r.err = &tx->err; /* (a cancel that came after COMMIT left is no failure if it committed) */
     memcpy(r.xid, tx->xid, sizeof r.xid);
     if (tx->hooks && tx->hooks->tx_end) {
         pgs_tx_result t = r;

@@ -443,3 +443,17 @@ void th_proxy_stop(th_proxy *p)
 {
     fp_stop(p);
 }
+
+void th_on_got(pgs_conn *conn, const pgs_error *err, void *arg)
+{
+    th_got *g = arg;
+    g->fired++;
+    g->seq = th_fire_seq++;
+    g->conn = conn;
+    g->code = err ? err->code : PGS_OK;
+    g->at = th_now();
+    if (err) {
+        memcpy(g->sqlstate, err->sqlstate, sizeof g->sqlstate);
+        snprintf(g->message, sizeof g->message, "%s", err->message);
+    }
+}

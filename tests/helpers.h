@@ -75,6 +75,18 @@ typedef struct th_call {
 extern int th_fire_seq;
 /* A pgs_result_cb that fills the th_call given as arg. */
 void th_record(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg);
+/* An acquire's record (its pgs_conn_cb is th_on_got): how often it fired, in which order, the
+ * guard it got, or its error. */
+typedef struct th_got {
+    int fired;
+    int seq; /* th_fire_seq when it fired */
+    pgs_conn *conn;
+    pgs_code code;
+    char sqlstate[6];
+    char message[512];
+    double at;
+} th_got;
+void th_on_got(pgs_conn *conn, const pgs_error *err, void *arg);
 /* An on_open's record: how often it fired, whether it was up, its error, when. */
 typedef struct th_open_rec {
     int fired;

@@ -8,24 +8,7 @@
 
 #include "helpers.h"
 
-typedef struct got {
-    int fired;
-    pgs_conn *conn;
-    pgs_code code;
-    char message[512];
-    int seq;
-} got;
-
-static void on_got(pgs_conn *conn, const pgs_error *err, void *arg)
-{
-    got *g = arg;
-    g->fired++;
-    g->conn = conn;
-    g->code = err ? err->code : PGS_OK;
-    g->seq = th_fire_seq++;
-    if (err)
-        snprintf(g->message, sizeof g->message, "%s", err->message);
-}
+typedef th_got got; /* (tests/helpers.h) */
 
 static pgs_pool *new_pool(struct event_base *b, const char *app, pgs_pool_opts o)
 {
@@ -39,7 +22,7 @@ static pgs_pool *new_pool(struct event_base *b, const char *app, pgs_pool_opts o
 static pgs_conn *acquire(struct event_base *b, pgs_pool *p)
 {
     got g = {0};
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &g, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &g, NULL), PGS_OK);
     ck_assert_int_eq(g.fired, 0);
     th_run_until(b, &g.fired, 15);
     ck_assert_msg(g.code == PGS_OK, "acquire failed: %s", g.message);
@@ -197,9 +180,9 @@ START_TEST(test_acquire_timeout_and_waiter_bound_have_their_own_codes)
     ck_assert_int_eq(st.acquired, 0);
     pgs_conn *held = acquire(b, p);
     got waiter = {0}, over = {0};
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &waiter, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &waiter, NULL), PGS_OK);
     ck_assert_str_eq(pgs_pool_refusal(p), "");
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &over, NULL), PGS_EBUSY); /* at once */
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &over, NULL), PGS_EBUSY); /* at once */
     /* the words name the limit it hit */
     ck_assert_str_eq(pgs_pool_refusal(p),
                      "too many requests waiting (max_waiting 1; max_size 1, 1 in use)");
@@ -366,7 +349,7 @@ static th_call waiter_calls[WAITER_CHECKS];
 static void waiter_got(pgs_conn *c, const pgs_error *err, void *arg)
 {
     got *g = arg;
-    on_got(c, err, g);
+    th_on_got(c, err, g);
     for (int i = 0; !err && i < WAITER_CHECKS; i++)
         ck_assert_int_eq(pgs_query(c, waiter_checks[i], 0, NULL, th_record, &waiter_calls[i]),
                          PGS_OK);
@@ -416,7 +399,7 @@ static th_call failed_insert, failed_select;
 
 static void insert_when_granted(pgs_conn *c, const pgs_error *err, void *arg)
 {
-    on_got(c, err, arg);
+    th_on_got(c, err, arg);
     if (err)
         return;
     ck_assert_int_eq(pgs_query(c, "INSERT INTO pgs_pool_probe VALUES (1)", 0, NULL, th_record,
@@ -614,9 +597,9 @@ START_TEST(test_cancelled_waiter_and_fifo_handover)
     got w1 = {0}, w2 = {0}, w3 = {0};
     pgs_pool_req *r1;
     th_fire_seq = 0;
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w1, &r1), PGS_OK);
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w2, NULL), PGS_OK);
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w3, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &w1, &r1), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &w2, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &w3, NULL), PGS_OK);
     ck_assert_int_eq(pgs_pool_acquire_cancel(r1), PGS_OK);
     ck_assert_int_eq(pgs_pool_acquire_cancel(r1), PGS_EMISUSE);
     ck_assert_int_eq(w1.fired, 0);
@@ -634,7 +617,7 @@ START_TEST(test_cancelled_waiter_and_fifo_handover)
     wait_counts(b, p, 1, 1, 5);
     got w4 = {0};
     pgs_pool_req *r4;
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w4, &r4), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &w4, &r4), PGS_OK);
     ck_assert_int_eq(pgs_pool_acquire_cancel(r4), PGS_OK);
     th_run_until(b, &w4.fired, 5);
     ck_assert_int_eq(w4.code, PGS_ECANCELED);
@@ -654,11 +637,11 @@ START_TEST(test_close_with_waiters_and_guards_out)
     pgs_conn *held = acquire(b, p);
     got w1 = {0}, w2 = {0}, late = {0};
     int done = 0;
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w1, NULL), PGS_OK);
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &w2, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &w1, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &w2, NULL), PGS_OK);
     ck_assert_int_eq(pgs_pool_close(p, th_count_done, &done), PGS_OK);
     ck_assert_int_eq(pgs_pool_close(p, th_count_done, &done), PGS_EMISUSE);
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &late, NULL), PGS_ECLOSED);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &late, NULL), PGS_ECLOSED);
     th_run_until(b, &w2.fired, 5);
     ck_assert_int_eq(w1.code, PGS_ECLOSED);
     ck_assert_int_eq(w2.code, PGS_ECLOSED);
@@ -789,7 +772,7 @@ START_TEST(test_server_restart_fails_clearly_then_recovers)
     pgctl("stop -m fast -w");
     got down = {0};
     double t0 = th_now();
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &down, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &down, NULL), PGS_OK);
     th_run_until(b, &down.fired, 10);
     ck_assert_msg(down.code == PGS_ECONNECT, "got %s: %s", pgs_strerror(down.code), down.message);
     ck_assert_double_lt(th_now() - t0, 3.0);
@@ -991,7 +974,7 @@ static void done_then_acquire(const pgs_tx_result *r, void *arg)
 {
     run_rec *d = arg;
     on_run_done(r, d);
-    ck_assert_int_eq(pgs_pool_acquire(d->pool, on_got, &d->again, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(d->pool, th_on_got, &d->again, NULL), PGS_OK);
 }
 
 START_TEST(test_pool_run_tx_done_fires_with_the_guard_back)
@@ -1070,7 +1053,7 @@ static void pool_done_then_acquire(void *arg)
 {
     closing_rec *r = arg;
     r->done++;
-    r->acquire_rc = pgs_pool_acquire(r->pool, on_got, NULL, NULL);
+    r->acquire_rc = pgs_pool_acquire(r->pool, th_on_got, NULL, NULL);
 }
 
 static void conn_done_then_query(void *arg)

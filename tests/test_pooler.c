@@ -442,27 +442,12 @@ static void close_pool(struct event_base *b, pgs_pool *p)
     ck_assert_int_eq(done, 1);
 }
 
-typedef struct got {
-    int fired;
-    pgs_conn *conn;
-    pgs_code code;
-    char message[512];
-} got;
-
-static void on_got(pgs_conn *conn, const pgs_error *err, void *arg)
-{
-    got *g = arg;
-    g->fired++;
-    g->conn = conn;
-    g->code = err ? err->code : PGS_OK;
-    if (err)
-        snprintf(g->message, sizeof g->message, "%s", err->message);
-}
+typedef th_got got; /* (tests/helpers.h) */
 
 static pgs_conn *acquire(struct event_base *b, pgs_pool *p)
 {
     got g = {0};
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &g, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &g, NULL), PGS_OK);
     th_run_until(b, &g.fired, 15);
     ck_assert_msg(g.code == PGS_OK, "acquire failed: %s", g.message);
     return g.conn;
@@ -623,7 +608,7 @@ START_TEST(test_pool_runs_one_round_trip_transactions_through_one_server_connect
      * counted. Released at once (no reset is sent: PGS_RESET_NONE). */
     got g[4] = {{0}};
     for (int i = 0; i < 4; i++)
-        ck_assert_int_eq(pgs_pool_acquire(load_pool, on_got, &g[i], NULL), PGS_OK);
+        ck_assert_int_eq(pgs_pool_acquire(load_pool, th_on_got, &g[i], NULL), PGS_OK);
     for (int i = 0; i < 4; i++) {
         th_run_until(b, &g[i].fired, 15);
         ck_assert_msg(g[i].code == PGS_OK, "acquire failed: %s", g[i].message);
@@ -986,7 +971,7 @@ START_TEST(test_set_local_does_not_outlive_its_transaction_behind_a_pooler)
      * one server session) sees the default, in a transaction and outside one. */
     got g[4] = {{0}};
     for (int i = 0; i < 4; i++)
-        ck_assert_int_eq(pgs_pool_acquire(p, on_got, &g[i], NULL), PGS_OK);
+        ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &g[i], NULL), PGS_OK);
     for (int i = 0; i < 4; i++) {
         th_run_until(b, &g[i].fired, 15);
         ck_assert_msg(g[i].code == PGS_OK, "acquire failed: %s", g[i].message);

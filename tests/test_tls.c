@@ -170,22 +170,7 @@ END_TEST
 
 /* ---- the pool ---- */
 
-typedef struct got {
-    int fired;
-    pgs_conn *conn;
-    pgs_code code;
-    char message[512];
-} got;
-
-static void on_got(pgs_conn *conn, const pgs_error *err, void *arg)
-{
-    got *g = arg;
-    g->fired++;
-    g->conn = conn;
-    g->code = err ? err->code : PGS_OK;
-    if (err)
-        snprintf(g->message, sizeof g->message, "%s", err->message);
-}
+typedef th_got got; /* (tests/helpers.h) */
 
 static pgs_conn *acquire_wait(struct event_base *b, got *g)
 {
@@ -209,7 +194,7 @@ START_TEST(test_pool_hands_out_guards_over_tls)
     got g[N] = {{0}};
     int pids[N];
     for (int i = 0; i < N; i++)
-        ck_assert_int_eq(pgs_pool_acquire(p, on_got, &g[i], NULL), PGS_OK);
+        ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &g[i], NULL), PGS_OK);
     for (int i = 0; i < N; i++) {
         pgs_conn *c = acquire_wait(b, &g[i]);
         assert_encrypted(b, c);
@@ -226,7 +211,7 @@ START_TEST(test_pool_hands_out_guards_over_tls)
         th_close(b, g[i].conn);
 
     got again = {0};
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &again, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &again, NULL), PGS_OK);
     pgs_conn *c = acquire_wait(b, &again);
     int pid = th_backend_pid(c);
     ck_assert_msg(pid == pids[0] || pid == pids[1] || pid == pids[2],
@@ -256,7 +241,7 @@ START_TEST(test_pool_with_the_wrong_ca_reports_the_certificate_error)
                                   &o, &p),
                      PGS_OK);
     got g = {0};
-    ck_assert_int_eq(pgs_pool_acquire(p, on_got, &g, NULL), PGS_OK);
+    ck_assert_int_eq(pgs_pool_acquire(p, th_on_got, &g, NULL), PGS_OK);
     th_run_until(b, &g.fired, 10);
     ck_assert_msg(g.code == PGS_ECONNECT, "got %s: %s", pgs_strerror(g.code), g.message);
     ck_assert_ptr_null(g.conn);
