@@ -769,7 +769,9 @@ PGS_API int pgs_pool_acquire_cancel(pgs_pool_req *req);
  * after the guard is back in the pool (pgs_pool_stats no longer counts it in use). A retry
  * after a serialization failure or deadlock whose connection died (the transaction was
  * rolled back, so it is safe) runs on another guard, after its backoff; attempts counts the
- * body's runs on all of them. Never after an unknown commit. Returns PGS_OK, or at once what pgs_pool_acquire
+ * body's runs on all of them. Never after an unknown commit. A guard whose connection died
+ * between its grant and the body (the body never ran) is replaced by another, up to 3 times.
+ * Returns PGS_OK, or at once what pgs_pool_acquire
  * returns, or PGS_EINVAL (NULL body or done). */
 PGS_API int pgs_pool_run_tx(pgs_pool *pool, const pgs_tx_opts *opts, pgs_tx_body body,
                             pgs_tx_done_cb done, void *arg);

@@ -8,6 +8,8 @@
 #include "pool_private.h"
 #include "tx.h"
 
+enum { MAX_AGAIN = 3 };
+
 typedef struct pool_run {
     pgs_pool *pool;
     pgs_tx_opts opts;
@@ -18,6 +20,8 @@ typedef struct pool_run {
     pgs_tx_result result; /* the last outcome (err points to `err` once reported) */
     pgs_error err;
     int retry; /* the connection died after a retryable failure: retry on another guard */
+    int again; /* the guard died before the body ran: run it on another (fresh) */
+    int agains; /* how often (bounded: a server that kills every session ends it) */
 } pool_run;
 
 static void pool_run_report(pool_run *r)
@@ -34,7 +38,7 @@ static void pool_run_acquired(pgs_conn *conn, const pgs_error *err, void *arg);
 static void pool_run_released(void *arg)
 {
     pool_run *r = arg;
-    if (r->retry && pgs_pool_acquire(r->pool, pool_run_acquired, r, NULL) == PGS_OK)
+    if ((r->retry || r->again) && pgs_pool_acquire(r->pool, pool_run_acquired, r, NULL) == PGS_OK)
         return; /* (a closing pool refuses: the outcome so far stands) */
     pool_run_report(r);
 }
@@ -49,6 +53,10 @@ static void pool_run_done(const pgs_tx_result *res, void *arg)
      * them: the connection died. The transaction was rolled back, so another guard may run it
      * again (never after an unknown commit: that is not retryable). */
     r->retry = tx_retryable(res) && res->attempts <= r->opts.retries;
+    /* The guard died between its grant and the body (the pool reads what the server sent
+     * before a grant, but a loss can land after it): nothing ran, so another guard may. */
+    r->again = res->attempts == 0 && res->err && res->err->code == PGS_ECLOSED &&
+               r->agains++ < MAX_AGAIN;
     pgs_conn_close(r->conn, pool_run_released, r); /* back to the pool, then done */
 }
 
@@ -64,6 +72,7 @@ static void pool_run_acquired(pgs_conn *conn, const pgs_error *err, void *arg)
     r->conn = conn;
     int retry = r->retry;
     r->retry = 0;
+    r->again = 0;
     if (retry)
         r->result.err = &r->err;
     int rc = err ? (int)err->code
