@@ -51,8 +51,16 @@ struct carrier {
     double idle_since;
 };
 
+/* A connection asked of the pool for carrying transactions, not granted yet. */
+typedef struct asking {
+    struct asking *prev, *next;
+    struct mux *mux;
+    pgs_pool_req *req;
+} asking;
+
 struct mux {
     pgs_pool *pool;
+    asking *asks; /* the acquires in flight (`acquiring` of them) */
     int depth;
     req_list queue;   /* waiting for a place, in order */
     req_list backing; /* retries waiting out their backoff */
@@ -228,7 +236,15 @@ static void dispatch(struct mux *m);
 
 static void carrier_acquired(pgs_conn *conn, const pgs_error *err, void *arg)
 {
-    struct mux *m = arg;
+    asking *a = arg;
+    struct mux *m = a->mux;
+    if (a->prev)
+        a->prev->next = a->next;
+    else
+        m->asks = a->next;
+    if (a->next)
+        a->next->prev = a->prev;
+    free(a);
     m->acquiring--;
     if (err) /* the pool closed (the requests heard of it), or could not give one */
         return;
@@ -261,10 +277,31 @@ static void acquire_more(struct mux *m)
     pgs_pool *p = m->pool;
     int need = (m->queue.n + m->depth - 1) / m->depth;
     while (m->acquiring < need && m->ncarriers + m->acquiring < p->opts.max_size) {
-        if (pgs_pool_acquire_within(p, -1, carrier_acquired, m, NULL) != PGS_OK)
+        asking *a = calloc(1, sizeof *a);
+        if (!a)
+            break;
+        a->mux = m;
+        if (pgs_pool_acquire_within(p, -1, carrier_acquired, a, &a->req) != PGS_OK) {
+            free(a);
             break; /* (max_waiting full of other requests: the next dispatch tries again) */
+        }
+        a->next = m->asks;
+        if (m->asks)
+            m->asks->prev = a;
+        m->asks = a;
         m->acquiring++;
     }
+}
+
+/* Nobody waits any more: the acquires still in flight are not needed (they would hold a place
+ * in the pool's queue, and a connection when granted). Their callbacks fire from the loop. */
+static void stop_asking(struct mux *m)
+{
+    for (asking *a = m->asks; a; a = a->next)
+        if (a->req) {
+            pgs_pool_acquire_cancel(a->req);
+            a->req = NULL;
+        }
 }
 
 /* ---- transactions ---- */
@@ -428,6 +465,8 @@ static void dispatch(struct mux *m)
         acquire_more(m);
         if (!m->timer_armed)
             arm_timer(m);
+    } else if (!m->queue.head && m->asks) {
+        stop_asking(m);
     }
 }
 
