@@ -70,6 +70,7 @@ struct mux {
     int acquiring;
     int dispatching;
     int timer_armed;
+    int linger_armed;
     loop_ev *dispatch_ev;
     loop_ev *timer;  /* the first wait's end */
     loop_ev *linger; /* idle carriers go back */
@@ -196,7 +197,10 @@ static void carrier_release(carrier *c)
 
 static void arm_linger(struct mux *m)
 {
-    loop_ev_timer(m->linger, CARRIER_LINGER_MS);
+    if (!m->linger_armed) { /* (not pushed back by every dispatch: it checks each one's idle time) */
+        m->linger_armed = 1;
+        loop_ev_timer(m->linger, CARRIER_LINGER_MS);
+    }
 }
 
 /* A carrier with nothing in flight: given back when it cannot take another transaction (its
@@ -219,6 +223,7 @@ static void on_linger(void *arg, int what)
     struct mux *m = arg;
     double now = now_ms();
     int left = 0;
+    m->linger_armed = 0;
     for (carrier *c = m->carriers, *next; c; c = next) {
         next = c->next;
         if (c->releasing || c->inflight > 0)
