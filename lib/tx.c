@@ -234,6 +234,17 @@ static int is_aborted(const PGresult *res)
     return res && PQresultStatus(res) == PGRES_PIPELINE_ABORTED;
 }
 
+/* Did a batched transaction fail only because of those before it in its segment? Its BEGIN
+ * was skipped after their error; or a statement of it, before any of its callbacks fired, ran
+ * by the name of a prepared statement whose Parse a failed segment skipped (26000: the
+ * statement cache parses each text once per connection, pipelined before its first use). */
+static int skipped(const tx_op *op, const pgs_tx *root, const pgs_error *err, const PGresult *res)
+{
+    if (op->kind == K_BEGIN)
+        return is_aborted(res) || (err && strcmp(err->sqlstate, "26000") == 0);
+    return op->kind == K_USER && !root->user_fired && err && strcmp(err->sqlstate, "26000") == 0;
+}
+
 /* The server's ERROR for the statement (not libpq's word on a lost connection, nor a FATAL):
  * the transaction is aborted, whatever follows. */
 static int refused(const PGresult *res)
@@ -322,10 +333,10 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
     tx->inflight--;
     if (op->kind != K_TXID && op->kind != K_COMMIT)
         root->ahead--;
-    if (root->victim ||
-        (op->kind == K_BEGIN && root->batched && is_aborted(res) && root->cancel_code == PGS_OK)) {
-        /* Its BEGIN was skipped: a transaction before it in the segment failed, so none of
-         * it ran. Its callbacks wait for the run again (replay_victim). */
+    if (root->victim || (root->batched && root->cancel_code == PGS_OK && skipped(op, root, err, res))) {
+        /* None of it ran, or what ran is rolled back and nobody has heard of it: a
+         * transaction before it in the segment failed. Its callbacks wait for the run again
+         * (replay_victim). */
         root->victim = 1;
         free(op);
         progress(tx);
@@ -411,8 +422,10 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
     case K_USER:
         if (err)
             note_failure(tx, err);
-        if (op->cb)
+        if (op->cb) {
+            root->user_fired = 1;
             op->cb(c, res, err, op->arg);
+        }
         break;
     case K_TXID:
         if (!err && res && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))

@@ -88,6 +88,7 @@ struct pgs_tx {
     int end_owed;         /* ended while recording (or replayed): the end goes with the rest */
     int batched;          /* sent whole in one go, behind others in their pipeline segment */
     int victim;           /* batched, and its BEGIN skipped: a neighbour's error, so replayed */
+    int user_fired;       /* a statement callback of it fired (it cannot be replayed then) */
     int replays;
     struct tx_rec *recs; /* the statements kept (a batched one's, until its end, to replay) */
     struct tx_rec **rec_tail;

@@ -164,6 +164,7 @@ int tx_begin_shared(pgs_conn *conn, const pgs_tx_opts *opts, const tx_share *sha
 void replay_victim(pgs_tx *tx)
 {
     tx->victim = 0;
+    tx->user_fired = 0;
     tx->replays++;
     tx->conn = NULL;
     tx->state = TX_ENDING;
