@@ -333,6 +333,10 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
     tx->inflight--;
     if (op->kind != K_TXID && op->kind != K_COMMIT)
         root->ahead--;
+    if (root->cancel_grace && root->ahead == 0) {
+        root->cancel_grace = 0; /* (its statements answered after the cancel: no kill owed) */
+        loop_ev_stop(root->timer);
+    }
     if (root->victim || (root->batched && root->cancel_code == PGS_OK && skipped(op, root, err, res))) {
         /* None of it ran, or what ran is rolled back and nobody has heard of it: a
          * transaction before it in the segment failed. Its callbacks wait for the run again

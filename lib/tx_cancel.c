@@ -23,6 +23,10 @@ static void kill_shared(pgs_tx *root, pgs_code code)
          * rolls back with 57014), and never reuse the session (the request may land later). */
         conn_cancel_request(root->conn);
         conn_spoil(root->conn);
+        /* Their replies are owed within the grace; a network that stalls would hold them, and
+         * every transaction on the session, for ever: then the connection is closed. */
+        root->cancel_grace = 1;
+        loop_ev_timer(root->timer, root->opts.commit_grace_ms);
     }
 }
 
@@ -59,6 +63,14 @@ void tx_on_timer(void *arg, int what)
 {
     (void)what;
     pgs_tx *root = arg;
+    if (root->cancel_grace) {
+        if (root->conn)
+            conn_kill(root->conn, PGS_ECONN,
+                      "no reply within the grace period after a transaction sharing the "
+                      "connection was canceled",
+                      0);
+        return;
+    }
     if (root->in_grace) {
         /* No reply to COMMIT within the grace: close without a cancel request (it could hit
          * the commit itself); the COMMIT then reports PGS_ECOMMIT_UNKNOWN. */

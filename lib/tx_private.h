@@ -71,6 +71,7 @@ struct pgs_tx {
     commit_phase commit;  /* root */
     pgs_code cancel_code; /* root: PGS_ECANCELED / PGS_ETIMEDOUT once cancelled */
     int in_grace;         /* root: cancelled with COMMIT out; waiting for its reply */
+    int cancel_grace;     /* root, shared: cancelled with statements out; waiting for them */
     int ahead;            /* root: statements of the tree queued before COMMIT, unanswered */
     int settling;         /* root: children holding later statements back (a plug) */
     pgs_tx_outcome outcome;
