@@ -780,16 +780,19 @@ PGS_API int pgs_pool_run_tx(pgs_pool *pool, const pgs_tx_opts *opts, pgs_tx_body
  *  - Several callers' transactions are in flight on one connection at once, pipelined. The
  *    body's statements are kept until it returns; a body that ended its transaction then (the
  *    common case) has it sent whole, BEGIN to COMMIT, behind the others queued on that
- *    connection in the same loop turn, all of them ended by one pipeline sync: one write and
- *    one wake-up of the server for many transactions. Results go to their own transaction.
+ *    connection in the same loop turn, in one pipeline segment; the last COMMIT of the batch
+ *    goes in a segment of its own: two writes and two wake-ups of the server for many
+ *    transactions. Results go to their own transaction.
  *  - An error aborts only its own transaction. The server skips what follows an error up to
  *    the sync, so a transaction behind a failed one in the same segment never ran at all (its
  *    BEGIN was skipped): it is sent again, whole, on a connection with room, before the
  *    requests still waiting; its callbacks fire once, for the run that happened, and nothing
  *    of the skipped one is reported (the statement hooks do show the skipped statements).
  *    After 8 such runs again it is sent first in a segment of its own, where nothing can skip
- *    it. Each segment begins with a ROLLBACK, which ends a transaction a failed segment left
- *    aborted (its "no transaction in progress" warning, SQLSTATE 25P01, is not passed on).
+ *    it. The batch's last COMMIT, alone in its segment, ends a transaction the error left
+ *    aborted (it answers ROLLBACK), so the next batch finds the session idle. (When a COMMIT
+ *    itself failed, the last one may find no transaction and the server warns "there is no
+ *    transaction in progress", SQLSTATE 25P01: that warning is not passed to on_notice.)
  *  - Outcomes are exact as everywhere: a connection lost makes each COMMIT already written
  *    UNKNOWN, and every transaction whose COMMIT was not written, whose statement the server
  *    refused, or that was skipped, ROLLED_BACK (or sent again, when skipped by a neighbour's

@@ -288,7 +288,7 @@ void conn_notice(void *arg, const PGresult *res)
     if (c->shared) {
         const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
         if (state && strcmp(state, "25P01") == 0)
-            return; /* a segment's opening ROLLBACK found no transaction: the usual case */
+            return; /* the COMMIT that opens a segment found none (its BEGIN was skipped) */
     }
     if (c->opts.on_notice && c->state == CS_READY && !c->finish_pending) {
         c->in_notice++;
@@ -468,11 +468,10 @@ int conn_clean(pgs_conn *c)
     return resets > 0 || PQtransactionStatus(c->pg) == PQTRANS_IDLE;
 }
 
-int conn_between(pgs_conn *c)
+int conn_between(pgs_conn *c, const void *owner)
 {
-    return c->state == CS_READY && !c->owner && !c->plugged && !c->cancel && !c->spoiled &&
-           !c->returning && (!c->open_segment || c->sync_turn) && !c->held && !c->solo &&
-           !c->draining;
+    return c->state == CS_READY && c->owner == owner && !c->plugged && !c->cancel &&
+           !c->spoiled && !c->returning && !c->held && !c->solo && !c->draining;
 }
 
 void conn_spoil(pgs_conn *c)

@@ -30,6 +30,9 @@ enum {
      * follows by then, a sync of its own ends the segment. The pool's reset uses it, so a
      * waiting user's first statements travel with it. */
     CONN_SYNC_TURN = 32,
+    /* Not through the statement cache: parsed with it, unnamed, every time, so it never
+     * depends on a Parse that an error earlier in the pipeline made the server skip. */
+    CONN_UNCACHED = 64,
 };
 
 /* pgs_query with flags (and without pgs_query's check of the owner). */
@@ -105,17 +108,18 @@ void conn_lend(pgs_conn *c);
  * in flight but resets, and idle (no transaction) or about to be (after a reset)? */
 int conn_clean(pgs_conn *c);
 /* May a transaction be queued now behind what is in flight, on a session shared by pipelined
- * transactions (the pool's multiplexed mode)? Connected, no owner, nothing held back by a
- * plug, no cancel request, not spoiled, and every segment queued so far ended by its sync
- * (or the pool's reset, whose segment the next user's statements join: CONN_SYNC_TURN). */
-int conn_between(pgs_conn *c);
+ * transactions (the pool's multiplexed mode)? Connected, owned by `owner` (NULL: nobody; or
+ * the transaction whose end the next one carries), nothing held back by a plug, no cancel
+ * request, not spoiled. */
+int conn_between(pgs_conn *c, const void *owner);
 /* A cancel request went out on a session that others share: it may still land on whatever
  * runs next, so the session is never reused (conn_clean and conn_between say no). */
 void conn_spoil(pgs_conn *c);
 
-/* The session carries pipelined transactions that each begin a segment with a ROLLBACK (it
- * ends a transaction an earlier segment's error left aborted): its warning when there was none
- * (SQLSTATE 25P01) is not the user's notice. */
+/* The session carries pipelined transactions, whose batches end with a COMMIT in a segment of
+ * its own (it ends a transaction an error earlier in the batch left aborted): its warning when
+ * there was none (SQLSTATE 25P01, its BEGIN skipped after a failed COMMIT) is not the user's
+ * notice. */
 void conn_set_shared(pgs_conn *c);
 /* Does the next statement start a new pipeline segment (nothing sent since the last sync)? */
 int conn_segment_fresh(pgs_conn *c);

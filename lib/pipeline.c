@@ -231,7 +231,8 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
         return 0;
     }
     int fresh = 0;
-    resolve_statement(c, o, sql, &fresh);
+    if (__builtin_expect(!(o->flags & CONN_UNCACHED), 1))
+        resolve_statement(c, o, sql, &fresh);
     if (!fresh && !(o->flags & (CONN_NO_SYNC | CONN_RESET)) && !c->sent.head &&
         !c->open_segment) {
         /* Alone on an idle connection so far: held to the end of the loop turn. Its values

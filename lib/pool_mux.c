@@ -47,6 +47,7 @@ struct carrier {
     struct mux *mux;
     pgs_conn *conn;
     int inflight;  /* its transactions whose outcome is not reported yet */
+    pgs_tx *carried; /* the last one placed, its end owed (tx_carried): it owns the session */
     int releasing; /* given back: gone when the close's done fires */
     double idle_since;
 };
@@ -211,7 +212,7 @@ static void carrier_settle(carrier *c)
     if (c->inflight > 0 || c->releasing)
         return;
     c->idle_since = now_ms();
-    if (m->pool->closing || !conn_between(c->conn))
+    if (m->pool->closing || !conn_between(c->conn, NULL))
         carrier_release(c);
     else if (!m->queue.head)
         arm_linger(m);
@@ -228,7 +229,7 @@ static void on_linger(void *arg, int what)
         next = c->next;
         if (c->releasing || c->inflight > 0)
             continue;
-        if (now - c->idle_since >= CARRIER_LINGER_MS - 1 || !conn_between(c->conn))
+        if (now - c->idle_since >= CARRIER_LINGER_MS - 1 || !conn_between(c->conn, NULL))
             carrier_release(c);
         else
             left = 1;
@@ -386,20 +387,37 @@ static const tx_share share = {tx_ended, tx_finished, tx_again};
 
 /* Begin the request's transaction on the carrier and run its body. Returns 0, or -1 when the
  * carrier could not take it (the request is back at the head of the queue). */
+/* The end of the dispatch: each batch's last end goes alone, in a segment of its own. */
+static void seal_all(struct mux *m)
+{
+    for (carrier *c = m->carriers; c; c = c->next) {
+        pgs_tx *t = c->carried;
+        if (t) {
+            c->carried = NULL;
+            tx_seal(t);
+        }
+    }
+}
+
 static int start(struct mux *m, carrier *c, mux_req *r)
 {
+    /* The one placed last, whose end waits, goes with the new one (tx_begin_shared). */
+    pgs_tx *before = c->carried;
     if (r->replay) {
-        if (tx_replay(r->tx, c->conn) != PGS_OK) {
+        if (tx_replay(r->tx, c->conn, before) != PGS_OK) {
             req_push_front(&m->queue, r);
             return -1;
         }
+        c->carried = NULL;
         r->replay = 0;
         r->on = c;
         c->inflight++;
+        if (tx_carried(r->tx))
+            c->carried = r->tx;
         return 0;
     }
     pgs_tx *tx;
-    int rc = tx_begin_shared(c->conn, &r->opts, &share, r, r->attempts + 1, &tx);
+    int rc = tx_begin_shared(c->conn, &r->opts, &share, r, r->attempts + 1, before, &tx);
     if (rc != PGS_OK) {
         if (rc == PGS_ENOMEM) {
             err_set(&r->err, rc, NULL, "could not begin the transaction", NULL);
@@ -409,12 +427,15 @@ static int start(struct mux *m, carrier *c, mux_req *r)
         req_push_front(&m->queue, r);
         return -1;
     }
+    c->carried = NULL;
     r->attempts++;
     r->on = c;
     r->tx = tx;
     c->inflight++;
     r->body(tx, r->arg);
-    tx_body_returned(tx); /* with its end, if the body ended it: then the next may follow */
+    tx_body_returned(tx); /* the next may follow at once if the body ended it */
+    if (tx_carried(tx))
+        c->carried = tx;
     return 0;
 }
 
@@ -423,7 +444,7 @@ static carrier *with_room(struct mux *m)
     for (carrier *c = m->carriers; c; c = c->next)
         /* One with nothing in flight may have died idle unnoticed: read what the server sent
          * (EOF, its FATAL) first, as the pool does before a grant. */
-        if (!c->releasing && c->inflight < m->depth && conn_between(c->conn) &&
+        if (!c->releasing && c->inflight < m->depth && conn_between(c->conn, c->carried) &&
             (c->inflight > 0 || conn_probe(c->conn)))
             return c;
     return NULL;
@@ -452,7 +473,7 @@ static void dispatch(struct mux *m)
     m->dispatching = 1;
     carrier *c = NULL;
     while (m->queue.head && !p->closing) {
-        if (!c || c->releasing || c->inflight >= m->depth || !conn_between(c->conn))
+        if (!c || c->releasing || c->inflight >= m->depth || !conn_between(c->conn, c->carried))
             c = with_room(m);
         if (!c)
             break;
@@ -461,6 +482,7 @@ static void dispatch(struct mux *m)
         if (start(m, c, r) != 0)
             c = NULL;
     }
+    seal_all(m);
     m->dispatching = 0;
     for (carrier *k = m->carriers, *next; k; k = next) {
         next = k->next;

@@ -193,6 +193,16 @@ static void send_rollback(pgs_tx *tx)
     send_end(tx, K_ROLLBACK, "ROLLBACK", 0);
 }
 
+/* The flags of a root's COMMIT or ROLLBACK. Shared: carried on in its batch's segment, or
+ * alone; and never by a prepared statement's name, whose Parse a failed segment before it may
+ * have made the server skip (the end that ends a batch must run, to end an aborted transaction). */
+static int end_flags(const pgs_tx *tx)
+{
+    if (!tx->share)
+        return 0;
+    return (tx->end_alone ? 0 : STMT) | CONN_UNCACHED;
+}
+
 void end_root(pgs_tx *tx)
 {
     tx->state = TX_ENDING;
@@ -204,9 +214,15 @@ void end_root(pgs_tx *tx)
         if (tx->opts.resolvable)
             rc = send_stmt(tx, K_TXID, RESOLVABLE_ID, 0, NULL,
                            STMT | CONN_FLUSH_NOW, NULL, NULL);
+        /* Shared: COMMIT alone in its segment (the end of a batch, or of a transaction that
+         * owned the session): if an error aborted the transaction (or one before it in the
+         * batch), the server skips only up to the sync before it, and COMMIT then ends the
+         * aborted transaction, so the next one finds the session idle. Carried on in the
+         * batch's segment otherwise (tx_carry_on). */
+        if (rc == PGS_OK && tx->share && tx->end_alone)
+            rc = tx->conn ? conn_sync(tx->conn, 0) : PGS_ECLOSED;
         if (rc == PGS_OK)
-            rc = send_stmt(tx, K_COMMIT, "COMMIT", 0, NULL, tx->share ? SHARED_END : 0, NULL,
-                           NULL);
+            rc = send_stmt(tx, K_COMMIT, "COMMIT", 0, NULL, end_flags(tx), NULL, NULL);
         if (rc == PGS_OK) {
             tx->commit = tx->settling > 0 || tx->plug ? CM_HELD : CM_SENT;
             tx->outcome = PGS_TX_UNKNOWN; /* until the reply says otherwise */
@@ -218,12 +234,13 @@ void end_root(pgs_tx *tx)
         end_queued(tx);
         return;
     }
-    /* The lone sync ends any abort the server is in, so ROLLBACK itself runs. (Shared: an
-     * abort is ended by the next segment's opening ROLLBACK, so it joins the segment.) */
-    if (tx->conn && !tx->share)
+    /* The lone sync ends any abort the server is in, so ROLLBACK itself runs. (Shared and
+     * carried on in a batch: if it is skipped, the batch's last end, alone, ends the abort.) */
+    int carried = tx->share && !tx->end_alone;
+    if (tx->conn && !carried)
         conn_sync(tx->conn, 0);
     tx->outcome = PGS_TX_ROLLED_BACK;
-    send_end(tx, K_ROLLBACK, "ROLLBACK", tx->share ? SHARED_END : 0);
+    send_end(tx, K_ROLLBACK, "ROLLBACK", end_flags(tx));
     end_queued(tx);
 }
 

@@ -31,15 +31,23 @@ typedef struct tx_share {
 } tx_share;
 
 /* Begin a root transaction on a shared session, behind the transactions in flight on it
- * (conn_between must hold: else PGS_EMISUSE, or PGS_ECONN when the connection is gone). Its
+ * (conn_between(conn, before) must hold: else PGS_EMISUSE, or PGS_ECONN when the connection is
+ * gone; before: the carried transaction placed last, or NULL). Its
  * statements are kept until tx_body_returned; it owns the session until its end is queued.
  * Its result reports `attempts`. */
 int tx_begin_shared(pgs_conn *conn, const pgs_tx_opts *opts, const tx_share *share, void *arg,
-                    int attempts, pgs_tx **out);
+                    int attempts, pgs_tx *before, pgs_tx **out);
 /* The body returned: send the transaction, with its end when the body ended it. */
 void tx_body_returned(pgs_tx *tx);
 /* Send a transaction whose first run was skipped (share->again) on conn (conn_between). */
-int tx_replay(pgs_tx *tx, pgs_conn *conn);
+int tx_replay(pgs_tx *tx, pgs_conn *conn, pgs_tx *before);
+/* After tx_body_returned (or tx_replay): a batched transaction whose end waits, owning the
+ * session until then. The next transaction placed on the session takes it as `before` (from
+ * then it owns the session): when it is sent, before's end goes first, into the same segment
+ * when it is batched too, else alone. The batch's last one is sealed (tx_seal: its end alone,
+ * in a segment of its own) before the loop turn ends. */
+int tx_carried(const pgs_tx *tx);
+void tx_seal(pgs_tx *tx);
 /* Or give up on it: its callbacks and done report code and msg, ROLLED_BACK (from the loop). */
 void tx_abandon(pgs_tx *tx, pgs_code code, const char *msg);
 

@@ -13,10 +13,6 @@ typedef struct run run;
 enum {
     DEFAULT_COMMIT_GRACE_MS = 5000,
     STMT = CONN_NO_SYNC | CONN_FLUSH, /* inside a transaction: no sync, results sent at once */
-    /* The end (COMMIT, ROLLBACK) of a transaction on a shared session: the transactions queued
-     * after it in the same loop turn join its pipeline segment, ended by one sync (one write,
-     * one wake-up of the server, for all of them). */
-    SHARED_END = CONN_NO_SYNC | CONN_FLUSH | CONN_SYNC_TURN,
 };
 
 typedef enum tx_state {
@@ -87,6 +83,8 @@ struct pgs_tx {
     int share_attempts;
     int recording;        /* inside its body's call: statements kept, sent when it returns */
     int end_owed;         /* ended while recording (or replayed): the end goes with the rest */
+    int end_alone;        /* shared: its end goes in a segment of its own (else carried on) */
+    pgs_tx *before; /* the batched one placed just before it, whose end goes out first */
     int batched;          /* sent whole in one go, behind others in their pipeline segment */
     int victim;           /* batched, and its BEGIN skipped: a neighbour's error, so replayed */
     int user_fired;       /* a statement callback of it fired (it cannot be replayed then) */

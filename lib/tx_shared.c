@@ -1,11 +1,12 @@
 /* Transactions on a shared session (the pool's multiplexed mode). The body's statements are
- * kept until it returns. A body that ended its transaction goes out whole (BEGIN, statements,
- * COMMIT) into the pipeline segment of those before it in the same loop turn: one write and
- * one sync for all of them. An error in one makes the server skip the rest of the segment, so
- * a transaction whose BEGIN was skipped never ran: it is sent again (a "victim"), its callbacks
- * untouched. A body that waits for a result starts a segment of its own and owns the session
- * until its end. Each segment opens with a ROLLBACK, which ends a transaction the error of an
- * earlier segment left aborted. Part of the transaction layer (tx_private.h), on conn.h. */
+ * kept until it returns. A body that ended its transaction goes out whole, BEGIN to COMMIT,
+ * into the pipeline segment of those before it in the same loop turn; the batch's last COMMIT
+ * goes in a segment of its own: two writes and syncs for the whole batch. An error makes the
+ * server skip the rest of the segment, so a transaction whose BEGIN was skipped never ran: it
+ * is sent again (a "victim"), its callbacks untouched. The last COMMIT, alone, ends a
+ * transaction the error left aborted (answering ROLLBACK), so the session is idle after each
+ * batch. A body that waits for a result starts a segment of its own and owns the session until
+ * its end, which also goes alone. Part of the transaction layer (tx_private.h), on conn.h. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,10 +66,12 @@ void fire_unsent(pgs_tx *tx)
     }
 }
 
-static void opening_done(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+static void send_owed_end(pgs_tx *tx, int alone)
 {
-    (void)c, (void)res, (void)err, (void)arg; /* it never fails; a lost connection is told to
-                                                 the transactions behind it */
+    tx->end_owed = 0;
+    tx->end_alone = alone;
+    end_root(tx);
+    progress(tx);
 }
 
 /* Send the recorded transaction: batched (its end with it, behind what is in the segment) or
@@ -76,13 +79,16 @@ static void opening_done(pgs_conn *c, const PGresult *res, const pgs_error *err,
 static void emit(pgs_tx *tx, int batched)
 {
     pgs_conn *c = tx->conn;
+    pgs_tx *before = tx->before;
+    tx->before = NULL;
+    if (before) /* into this segment when this one joins it, else alone */
+        send_owed_end(before, !batched);
     tx->recording = 0;
     tx->batched = batched;
+    tx->end_alone = !batched;
     int rc = c ? PGS_OK : PGS_ECLOSED;
     if (rc == PGS_OK && !batched && !conn_segment_fresh(c))
         rc = conn_sync(c, 0); /* nothing before it in its segment can skip its BEGIN */
-    if (rc == PGS_OK && conn_segment_fresh(c))
-        rc = conn_query(c, "ROLLBACK", 0, NULL, CONN_NO_SYNC, opening_done, NULL);
     if (rc == PGS_OK)
         rc = send_begin(tx);
     if (rc != PGS_OK)
@@ -117,11 +123,23 @@ static void emit(pgs_tx *tx, int batched)
     }
     if (!batched)
         free_recs(tx);
-    if (tx->end_owed) {
+    /* A batched one's end waits: the next transaction on the session carries it into the same
+     * segment (tx_carry_on), or the batch's last end goes in a segment of its own (tx_seal). */
+    if (tx->end_owed && !batched) {
         tx->end_owed = 0;
         end_root(tx);
     }
     progress(tx);
+}
+
+int tx_carried(const pgs_tx *tx)
+{
+    return tx->batched && tx->end_owed;
+}
+
+void tx_seal(pgs_tx *tx)
+{
+    send_owed_end(tx, 1);
 }
 
 void emit_alone(pgs_tx *tx)
@@ -148,15 +166,18 @@ void end_queued(pgs_tx *tx)
 }
 
 int tx_begin_shared(pgs_conn *conn, const pgs_tx_opts *opts, const tx_share *share, void *arg,
-                    int attempts, pgs_tx **out)
+                    int attempts, pgs_tx *before, pgs_tx **out)
 {
     *out = NULL;
     if (tx_check_opts(opts) != PGS_OK)
         return PGS_EINVAL;
-    if (!conn_between(conn))
+    if (!conn_between(conn, before))
         return conn_ready(conn) ? PGS_EMISUSE : PGS_ECONN;
     conn_set_shared(conn);
-    return begin_root(conn, opts, NULL, NULL, share, arg, attempts, out);
+    int rc = begin_root(conn, opts, NULL, NULL, share, arg, attempts, out);
+    if (rc == PGS_OK)
+        (*out)->before = before;
+    return rc;
 }
 
 /* From its done event: none of it ran. Back to the pool's queue, as it was when its body
@@ -178,12 +199,13 @@ void replay_victim(pgs_tx *tx)
     tx->share->again(tx->share_arg);
 }
 
-int tx_replay(pgs_tx *tx, pgs_conn *conn)
+int tx_replay(pgs_tx *tx, pgs_conn *conn, pgs_tx *before)
 {
-    if (!conn_between(conn))
+    if (!conn_between(conn, before))
         return conn_ready(conn) ? PGS_EMISUSE : PGS_ECONN;
     conn_set_shared(conn);
     tx->conn = conn;
+    tx->before = before;
     conn_set_owner(conn, tx, NULL);
     tx->end_owed = 1;
     tx->recording = 1;
