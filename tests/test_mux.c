@@ -1318,6 +1318,79 @@ START_TEST(test_a_connection_that_died_idle_is_never_given_a_transaction)
 }
 END_TEST
 
+/* ---- what the server is sent ---- */
+
+static int traced_rollbacks, traced_statements, warned;
+static void count_stmt(pgs_conn *conn, const char *sql, void *arg)
+{
+    (void)conn, (void)arg;
+    traced_statements++;
+    traced_rollbacks += strncmp(sql, "ROLLBACK", 8) == 0;
+}
+
+static void count_notice(pgs_conn *conn, const PGresult *res, void *arg)
+{
+    (void)conn, (void)arg, (void)res;
+    warned++;
+}
+
+static int quiet_done;
+static void quiet_tx_done(const pgs_tx_result *r, void *arg)
+{
+    (void)r, (void)arg;
+    quiet_done++;
+}
+
+static void quiet_stmt(pgs_conn *c, const PGresult *res, const pgs_error *err, void *arg)
+{
+    (void)c, (void)res, (void)err, (void)arg;
+}
+
+static void quiet_body(pgs_tx *tx, void *arg)
+{
+    int i = (int)(intptr_t)arg;
+    char v[16];
+    snprintf(v, sizeof v, "%d", i);
+    const char *vals[] = {v};
+    pgs_tx_query(tx, "INSERT INTO mux_quiet (id) VALUES ($1::int)", 1, vals, quiet_stmt, NULL);
+    if (i % 5 == 0) /* a failure among them: its neighbours in the batch are sent again */
+        pgs_tx_query(tx, "SELECT 1 / ($1::int - $1::int)", 1, vals, quiet_stmt, NULL);
+    pgs_tx_end(tx, 1, NULL, NULL);
+}
+
+/* A batch is the transactions' own statements and nothing else: no ROLLBACK of the library's
+ * (outside a transaction the server answers one with a warning, which it also writes to its
+ * log, at every batch), no notice, also when transactions fail among the batch. */
+START_TEST(test_batches_send_only_the_transactions_own_statements)
+{
+    th_observer_keep(1);
+    const char *tables[] = {"mux_quiet"};
+    fresh_tables(tables, 1);
+    struct event_base *b = th_loop_begin();
+    traced_rollbacks = traced_statements = warned = quiet_done = 0;
+    pgs_hooks hooks = {.stmt_start = count_stmt};
+    pgs_pool_opts o = {.max_size = 2, .hooks = &hooks,
+                       .conn = {.on_notice = count_notice}};
+    pgs_pool *p = mux_pool(b, "pgs_mux_quiet", o);
+    enum { N = 200 };
+    for (int i = 1; i <= N; i++)
+        ck_assert_int_eq(pgs_pool_run_tx(p, NULL, quiet_body, quiet_tx_done, (void *)(intptr_t)i),
+                         PGS_OK);
+    double end = th_now() + 30;
+    while (quiet_done < N && th_now() < end)
+        event_base_loop(b, EVLOOP_ONCE);
+    ck_assert_int_eq(quiet_done, N);
+    close_pool(b, p);
+    th_loop_end(b);
+    ck_assert_int_eq(th_scalar_long("SELECT count(*) FROM mux_quiet", 0, NULL), N - N / 5);
+    ck_assert_msg(traced_rollbacks == 0, "%d ROLLBACKs of the library's in %d statements",
+                  traced_rollbacks, traced_statements);
+    ck_assert_int_eq(warned, 0);
+    drop_table("mux_quiet");
+    th_observer_keep(0);
+}
+END_TEST
+
 /* ---- seeded random cuts under many callers ---- */
 
 enum {
@@ -1742,6 +1815,7 @@ static Suite *mux_suite(void)
     tcase_add_test(t, test_terminated_backend_gives_each_transaction_its_exact_outcome);
     tcase_add_test(t, test_commit_reply_never_coming_makes_every_commit_in_flight_unknown);
     tcase_add_loop_test(t, test_a_connection_that_died_idle_is_never_given_a_transaction, 0, 4);
+    tcase_add_test(t, test_batches_send_only_the_transactions_own_statements);
     suite_add_tcase(s, t);
     /* CK_RUN_CASE=random with PGSCOPE_SEED=N repeats one sequence of random faults */
     t = tcase_create("random");
