@@ -1,10 +1,12 @@
 /* pgscope-bench: the same closed-loop workloads, in one run against one server, through
  * hand-written non-blocking libpq on a libevent loop (the baseline), through pgscope's guards,
- * through pgscope's transactions on the pool, and through pgbench; it prints transactions per
- * second, p50/p99 latency and the ratios between them. On request (--only copy-in,stream) the
- * bulk-data part: COPY FROM STDIN through pgscope against psql's \copy, and a streamed SELECT
- * through pgscope against raw libpq in single-row mode. Uses the public header only (plus
- * libpq and libevent directly for the baseline). Not a test: see README, Performance. */
+ * through pgscope's transactions on the pool (plain and multiplexed), and through pgbench; it
+ * prints transactions per second, p50/p99 latency, the client's CPU per transaction and the
+ * ratios between them, and checks on the server that every transaction row's commits are
+ * there. On request (--only copy-in,stream) the bulk-data part: COPY FROM STDIN through pgscope
+ * against psql's \copy, and a streamed SELECT through pgscope against raw libpq in single-row
+ * mode. Uses the public header only (plus libpq and libevent directly for the baseline). Not a
+ * test: see README, Performance. */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -51,6 +53,12 @@ typedef struct run {
     double *lat;
     size_t nlat, cap;
     long errors;
+    long committed;    /* transactions the run saw commit (checked on the server) */
+    int checked;       /* a transaction row: the balances are compared before and after */
+    long long sum0;    /* the balances' sum before the window */
+    double t0, cpu0;   /* the window's start: wall clock, this process's CPU */
+    double elapsed, cpu_s;
+    int conns_used;    /* a pool's connections in use, the most seen (0: not a pool) */
 } run;
 
 static void record(run *r, double started)
@@ -72,11 +80,15 @@ static int cmp_double(const void *a, const void *b)
 
 typedef struct result {
     char name[64];
-    double tps, p50_ms, p99_ms;
-    long errors;
+    double tps, p50_ms, p99_ms; /* pgbench: p50_ms holds its average (avg_only) */
+    double cpu_us;              /* client CPU (user + system) per transaction */
+    long errors, committed;
+    int avg_only;
+    int check;      /* the server's balances against the commits: 1 equal, -1 not, 0 unchecked */
+    int conns_used; /* see run */
 } result;
 
-enum { MAX_RESULTS = 256 };
+enum { MAX_RESULTS = 1024 };
 static result results[MAX_RESULTS];
 static int nresults;
 static const char *only; /* --only: comma-separated parts of workload names to run */
@@ -118,20 +130,73 @@ static result *new_result(void)
     return &results[nresults++];
 }
 
-static result *finish_run(run *r, const char *name, double seconds)
+/* One row as it was measured: throughput, latency, the client's CPU per transaction (per
+ * statement for SELECT 1), the pool's connections in use and the server-side check. */
+static void print_row(const result *res)
+{
+    print_section();
+    printf("  %-52s %9.0f tx/s  ", res->name, res->tps);
+    if (res->avg_only)
+        printf("avg %7.3f ms %15s", res->p50_ms, "");
+    else
+        printf("p50 %7.3f ms  p99 %7.3f ms", res->p50_ms, res->p99_ms);
+    printf("  cpu %6.1f µs/tx", res->cpu_us);
+    if (res->conns_used)
+        printf("  in use %d", res->conns_used);
+    if (res->check)
+        printf("  %s", res->check > 0 ? "check ok" : "CHECK FAILED");
+    if (res->errors)
+        printf("  (%ld errors!)", res->errors);
+    printf("\n");
+    fflush(stdout);
+}
+
+static double cpu_self_s(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+static long long balance_sum(void);
+static int check_commits(const char *name, long long before, long committed);
+
+/* The measured window, for `clients` running until `seconds` have passed: the wall clock and
+ * this process's CPU from here to window_close. A transaction row reads the balances' sum
+ * first, outside the window. */
+static void window_open(run *r, int clients, double seconds)
+{
+    if (r->checked)
+        r->sum0 = balance_sum();
+    r->active = clients;
+    r->t0 = now_s();
+    r->cpu0 = cpu_self_s();
+    r->end_at = r->t0 + seconds;
+}
+
+static void window_close(run *r)
+{
+    r->elapsed = now_s() - r->t0;
+    r->cpu_s = cpu_self_s() - r->cpu0;
+}
+
+/* After the run has ended (every transaction answered, its connections closed). */
+static result *finish_run(run *r, const char *name)
 {
     result *res = new_result();
     snprintf(res->name, sizeof res->name, "%s", name);
     qsort(r->lat, r->nlat, sizeof *r->lat, cmp_double);
-    res->tps = (double)r->nlat / seconds;
+    res->tps = r->elapsed > 0 ? (double)r->nlat / r->elapsed : 0;
     res->p50_ms = r->nlat ? r->lat[r->nlat / 2] * 1e3 : 0;
     res->p99_ms = r->nlat ? r->lat[(size_t)((double)r->nlat * 0.99)] * 1e3 : 0;
+    res->cpu_us = r->nlat ? r->cpu_s * 1e6 / (double)r->nlat : 0;
     res->errors = r->errors;
+    res->committed = r->committed;
+    res->conns_used = r->conns_used;
+    res->check = r->checked ? check_commits(name, r->sum0, r->committed) : 0;
     free(r->lat);
-    print_section();
-    printf("  %-44s %9.0f tx/s  p50 %6.3f ms  p99 %6.3f ms%s\n", name, res->tps, res->p50_ms,
-           res->p99_ms, r->errors ? "  (errors!)" : "");
-    fflush(stdout);
+    print_row(res);
     return res;
 }
 
@@ -174,13 +239,56 @@ static int own_table(PGconn *pg, const char *table)
 /* pgscope_bench_accounts (pgbench_accounts' shape, the benchmark's own) is checked (and set up)
  * on first use, so that a run --only leaves without a workload on it does not touch it. */
 static const char *accounts_conninfo;
+static int accounts_ready;
 static void setup_tables(const char *conninfo);
 
 static void need_accounts(void)
 {
-    if (accounts_conninfo)
+    if (!accounts_ready)
         setup_tables(accounts_conninfo);
-    accounts_conninfo = NULL;
+    accounts_ready = 1;
+}
+
+/* ---- result checks: the server holds what the committed transactions wrote ---- */
+
+/* Every transaction the benchmark runs adds 1 to one account's balance, so over a row the sum
+ * of the balances must grow by exactly the commits the row reports: a commit reported but not
+ * made, or made but reported as failed, shows. A mismatch is printed loudly and makes the exit
+ * status 1. The rows run one after another, so nothing else writes meanwhile. */
+static PGconn *check_pg;
+static int check_failures;
+
+static long long balance_sum(void)
+{
+    need_accounts();
+    if (!check_pg) {
+        check_pg = PQconnectdb(accounts_conninfo);
+        if (PQstatus(check_pg) != CONNECTION_OK)
+            die("cannot connect: %s", PQerrorMessage(check_pg));
+    }
+    PGresult *r = PQexec(check_pg, "SELECT coalesce(sum(abalance), 0) FROM pgscope_bench_accounts");
+    if (PQresultStatus(r) != PGRES_TUPLES_OK)
+        die("reading the balances: %s", PQerrorMessage(check_pg));
+    long long sum = atoll(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return sum;
+}
+
+/* 1 when the balances grew by `committed` since `before`; otherwise -1, loudly. */
+static int check_commits(const char *name, long long before, long committed)
+{
+    long long grew = balance_sum() - before;
+    if (grew == committed)
+        return 1;
+    check_failures++;
+    fflush(stdout);
+    fprintf(stderr,
+            "pgscope-bench: RESULT CHECK FAILED: %s: %ld transactions reported committed, but "
+            "the balances grew by %lld (%+lld)\n",
+            name, committed, grew, grew - committed);
+    printf("  !!! RESULT CHECK FAILED: %s: %ld commits reported, the server holds %lld\n", name,
+           committed, grew);
+    return -1;
 }
 
 static const char update_sql[] =
@@ -262,6 +370,15 @@ static void raw_start(raw *c)
     raw_send(c);
 }
 
+/* A COMMIT that committed: the server answers a COMMIT of a failed transaction with the tag
+ * ROLLBACK, not an error. */
+static void count_commit(run *r, const PGresult *res)
+{
+    if (PQresultStatus(res) == PGRES_COMMAND_OK &&
+        strcmp(PQcmdStatus((PGresult *)res), "COMMIT") == 0)
+        r->committed++;
+}
+
 static void raw_readable(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
@@ -277,6 +394,7 @@ static void raw_readable(evutil_socket_t fd, short what, void *arg)
             if (!res)
                 continue; /* the end of one statement's results */
             ExecStatusType st = PQresultStatus(res);
+            count_commit(c->r, res);
             PQclear(res);
             if (st == PGRES_FATAL_ERROR || st == PGRES_PIPELINE_ABORTED)
                 c->r->errors++;
@@ -289,6 +407,7 @@ static void raw_readable(evutil_socket_t fd, short what, void *arg)
         if (res) {
             if (PQresultStatus(res) == PGRES_FATAL_ERROR)
                 c->r->errors++;
+            count_commit(c->r, res);
             PQclear(res);
             continue;
         }
@@ -310,7 +429,7 @@ static void bench_raw(const char *conninfo, workload w, int prepared, int n, dou
         return;
     need_accounts(); /* prepared: the UPDATE too, whatever the workload */
     raw *cs = calloc((size_t)n, sizeof *cs);
-    run r = {0};
+    run r = {.checked = w != W_SELECT};
     for (int i = 0; i < n; i++) {
         cs[i].pg = PQconnectdb(conninfo);
         if (PQstatus(cs[i].pg) != CONNECTION_OK)
@@ -326,19 +445,17 @@ static void bench_raw(const char *conninfo, workload w, int prepared, int n, dou
         cs[i].ev = event_new(base, PQsocket(cs[i].pg), EV_READ | EV_PERSIST, raw_readable, &cs[i]);
         event_add(cs[i].ev, NULL);
     }
-    r.end_at = now_s() + seconds;
-    r.active = n;
-    double t0 = now_s();
+    window_open(&r, n, seconds);
     for (int i = 0; i < n; i++)
         raw_start(&cs[i]);
     drive(&r);
-    double el = now_s() - t0;
+    window_close(&r);
     for (int i = 0; i < n; i++) {
         event_free(cs[i].ev);
         PQfinish(cs[i].pg);
     }
     free(cs);
-    finish_run(&r, name, el);
+    finish_run(&r, name);
 }
 
 /* ---- a light tracer: what pgs_hooks costs when set ---- */
@@ -444,13 +561,11 @@ static void bench_guard(const char *conninfo, int n, double seconds, const pgs_h
     }
     while (up < n)
         event_base_loop(base, EVLOOP_ONCE);
-    r.end_at = now_s() + seconds;
-    r.active = n;
-    double t0 = now_s();
+    window_open(&r, n, seconds);
     for (int i = 0; i < n; i++)
         guard_next(&gs[i]);
     drive(&r);
-    double el = now_s() - t0;
+    window_close(&r);
     int down = 0;
     for (int i = 0; i < n; i++)
         pgs_conn_close(gs[i].conn, closed, &down);
@@ -460,7 +575,7 @@ static void bench_guard(const char *conninfo, int n, double seconds, const pgs_h
     if (hooks && (tracer.ended != (long)r.nlat || tracer.started != tracer.ended))
         die("the tracer saw %ld statements start and %ld end, the run %zu", tracer.started,
             tracer.ended, r.nlat);
-    finish_run(&r, name, el);
+    finish_run(&r, name);
 }
 
 /* ---- pgscope: BEGIN; UPDATE; COMMIT through pgs_pool_run_tx ---- */
@@ -507,7 +622,9 @@ static void tx_body(pgs_tx *tx, void *arg)
 static void tx_done(const pgs_tx_result *res, void *arg)
 {
     tx_client *t = arg;
-    if (res->outcome != PGS_TX_COMMITTED)
+    if (res->outcome == PGS_TX_COMMITTED)
+        t->r->committed++;
+    else
         t->r->errors++;
     record(t->r, t->t0);
     tx_next(t);
@@ -540,35 +657,62 @@ static void wait_pool_full(pgs_pool *p, int n)
     }
 }
 
-static void bench_tx(const char *conninfo, int n, double seconds, int plain, pgs_pool_reset reset,
-                     int resolvable, const char *name)
+/* A pooled transaction workload: `callers` clients in a closed loop (each starts its next
+ * transaction from the last one's done) on a pool of `conns` connections, plain or
+ * multiplexed (pgs_pool_opts.multiplex; mux_depth 0 is the library's default). */
+typedef struct tx_spec {
+    int conns, callers;
+    int multiplex, mux_depth;
+    int plain; /* BEGIN, UPDATE and COMMIT each on a round trip of its own */
+    pgs_pool_reset reset;
+    int resolvable;
+} tx_spec;
+
+/* The pool's connections in use, the most seen: sampled every 10 ms, so that the window pays
+ * a call per sample, not per transaction. arg: a client (its pool, its run). */
+static void sample_in_use(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    tx_client *t = arg;
+    pgs_pool_counts st;
+    pgs_pool_stats(t->pool, &st);
+    if (st.in_use > t->r->conns_used)
+        t->r->conns_used = st.in_use;
+}
+
+static void bench_tx(const char *conninfo, const tx_spec *spec, double seconds, const char *name)
 {
     if (skipped(name))
         return;
     need_accounts();
-    pgs_pool_opts po = {.min_size = n, .max_size = n, .reset = reset};
+    pgs_pool_opts po = {.min_size = spec->conns, .max_size = spec->conns, .reset = spec->reset,
+                        .multiplex = spec->multiplex, .mux_depth = spec->mux_depth};
     pgs_pool *pool;
     if (pgs_pool_new(base, conninfo, &po, &pool) != PGS_OK)
         die("pgscope: cannot create a pool");
-    wait_pool_full(pool, n);
-    pgs_tx_opts opts = {.begin_alone = plain, .resolvable = resolvable};
+    wait_pool_full(pool, spec->conns);
+    pgs_tx_opts opts = {.begin_alone = spec->plain, .resolvable = spec->resolvable};
+    int n = spec->callers;
     tx_client *ts = calloc((size_t)n, sizeof *ts);
-    run r = {0};
+    run r = {.checked = 1};
     for (int i = 0; i < n; i++)
-        ts[i] = (tx_client){.pool = pool, .r = &r, .opts = &opts, .wait_update = plain};
-    r.end_at = now_s() + seconds;
-    r.active = n;
-    double t0 = now_s();
+        ts[i] = (tx_client){.pool = pool, .r = &r, .opts = &opts, .wait_update = spec->plain};
+    static const struct timeval every = {0, 10000};
+    struct event *sampler = event_new(base, -1, EV_PERSIST, sample_in_use, &ts[0]);
+    event_add(sampler, &every);
+    window_open(&r, n, seconds);
     for (int i = 0; i < n; i++)
         tx_next(&ts[i]);
     drive(&r);
-    double el = now_s() - t0;
+    window_close(&r);
+    event_free(sampler);
     int done = 0;
     pgs_pool_close(pool, pool_closed, &done);
     while (!done)
         event_base_loop(base, EVLOOP_ONCE);
     free(ts);
-    finish_run(&r, name, el);
+    finish_run(&r, name);
 }
 
 /* ---- pgbench, the server's own tool, on the same server in the same run ---- */
@@ -655,59 +799,140 @@ static pid_t run_tool(const char *path, char *const *argv, const psql_cmd *pc, i
 }
 static void pass_file_remove(void);
 
-static void bench_pgbench(const char *pgbench, const char *conninfo, int n, double seconds,
-                          int how, const char *name)
+/* The script: the transaction once per run, or `depth` transactions (each with an account of
+ * its own) inside one \startpipeline ... \endpipeline, for which pgbench counts one
+ * "transaction" per script run. */
+static void write_pgbench_script(char *path, int how, int depth)
+{
+    int fd = mkstemp(path);
+    FILE *f = fd < 0 ? NULL : fdopen(fd, "w");
+    if (!f)
+        die("cannot write the pgbench script");
+    int pipelined = how != PGB_3RT;
+    for (int i = 0; i < depth; i++)
+        fprintf(f, "\\set aid%d random(1, %d)\n", i, accounts);
+    if (pipelined)
+        fputs("\\startpipeline\n", f);
+    if (how == PGB_PIPELINED_RESET)
+        fputs("CLOSE ALL;\nSET SESSION AUTHORIZATION DEFAULT;\nRESET ALL;\nUNLISTEN *;\n"
+              "SELECT pg_advisory_unlock_all();\nDISCARD TEMP;\nDISCARD SEQUENCES;\n",
+              f);
+    for (int i = 0; i < depth; i++)
+        fprintf(f, "BEGIN;\nUPDATE pgscope_bench_accounts SET abalance = abalance + 1 WHERE "
+                   "aid = :aid%d;\nCOMMIT;\n",
+                i);
+    if (pipelined)
+        fputs("\\endpipeline\n", f);
+    if (fclose(f) != 0)
+        die("cannot write the pgbench script");
+}
+
+/* What one pgbench run reported, and its CPU (user + system, from wait4). */
+typedef struct pgbench_out {
+    double tps, lat_ms, cpu_s;
+    double connect_ms; /* its "initial connection time" */
+    long processed;    /* script runs: pgbench's "transactions" */
+    int failed;        /* a non-zero exit status (an aborted client) */
+} pgbench_out;
+
+/* pgbench -M prepared with `clients` clients on one thread, for `limit` ("-T" seconds or "-t"
+ * script runs per client) `value`. Its errors are shown; the rest of its output is read. */
+static pgbench_out pgbench_once(const char *pgbench, const psql_cmd *pc, char *script, int clients,
+                                char *limit, int value)
+{
+    char nclients[16], nvalue[16];
+    snprintf(nclients, sizeof nclients, "%d", clients);
+    snprintf(nvalue, sizeof nvalue, "%d", value);
+    char *argv[] = {"pgbench", "-n", "-M", "prepared", "-f", script, "-c", nclients,
+                    "-j", "1", limit, nvalue, pc->conninfo, NULL};
+    int rd;
+    pid_t pid = run_tool(pgbench, argv, pc, 1, &rd);
+    FILE *out = fdopen(rd, "r");
+    pgbench_out o = {0};
+    char line[512];
+    while (out && fgets(line, sizeof line, out)) {
+        sscanf(line, "latency average = %lf ms", &o.lat_ms);
+        sscanf(line, "tps = %lf", &o.tps);
+        sscanf(line, "number of transactions actually processed: %ld", &o.processed);
+        sscanf(line, "initial connection time = %lf ms", &o.connect_ms);
+        if (strstr(line, "error") || strstr(line, "abort"))
+            fprintf(stderr, "  pgbench: %s", line);
+    }
+    if (out)
+        fclose(out);
+    int st;
+    struct rusage ru;
+    while (wait4(pid, &st, 0, &ru) < 0 && errno == EINTR)
+        ;
+    o.cpu_s = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+              (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+    o.failed = !WIFEXITED(st) || WEXITSTATUS(st) != 0;
+    return o;
+}
+
+/* pgbench's start (connecting: over TCP each connection's SCRAM key derivation costs
+ * milliseconds of CPU; reading the script; preparing) is not part of its throughput, and the
+ * in-process rows count their measured window only: so its CPU is measured once per script
+ * and client count with -t 1 and taken off the timed runs'. Its -T clock runs from before the
+ * connections (32 logins over TCP took over a second on a loaded machine, and a one-second
+ * run then ran nothing), so the timed runs get the connection time of that run on top. */
+typedef struct pgbench_start {
+    const char *conninfo;
+    int clients, how, depth;
+    double cpu_s, connect_s;
+} pgbench_start;
+
+static pgbench_start pgbench_start_cost(const char *pgbench, const psql_cmd *pc, char *script,
+                                        const char *conninfo, int clients, int how, int depth)
+{
+    static pgbench_start seen[64];
+    static int nseen;
+    for (int i = 0; i < nseen; i++)
+        if (seen[i].conninfo == conninfo && seen[i].clients == clients && seen[i].how == how &&
+            seen[i].depth == depth)
+            return seen[i];
+    pgbench_out o = pgbench_once(pgbench, pc, script, clients, "-t", 1);
+    pgbench_start st = {conninfo, clients, how, depth, o.cpu_s, o.connect_ms / 1e3};
+    if (nseen < 64)
+        seen[nseen++] = st;
+    return st;
+}
+
+/* pgbench on `clients` connections; `depth` transactions per script run (pipelined only):
+ * the row's tx/s and commits are pgbench's figures times depth. */
+static void bench_pgbench(const char *pgbench, const char *conninfo, int clients, double seconds,
+                          int how, int depth, const char *name)
 {
     if (skipped(name))
         return;
     need_accounts();
     char script[] = "/tmp/pgscope-bench-XXXXXX";
-    int fd = mkstemp(script);
-    if (fd < 0)
-        die("cannot write the pgbench script");
-    FILE *f = fdopen(fd, "w");
-    int pipelined = how != PGB_3RT;
-    fprintf(f, "\\set aid random(1, %d)\n%s%sBEGIN;\n"
-               "UPDATE pgscope_bench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n"
-               "COMMIT;\n%s",
-            accounts, pipelined ? "\\startpipeline\n" : "",
-            how == PGB_PIPELINED_RESET
-                ? "CLOSE ALL;\nSET SESSION AUTHORIZATION DEFAULT;\nRESET ALL;\nUNLISTEN *;\n"
-                  "SELECT pg_advisory_unlock_all();\nDISCARD TEMP;\nDISCARD SEQUENCES;\n"
-                : "",
-            pipelined ? "\\endpipeline\n" : "");
-    fclose(f);
+    write_pgbench_script(script, how, depth);
     /* The conninfo without its password, which goes through a password file: never on a
      * command line (ps shows those to every user). */
     psql_cmd pc = psql_prepare(conninfo);
-    char clients[16], secs[16];
-    snprintf(clients, sizeof clients, "%d", n);
-    snprintf(secs, sizeof secs, "%d", (int)(seconds + 0.5));
-    char *argv[] = {"pgbench", "-n", "-M", "prepared", "-f", script, "-c", clients,
-                    "-j", "1", "-T", secs, pc.conninfo, NULL};
-    int rd;
-    pid_t pid = run_tool(pgbench, argv, &pc, 1, &rd);
-    FILE *out = fdopen(rd, "r");
-    double tps = 0, lat = 0;
-    char line[512];
-    while (out && fgets(line, sizeof line, out)) {
-        sscanf(line, "latency average = %lf ms", &lat);
-        sscanf(line, "tps = %lf", &tps);
+    pgbench_start start = pgbench_start_cost(pgbench, &pc, script, conninfo, clients, how, depth);
+    long long sum0 = balance_sum();
+    pgbench_out o = pgbench_once(pgbench, &pc, script, clients, "-T",
+                                 (int)(seconds + start.connect_s + 0.5));
+    if (o.processed == 0) {
+        o.failed = 1;
+        fprintf(stderr, "pgscope-bench: %s: pgbench ran no transaction\n", name);
     }
-    if (out)
-        fclose(out);
-    waitpid(pid, NULL, 0);
     free(pc.conninfo);
     pass_file_remove();
     unlink(script);
     result *res = new_result();
     snprintf(res->name, sizeof res->name, "%s", name);
-    res->tps = tps;
-    res->p50_ms = lat; /* pgbench reports the average; shown in the p50 column, marked */
-    res->p99_ms = 0;
-    print_section();
-    printf("  %-44s %9.0f tx/s  avg %6.3f ms  (pgbench, -M prepared)\n", name, tps, lat);
-    fflush(stdout);
+    res->tps = o.tps * depth;
+    res->p50_ms = o.lat_ms; /* pgbench reports the average (of a script run: a pipeline) */
+    res->avg_only = 1;
+    res->committed = o.processed * depth;
+    double cpu = o.cpu_s > start.cpu_s ? o.cpu_s - start.cpu_s : 0;
+    res->cpu_us = res->committed ? cpu * 1e6 / (double)res->committed : 0;
+    res->errors = o.failed;
+    res->check = check_commits(name, sum0, res->committed);
+    print_row(res);
 }
 
 /* ---- memory: pgscope's own bytes per connection, beyond libpq's ---- */
@@ -798,6 +1023,7 @@ static void bench_scale(const char *conninfo, int requests, int poolsize)
         die("pgscope: cannot create a pool");
     wait_pool_full(pool, poolsize);
     scale_req *q = calloc((size_t)requests, sizeof *q);
+    long long sum0 = balance_sum();
     size_t heap0 = heap_in_use(), heap_peak = heap0;
     long rss0 = max_rss_kb();
     double t0 = now_s();
@@ -828,9 +1054,11 @@ static void bench_scale(const char *conninfo, int requests, int poolsize)
     while (!done)
         event_base_loop(base, EVLOOP_ONCE);
     size_t heap_after = heap_in_use();
+    int check = check_commits("scale", sum0, committed);
     printf("  scale: %d requests queued at once on a pool of %d: %d done exactly once, %d "
-           "committed, in %.2f s (%.0f tx/s)\n",
-           requests, poolsize, once, committed, el, requests / el);
+           "committed, in %.2f s (%.0f tx/s); %s\n",
+           requests, poolsize, once, committed, el, requests / el,
+           check > 0 ? "check ok" : "CHECK FAILED");
     printf("         queue wait p50 %.0f ms, p99 %.0f ms; heap %zu KiB before, %zu KiB with all "
            "queued (%zu B per request), peak %zu KiB, %zu KiB after; max RSS %ld -> %ld KiB\n",
            wait[requests / 2] * 1e3, wait[(size_t)(requests * 0.99)] * 1e3, heap0 / 1024,
@@ -982,18 +1210,30 @@ static double tps_of(const char *name)
     return runs ? sum / runs : 0;
 }
 
+/* A ratio against its target: at least `target` (at_most 0) or at most it (at_most 1); target
+ * 0: for information. */
+static void print_ratio(const char *what, double r, double target, int at_most)
+{
+    print_section();
+    if (target <= 0) {
+        printf("  %-66s %5.2fx\n", what, r);
+        return;
+    }
+    int met = at_most ? r <= target : r >= target;
+    char shown[16]; /* 2.996 is not 3.00 against a target of 3: then three decimals */
+    snprintf(shown, sizeof shown, "%.2f", r);
+    if (met != (at_most ? atof(shown) <= target : atof(shown) >= target))
+        snprintf(shown, sizeof shown, "%.3f", r);
+    printf("  %-66s %5sx  (target %s %.2fx: %s)\n", what, shown, at_most ? "<=" : ">=", target,
+           met ? "met" : "NOT met");
+}
+
 static void ratio(const char *what, const char *a, const char *b, double target)
 {
     double x = tps_of(a), y = tps_of(b);
     if (x <= 0 || y <= 0)
         return;
-    print_section();
-    if (target <= 0) { /* for information: no target */
-        printf("  %-66s %5.2fx\n", what, x / y);
-        return;
-    }
-    printf("  %-66s %5.2fx  (target >= %.2fx: %s)\n", what, x / y, target,
-           x / y >= target ? "met" : "NOT met");
+    print_ratio(what, x / y, target, 0);
 }
 
 /* The median, over the slices of a and b run one beside the other (the i-th slice of each:
@@ -1019,6 +1259,312 @@ static double paired_ratio(const char *a, const char *b, int *pairs)
         return 0;
     qsort(r, (size_t)m, sizeof r[0], cmp_double);
     return m % 2 ? r[m / 2] : (r[m / 2 - 1] + r[m / 2]) / 2;
+}
+
+/* ---- the server's settings: what a commit costs ---- */
+
+/* The sets tools/run-bench gives its throwaway server (--server-settings): its own (the data is
+ * thrown away, so nothing waits for the disk), durable as a production server is, and durable
+ * but for synchronous_commit (a COMMIT returns before its WAL is flushed: a crash loses the
+ * last moments' commits, never consistency). */
+static const struct settings_set {
+    const char *name, *fsync, *synchronous_commit, *full_page_writes;
+} settings_sets[] = {{"fast", "off", "off", "off"},
+                     {"sync-off", "on", "off", "on"},
+                     {"durable", "on", "on", "on"}};
+
+static char server_line[512]; /* "PostgreSQL 15.18; fsync off, ... (fast)": beside each table */
+
+/* Reads the settings with SHOW and names their set; `expect` (a set's name, or NULL): stop
+ * unless the server has it. The benchmark never changes a server's settings. */
+static void read_server_settings(const char *conninfo, const char *expect)
+{
+    static const char *const shown[] = {"server_version", "fsync", "synchronous_commit",
+                                        "full_page_writes"};
+    char val[4][64];
+    PGconn *pg = PQconnectdb(conninfo);
+    if (PQstatus(pg) != CONNECTION_OK)
+        die("cannot connect: %s", PQerrorMessage(pg));
+    for (int i = 0; i < 4; i++) {
+        char sql[64];
+        snprintf(sql, sizeof sql, "SHOW %s", shown[i]);
+        PGresult *r = PQexec(pg, sql);
+        if (PQresultStatus(r) != PGRES_TUPLES_OK)
+            die("%s: %s", sql, PQerrorMessage(pg));
+        snprintf(val[i], sizeof val[i], "%s", PQgetvalue(r, 0, 0));
+        PQclear(r);
+    }
+    PQfinish(pg);
+    const char *name = "neither fast, sync-off nor durable";
+    for (size_t i = 0; i < sizeof settings_sets / sizeof settings_sets[0]; i++)
+        if (strcmp(val[1], settings_sets[i].fsync) == 0 &&
+            strcmp(val[2], settings_sets[i].synchronous_commit) == 0 &&
+            strcmp(val[3], settings_sets[i].full_page_writes) == 0)
+            name = settings_sets[i].name;
+    snprintf(server_line, sizeof server_line,
+             "PostgreSQL %s; fsync %s, synchronous_commit %s, full_page_writes %s (%s)", val[0],
+             val[1], val[2], val[3], name);
+    printf("server: %s\n", server_line);
+    if (expect && strcmp(expect, name) != 0)
+        die("the server's settings are not %s's; pgscope-bench never changes them "
+            "(tools/run-bench --server-settings %s sets them on the throwaway server it starts)",
+            expect, expect);
+}
+
+/* ---- multiplexed transactions: many callers on few connections ---- */
+
+/* The section's contenders, all at `callers` closed-loop callers unless named otherwise: the
+ * multiplexed pool at each size (the library's default depth, and the smallest size at depth
+ * 32), each beside pgbench's pipelined script at the same depth: as many clients as the pool
+ * has connections in use, as many transactions per pipeline as it keeps in flight on each. The
+ * pool fills a connection to its depth before it takes another (the header's rule), so 64
+ * callers at depth 16 use 4 connections of a pool of 8: its pgbench is 4 x 16, the 4's. The
+ * summary shows the connections each pool had in use, and says so when that differs. Then the
+ * plain pool of the largest size with the same callers (they queue for connections) and with
+ * one caller per connection, and pgbench's pipelined script with one transaction per pipeline
+ * on that many clients. */
+enum {
+    MUX_DEFAULT_DEPTH = 16, /* the library's (pgs_pool_opts.mux_depth 0) */
+    MUX_DEEP = 32,
+    MUX_MAX_SIZES = 8,
+    MUX_MAX_ROWS = 2 * MUX_MAX_SIZES + 5,
+};
+
+typedef struct mux_row {
+    char name[64];
+    int pgbench;        /* pgbench's pipelined script instead of a pool */
+    tx_spec spec;       /* a pool */
+    int clients, depth; /* pgbench: clients, transactions per pipeline */
+    int partner;        /* a multiplexed pool: its pgbench row at the same depth, or -1 */
+} mux_row;
+
+static int mux_add_pool(mux_row *rows, int n, const char *net, int conns, int callers, int depth)
+{
+    mux_row *m = &rows[n];
+    *m = (mux_row){.spec = {.conns = conns, .callers = callers, .multiplex = depth > 0,
+                            .mux_depth = depth == MUX_DEFAULT_DEPTH ? 0 : depth},
+                   .partner = -1};
+    if (depth > 0)
+        snprintf(m->name, sizeof m->name, "mux: pgscope multiplexed %d conns depth %d %s",
+                 conns, depth, net);
+    else
+        snprintf(m->name, sizeof m->name, "mux: pgscope pool %d conns %d callers %s", conns,
+                 callers, net);
+    return n + 1;
+}
+
+/* Adds pgbench's row unless the list has it; returns the new count, *at its index. */
+static int mux_add_pgbench(mux_row *rows, int n, const char *net, int clients, int depth, int *at)
+{
+    for (int i = 0; i < n; i++)
+        if (rows[i].pgbench && rows[i].clients == clients && rows[i].depth == depth) {
+            *at = i;
+            return n;
+        }
+    *at = n;
+    rows[n] = (mux_row){.pgbench = 1, .clients = clients, .depth = depth, .partner = -1};
+    snprintf(rows[n].name, sizeof rows[n].name, "mux: pgbench pipelined %d clients x %d tx %s",
+             clients, depth, net);
+    return n + 1;
+}
+
+static int mux_rows(mux_row *rows, const char *net, int callers, const int *sizes, int nsizes,
+                    int with_pgbench)
+{
+    int n = 0, big = sizes[0];
+    for (int i = 1; i < nsizes; i++)
+        big = sizes[i] > big ? sizes[i] : big;
+    n = mux_add_pool(rows, n, net, big, callers, 0);
+    n = mux_add_pool(rows, n, net, big, big, 0);
+    int at;
+    if (with_pgbench)
+        n = mux_add_pgbench(rows, n, net, big, 1, &at);
+    for (int i = 0; i <= nsizes; i++) {
+        int size = i < nsizes ? sizes[i] : sizes[0];
+        int depth = i < nsizes ? MUX_DEFAULT_DEPTH : MUX_DEEP;
+        int pool = n;
+        n = mux_add_pool(rows, n, net, size, callers, depth);
+        int used = (callers + depth - 1) / depth; /* connections filled to their depth */
+        used = used < size ? used : size;
+        int fill = callers / used;
+        if (with_pgbench) {
+            n = mux_add_pgbench(rows, n, net, used, fill < depth ? fill : depth, &at);
+            rows[pool].partner = at;
+        }
+    }
+    return n;
+}
+
+static void run_mux_row(const char *pgbench, const char *conninfo, const mux_row *m, double seconds)
+{
+    if (m->pgbench)
+        bench_pgbench(pgbench, conninfo, m->clients, seconds, PGB_PIPELINED, m->depth, m->name);
+    else
+        bench_tx(conninfo, &m->spec, seconds, m->name);
+}
+
+/* Every contender once per round, A B C ... C B A ...: a drift of the shared machine weighs on
+ * all alike; a row's figures are the medians of its rounds. Slices of whole seconds (pgbench's
+ * -T). */
+static void bench_mux(const char *pgbench, const char *net, const char *conninfo, int callers,
+                      const int *sizes, int nsizes, int rounds, double seconds)
+{
+    mux_row rows[MUX_MAX_ROWS];
+    int n = mux_rows(rows, net, callers, sizes, nsizes, pgbench != NULL);
+    double slice = seconds < 1 ? 1 : (int)(seconds + 0.5);
+    snprintf(section, sizeof section,
+             "\n%s, multiplexed transactions: %d callers unless said, %d round(s) of %.0f s "
+             "slices\n",
+             net, callers, rounds, slice);
+    for (int round = 0; round < rounds; round++)
+        for (int k = 0; k < n; k++)
+            run_mux_row(pgbench, conninfo, &rows[round % 2 ? n - 1 - k : k], slice);
+}
+
+/* A row over its slices: the median of each figure, the checks all passed or not. */
+typedef struct row_median {
+    int runs, failed_checks, avg_only, conns_used;
+    double tps, p50_ms, p99_ms, cpu_us;
+    long errors;
+} row_median;
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+static row_median median_row(const char *name)
+{
+    row_median m = {0};
+    double tps[MAX_RESULTS], p50[MAX_RESULTS], p99[MAX_RESULTS], cpu[MAX_RESULTS];
+    for (int i = 0; i < nresults; i++) {
+        const result *r = &results[i];
+        if (strcmp(r->name, name) != 0)
+            continue;
+        tps[m.runs] = r->tps;
+        p50[m.runs] = r->p50_ms;
+        p99[m.runs] = r->p99_ms;
+        cpu[m.runs] = r->cpu_us;
+        m.runs++;
+        m.failed_checks += r->check < 0;
+        m.avg_only = r->avg_only;
+        m.errors += r->errors;
+        m.conns_used = r->conns_used > m.conns_used ? r->conns_used : m.conns_used;
+    }
+    if (m.runs == 0)
+        return m;
+    m.tps = median(tps, m.runs);
+    m.p50_ms = median(p50, m.runs);
+    m.p99_ms = median(p99, m.runs);
+    m.cpu_us = median(cpu, m.runs);
+    return m;
+}
+
+static void print_mux_summary(const char *pgbench, const char *net, int callers, const int *sizes,
+                              int nsizes)
+{
+    mux_row rows[MUX_MAX_ROWS];
+    row_median med[MUX_MAX_ROWS];
+    int n = mux_rows(rows, net, callers, sizes, nsizes, pgbench != NULL), any = 0;
+    for (int i = 0; i < n; i++) {
+        med[i] = median_row(rows[i].name);
+        any |= med[i].runs > 0;
+    }
+    section[0] = '\0';
+    if (!any)
+        return;
+    printf("\nmultiplexed transactions, %s, the median of each figure over its slices\n", net);
+    printf("  server: %s\n", server_line);
+    printf("  %-52s %9s %9s %9s %9s %6s  %s\n", "workload", "tx/s", "p50 ms", "p99 ms",
+           "cpu µs/tx", "conns", "check");
+    for (int i = 0; i < n; i++) {
+        const row_median *m = &med[i];
+        if (m->runs == 0)
+            continue;
+        char p50[16], p99[16], conns[16];
+        snprintf(p50, sizeof p50, m->avg_only ? "avg %.3f" : "%.3f", m->p50_ms);
+        snprintf(p99, sizeof p99, m->avg_only ? "-" : "%.3f", m->p99_ms);
+        snprintf(conns, sizeof conns, m->conns_used ? "%d" : "-", m->conns_used);
+        printf("  %-52s %9.0f %9s %9s %9.1f %6s  %s%s\n", rows[i].name, m->tps, p50, p99,
+               m->cpu_us, conns,
+               m->failed_checks ? "FAILED" : "ok", m->errors ? " (errors!)" : "");
+        int same = rows[i].partner;
+        if (same >= 0 && m->conns_used && m->conns_used != rows[same].clients)
+            printf("    (it had %d connections in use; its pgbench at the same depth has %d "
+                   "clients)\n", m->conns_used, rows[same].clients);
+    }
+    int pgbench_rows = 0;
+    for (int i = 0; i < n; i++)
+        pgbench_rows |= rows[i].pgbench && med[i].runs > 0;
+    if (pgbench_rows)
+        printf("  (pgbench counts a script run, one pipeline of N transactions, as one "
+               "transaction: its tx/s and\n   commits here are its figures times N, its latency "
+               "the pipeline's average; its CPU is the\n   process's (wait4) less its start, "
+               "measured once with -t 1)\n");
+
+    /* The targets: the multiplexed pool at its best size (default depth) against pgbench's
+     * pipelined script one deep and at the same depth, the smallest multiplexed pool against
+     * the plain pool of the largest size with the same callers, and that pair's p99 and CPU. */
+    int best = -1, smallest = -1, plain = -1, pgb1 = -1;
+    for (int i = 0; i < n; i++) {
+        if (rows[i].pgbench && rows[i].depth == 1)
+            pgb1 = i;
+        if (!rows[i].pgbench && !rows[i].spec.multiplex && rows[i].spec.callers == callers)
+            plain = i;
+        if (rows[i].pgbench || !rows[i].spec.multiplex || rows[i].spec.mux_depth != 0 ||
+            med[i].runs == 0)
+            continue;
+        if (best < 0 || med[i].tps > med[best].tps)
+            best = i;
+        if (smallest < 0 || rows[i].spec.conns < rows[smallest].spec.conns)
+            smallest = i;
+    }
+    if (best < 0)
+        return;
+    snprintf(section, sizeof section,
+             "\nmultiplexed transactions, %s: the targets (best size: %d conns)\n", net,
+             rows[best].spec.conns);
+    char what[128];
+    if (pgb1 >= 0 && med[pgb1].runs && med[pgb1].tps > 0) {
+        snprintf(what, sizeof what, "mux pool of %d / pgbench pipelined %d x 1 tx",
+                 rows[best].spec.conns, rows[pgb1].clients);
+        print_ratio(what, med[best].tps / med[pgb1].tps, 3.0, 0);
+    }
+    int same = rows[best].partner;
+    if (same >= 0 && med[same].runs && med[same].tps > 0) {
+        snprintf(what, sizeof what, "mux pool of %d / pgbench pipelined %d x %d tx (same depth)",
+                 rows[best].spec.conns, rows[same].clients, rows[same].depth);
+        print_ratio(what, med[best].tps / med[same].tps, 0.8, 0);
+    }
+    if (plain >= 0 && med[plain].runs && med[plain].tps > 0) {
+        snprintf(what, sizeof what, "mux pool of %d / plain pool of %d, %d callers",
+                 rows[smallest].spec.conns, rows[plain].spec.conns, callers);
+        print_ratio(what, med[smallest].tps / med[plain].tps, 2.0, 0);
+        if (med[plain].p99_ms > 0) {
+            snprintf(what, sizeof what, "p99, mux pool of %d / plain pool of %d (%.2f / %.2f ms)",
+                     rows[best].spec.conns, rows[plain].spec.conns, med[best].p99_ms,
+                     med[plain].p99_ms);
+            print_ratio(what, med[best].p99_ms / med[plain].p99_ms, 0, 0);
+        }
+        if (med[plain].cpu_us > 0) {
+            snprintf(what, sizeof what,
+                     "client CPU/tx, mux pool of %d / plain pool of %d (%.1f / %.1f us)",
+                     rows[best].spec.conns, rows[plain].spec.conns, med[best].cpu_us,
+                     med[plain].cpu_us);
+            print_ratio(what, med[best].cpu_us / med[plain].cpu_us, 1.0, 1);
+        }
+    }
+    for (int i = 0; i < n; i++) /* the rest, for information: each pool against its pgbench */
+        if (i != best && rows[i].partner >= 0 && med[i].runs && med[rows[i].partner].runs &&
+            med[rows[i].partner].tps > 0) {
+            snprintf(what, sizeof what, "  mux pool of %d, depth %d / pgbench %d x %d tx",
+                     rows[i].spec.conns,
+                     rows[i].spec.mux_depth ? rows[i].spec.mux_depth : MUX_DEFAULT_DEPTH,
+                     rows[rows[i].partner].clients, rows[rows[i].partner].depth);
+            print_ratio(what, med[i].tps / med[rows[i].partner].tps, 0, 0);
+        }
+    section[0] = '\0';
 }
 
 /* ---- bulk data: COPY FROM STDIN and a streamed SELECT (only when --only names them) ---- */
@@ -1680,8 +2226,7 @@ static void bulk_ratio(const char *what, const bulk_sum *a, const bulk_sum *b, d
     if (!a->ok || !b->ok)
         return;
     double x = (double)a->rows / a->seconds, y = (double)b->rows / b->seconds;
-    printf("  %-66s %5.2fx  (target >= %.2fx: %s)\n", what, x / y, target,
-           x / y >= target ? "met" : "NOT met");
+    print_ratio(what, x / y, target, 0);
 }
 
 static void bench_bulk(const char *conninfo, long copy_rows, long stream_rows)
@@ -1815,8 +2360,10 @@ static const char *const usage_text =
     "usage: pgscope-bench --tcp CONNINFO [--unix CONNINFO] [options]\n"
     "\n"
     "Runs the same closed-loop workloads through raw non-blocking libpq (the baseline),\n"
-    "pgscope's guards, pgscope's pooled transactions and pgbench, against one server in one\n"
-    "run, and prints tx/s, p50/p99 latency and the ratios.\n"
+    "pgscope's guards, pgscope's pooled transactions (plain and multiplexed) and pgbench,\n"
+    "against one server in one run, and prints tx/s, p50/p99 latency, the client's CPU per\n"
+    "transaction and the ratios. After each transaction row it checks that the server's\n"
+    "balances grew by exactly the commits reported; a mismatch makes the exit status 1.\n"
     "\n"
     "  --tcp S          conninfo over TCP loopback (default: $PGSCOPE_TEST_CONNINFO)\n"
     "  --unix S         conninfo over the Unix socket (default: $PGSCOPE_SOCKET_CONNINFO)\n"
@@ -1828,7 +2375,17 @@ static const char *const usage_text =
     "                   without a reset, with DISCARD ALL and with pgs_tx_opts.resolvable, and\n"
     "                   pgbench's pipelined transaction after the pool's default reset\n"
     "  --only LIST      run only the workloads whose names contain one of these (comma-separated;\n"
-    "                   the last two lines are named memory and scale)\n"
+    "                   the last two lines are named memory and scale; the multiplexed section's\n"
+    "                   rows all start with \"mux:\")\n"
+    "  --mux-callers N  the multiplexed section's closed-loop callers (default 64)\n"
+    "  --mux-sizes LIST its multiplexed pools' connections (default 2,4,8; the smallest also at\n"
+    "                   depth 32; the plain pool and pgbench's one-deep script at the largest)\n"
+    "  --mux-rounds N   its rounds: each contender runs once per round, in alternating order;\n"
+    "                   a row's figures are the medians (default 3; slices of --seconds, whole)\n"
+    "  --server-settings fast|sync-off|durable\n"
+    "                   stop unless the server has these settings (fsync, synchronous_commit,\n"
+    "                   full_page_writes: off/off/off, on/off/on, on/on/on); the benchmark only\n"
+    "                   reads them (SHOW), and tools/run-bench sets them on its own server\n"
     "  --instructions raw|guard|guard-hooks [--count N]\n"
     "                   only run N statements one way (for callgrind; see tools/run-bench);\n"
     "                   guard-hooks: a guard with a light tracer's pgs_hooks set\n"
@@ -1853,6 +2410,8 @@ int main(int argc, char **argv)
         {"instructions", required_argument, 0, 'i'}, {"count", required_argument, 0, 'n'},
         {"only", required_argument, 0, 'o'},    {"variants", no_argument, 0, 'V'},
         {"copy-rows", required_argument, 0, 'C'}, {"stream-rows", required_argument, 0, 'S'},
+        {"mux-callers", required_argument, 0, 'm'}, {"mux-sizes", required_argument, 0, 'z'},
+        {"mux-rounds", required_argument, 0, 'R'}, {"server-settings", required_argument, 0, 'E'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     const char *instructions = NULL;
     long count = 20000;
@@ -1861,6 +2420,9 @@ int main(int argc, char **argv)
     char clients_list[64] = "1,8,32";
     int requests = 10000, use_pgbench = 1, variants = 0;
     long copy_rows = 1000000, stream_rows = 10000000;
+    int mux_callers = 64, mux_rounds = 3;
+    char mux_list[64] = "2,4,8";
+    const char *settings = NULL;
     for (int ch; (ch = getopt_long(argc, argv, "h", longopts, NULL)) != -1;) {
         switch (ch) {
         case 't': tcp = optarg; break;
@@ -1875,6 +2437,10 @@ int main(int argc, char **argv)
         case 'V': variants = 1; break;
         case 'C': copy_rows = atol(optarg); break;
         case 'S': stream_rows = atol(optarg); break;
+        case 'm': mux_callers = atoi(optarg); break;
+        case 'z': snprintf(mux_list, sizeof mux_list, "%s", optarg); break;
+        case 'R': mux_rounds = atoi(optarg); break;
+        case 'E': settings = optarg; break;
         case 'h': fputs(usage_text, stdout); return 0;
         default: fputs(usage_text, stderr); return 2;
         }
@@ -1885,6 +2451,17 @@ int main(int argc, char **argv)
         die("--seconds and --requests must be positive");
     if (copy_rows < 10 || stream_rows < 1 || stream_rows > 2147483647)
         die("--copy-rows must be at least 10, --stream-rows between 1 and 2147483647");
+    int mux_sizes[MUX_MAX_SIZES], nmux = 0;
+    for (char *tok = strtok(mux_list, ","); tok; tok = strtok(NULL, ",")) {
+        if (nmux == MUX_MAX_SIZES || atoi(tok) < 1)
+            die("--mux-sizes takes 1 to %d connection counts, each at least 1", MUX_MAX_SIZES);
+        mux_sizes[nmux++] = atoi(tok);
+    }
+    if (nmux == 0 || mux_callers < 1 || mux_rounds < 1)
+        die("--mux-sizes, --mux-callers and --mux-rounds must be positive");
+    if (settings && strcmp(settings, "fast") != 0 && strcmp(settings, "sync-off") != 0 &&
+        strcmp(settings, "durable") != 0)
+        die("--server-settings takes fast, sync-off or durable");
     base = event_base_new();
     if (instructions) { /* one mode, for callgrind: see tools/run-bench */
         instructions_mode(unix_ci && *unix_ci ? unix_ci : tcp, instructions, count);
@@ -1892,6 +2469,7 @@ int main(int argc, char **argv)
         return 0;
     }
     accounts_conninfo = tcp;
+    read_server_settings(tcp, settings);
     const char *pgbench = use_pgbench ? pgbench_path() : NULL;
     int clients[8], nclients = 0;
     for (char *tok = strtok(clients_list, ","); tok && nclients < 8; tok = strtok(NULL, ","))
@@ -1932,30 +2510,37 @@ int main(int argc, char **argv)
             double info = k == 1 ? seconds / 2 : seconds;
             bench_raw(ci, W_TX3, 1, n, info, NAME("raw libpq tx 3 round trips"));
             bench_raw(ci, W_TXPIPE, 1, n, info, NAME("raw libpq tx pipelined"));
-            bench_tx(ci, n, seconds, 1, PGS_RESET_SESSION, 0, NAME("pgscope pool tx 3 round trips"));
+            bench_tx(ci, &(tx_spec){.conns = n, .callers = n, .plain = 1}, seconds,
+                     NAME("pgscope pool tx 3 round trips"));
             if (!pgbench)
-                bench_tx(ci, n, seconds, 0, PGS_RESET_SESSION, 0,
+                bench_tx(ci, &(tx_spec){.conns = n, .callers = n}, seconds,
                          NAME("pgscope pool tx one round trip"));
             for (int i = 0; pgbench && i < 2 * k; i++) { /* against pgbench's pipelined script */
                 if (i % 4 == 1 || i % 4 == 2)
-                    bench_pgbench(pgbench, ci, n, seconds / k, PGB_PIPELINED,
+                    bench_pgbench(pgbench, ci, n, seconds / k, PGB_PIPELINED, 1,
                                   NAME("pgbench tx pipelined"));
                 else
-                    bench_tx(ci, n, seconds / k, 0, PGS_RESET_SESSION, 0,
+                    bench_tx(ci, &(tx_spec){.conns = n, .callers = n}, seconds / k,
                              NAME("pgscope pool tx one round trip"));
             }
             if (variants) {
-                bench_tx(ci, n, seconds, 0, PGS_RESET_NONE, 0, NAME("pgscope tx no reset"));
-                bench_tx(ci, n, seconds, 0, PGS_RESET_ALL, 0, NAME("pgscope tx DISCARD ALL"));
-                bench_tx(ci, n, seconds, 0, PGS_RESET_SESSION, 1, NAME("pgscope tx resolvable"));
+                bench_tx(ci, &(tx_spec){.conns = n, .callers = n, .reset = PGS_RESET_NONE},
+                         seconds, NAME("pgscope tx no reset"));
+                bench_tx(ci, &(tx_spec){.conns = n, .callers = n, .reset = PGS_RESET_ALL},
+                         seconds, NAME("pgscope tx DISCARD ALL"));
+                bench_tx(ci, &(tx_spec){.conns = n, .callers = n, .resolvable = 1}, seconds,
+                         NAME("pgscope tx resolvable"));
             }
             if (pgbench) {
-                bench_pgbench(pgbench, ci, n, seconds, PGB_3RT, NAME("pgbench tx 3 round trips"));
+                bench_pgbench(pgbench, ci, n, seconds, PGB_3RT, 1,
+                              NAME("pgbench tx 3 round trips"));
                 if (variants)
-                    bench_pgbench(pgbench, ci, n, seconds, PGB_PIPELINED_RESET,
+                    bench_pgbench(pgbench, ci, n, seconds, PGB_PIPELINED_RESET, 1,
                                   NAME("pgbench tx pipelined + reset"));
             }
         }
+        bench_mux(pgbench, nets[ni].label, nets[ni].conninfo, mux_callers, mux_sizes, nmux,
+                  mux_rounds, seconds);
     }
     snprintf(section, sizeof section, "\nratios (same server, same run)\n");
     for (int ni = 0; ni < 2; ni++) {
@@ -2003,6 +2588,9 @@ int main(int argc, char **argv)
             }
         }
     }
+    for (int ni = 0; ni < 2; ni++)
+        if (nets[ni].conninfo && *nets[ni].conninfo)
+            print_mux_summary(pgbench, nets[ni].label, mux_callers, mux_sizes, nmux);
     if (!skipped("memory") || !skipped("scale"))
         printf("\n");
     if (!skipped("memory"))
@@ -2011,6 +2599,12 @@ int main(int argc, char **argv)
         bench_scale(tcp, requests, 20);
     section[0] = '\0';
     bench_bulk(tcp, copy_rows, stream_rows);
+    if (check_pg)
+        PQfinish(check_pg);
     event_base_free(base);
+    if (check_failures) {
+        fprintf(stderr, "pgscope-bench: %d RESULT CHECK(S) FAILED (see above)\n", check_failures);
+        return 1;
+    }
     return 0;
 }
