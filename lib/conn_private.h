@@ -224,7 +224,7 @@ static inline void list_append(op_list *to, op_list *from)
     from->head = from->tail = NULL;
 }
 
-enum { SPARE_OPS = 8 };
+enum { SPARE_OPS = 64 }; /* (a deep pipeline, as the pool's multiplexed mode keeps, reuses them) */
 
 /* Statement records are recycled per connection: a statement costs no malloc in the steady
  * state (the benchmark's instruction count showed malloc/free as a third of the overhead). */

@@ -128,7 +128,8 @@ static void finish(pgs_tx *tx)
         progress(tx->parent);
         return;
     }
-    loop_ev_stop(tx->timer);
+    if (tx->timer)
+        loop_ev_stop(tx->timer);
     if (!tx->conn)
         return;
     if (conn_owner(tx->conn) == tx) {
@@ -352,7 +353,8 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
         root->ahead--;
     if (root->cancel_grace && root->ahead == 0) {
         root->cancel_grace = 0; /* (its statements answered after the cancel: no kill owed) */
-        loop_ev_stop(root->timer);
+        if (root->timer)
+            loop_ev_stop(root->timer);
     }
     if (root->victim || (root->batched && root->cancel_code == PGS_OK && skipped(op, root, err, res))) {
         /* None of it ran, or what ran is rolled back and nobody has heard of it: a
@@ -563,9 +565,7 @@ static pgs_tx *tx_new(pgs_conn *conn, pgs_tx *parent)
     tx->parent = parent;
     tx->state = TX_OPEN;
     tx->defer = loop_ev_new(conn_base(conn), fire_done, tx);
-    if (!parent)
-        tx->timer = loop_ev_new(conn_base(conn), tx_on_timer, tx);
-    if (!tx->defer || (!parent && !tx->timer)) {
+    if (!tx->defer) {
         tx_free(tx);
         return NULL;
     }
@@ -598,8 +598,22 @@ int tx_check_opts(const pgs_tx_opts *o)
     return PGS_OK;
 }
 
+int arm_timer(pgs_tx *root, int ms)
+{
+    /* Made when first needed: most transactions never set a time limit nor get cancelled. */
+    if (!root->timer) {
+        if (!root->conn || !(root->timer = loop_ev_new(conn_base(root->conn), tx_on_timer, root)))
+            return -1;
+    }
+    return loop_ev_timer(root->timer, ms);
+}
+
 static void begin_sql(const pgs_tx_opts *o, char *sql, size_t cap)
 {
+    if (o->isolation == PGS_ISO_DEFAULT && !o->read_only && !o->deferrable) {
+        memcpy(sql, "BEGIN", 6); /* (the common case: no formatting on every transaction) */
+        return;
+    }
     static const char *const iso[] = {"", " ISOLATION LEVEL READ COMMITTED",
                                        " ISOLATION LEVEL REPEATABLE READ",
                                        " ISOLATION LEVEL SERIALIZABLE"};
@@ -636,7 +650,10 @@ int begin_root(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, void
         }
     }
     if (tx->opts.timeout_ms > 0)
-        loop_ev_timer(tx->timer, tx->opts.timeout_ms);
+        if (arm_timer(tx, tx->opts.timeout_ms) != 0) {
+            tx_free(tx);
+            return PGS_ENOMEM;
+        }
     *out = tx;
     traced_begin(tx, conn);
     return PGS_OK;

@@ -26,7 +26,8 @@ static void kill_shared(pgs_tx *root, pgs_code code)
         /* Their replies are owed within the grace; a network that stalls would hold them, and
          * every transaction on the session, for ever: then the connection is closed. */
         root->cancel_grace = 1;
-        loop_ev_timer(root->timer, root->opts.commit_grace_ms);
+        if (arm_timer(root, root->opts.commit_grace_ms) != 0) /* (no memory: no wait) */
+            tx_on_timer(root, 0);
     }
 }
 
@@ -45,7 +46,8 @@ static void kill_tx(pgs_tx *root, pgs_code code)
             if (root->share)
                 conn_spoil(root->conn);
         }
-        loop_ev_timer(root->timer, root->opts.commit_grace_ms);
+        if (arm_timer(root, root->opts.commit_grace_ms) != 0) /* (no memory: no wait) */
+            tx_on_timer(root, 0);
         return;
     }
     if (root->share && root->conn) {

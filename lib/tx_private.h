@@ -123,6 +123,10 @@ int begin_root(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, void
 int tx_check_conn(pgs_conn *conn);
 void tx_attach_run(pgs_tx *tx, run *r);
 
+/* The root's timer (its time limit, then a grace), made when first armed: 0, or -1 (no
+ * memory, or no connection to make it on). */
+int arm_timer(pgs_tx *root, int ms);
+
 /* tx_cancel.c: the whole-transaction time limit and the commit grace (the root's timer) */
 void tx_on_timer(void *arg, int what);
 
