@@ -1391,6 +1391,52 @@ START_TEST(test_batches_send_only_the_transactions_own_statements)
 }
 END_TEST
 
+/* A transaction cancelled while the network stalls (its statement's replies held by the proxy):
+ * after its commit_grace_ms the shared connection is closed, and it ends ROLLED_BACK with
+ * PGS_ECANCELED, instead of waiting for replies that never come; the pool then serves on a
+ * new connection. (Found by the soak: a transfer hung for ever.) */
+START_TEST(test_cancel_during_a_stall_closes_within_the_grace)
+{
+    th_observer_keep(1);
+    const char *tables[] = {"mux_stall"};
+    fresh_tables(tables, 1);
+    struct event_base *b = th_loop_begin();
+    reset_counts();
+    th_proxy *px = th_proxy_start(atoi(th_conninfo_value("port")));
+    char ci[2048];
+    snprintf(ci, sizeof ci, "%s application_name=pgs_mux_stall", th_proxy_conninfo(px));
+    pgs_pool *p = NULL;
+    /* (the closed connection's callbacks wait for the cancel request on its way, as for any
+     * close: its own time limit is 1 s here) */
+    pgs_pool_opts o = {.max_size = 1, .multiplex = 1, .conn = {.cancel_timeout_ms = 1000}};
+    ck_assert_int_eq(pgs_pool_new(b, ci, &o, &p), PGS_OK);
+    static mtx c, next;
+    mtx_init(&c, "mux_stall", 1);
+    c.extra[0] = "SELECT pg_sleep(5) /* mux_stall_me */";
+    c.interactive = 1;
+    c.opts.commit_grace_ms = 500;
+    mtx_init(&next, "mux_stall", 2);
+    submit(p, &c);
+    wait_running(b, "pgs_mux_stall", "mux_stall_me", 10);
+    th_proxy_stall(px, 1);
+    double t0 = th_now();
+    ck_assert_int_eq(pgs_tx_cancel(c.tx), PGS_OK);
+    wait_dones(b, 1, 10);
+    double took = th_now() - t0;
+    th_proxy_stall(px, 0);
+    submit(p, &next);
+    wait_dones(b, 2, 15);
+    close_pool(b, p);
+    th_proxy_stop(px);
+    th_loop_end(b);
+    assert_rolled_back(&c, PGS_ECANCELED, NULL, "cancelled during the stall");
+    ck_assert_msg(took < 4.0, "done came %.1f s after the cancel (grace 0.5 s, cancel 1 s)", took);
+    assert_committed(&next, "after the stall");
+    drop_table("mux_stall");
+    th_observer_keep(0);
+}
+END_TEST
+
 /* ---- seeded random cuts under many callers ---- */
 
 enum {
@@ -1816,6 +1862,7 @@ static Suite *mux_suite(void)
     tcase_add_test(t, test_commit_reply_never_coming_makes_every_commit_in_flight_unknown);
     tcase_add_loop_test(t, test_a_connection_that_died_idle_is_never_given_a_transaction, 0, 4);
     tcase_add_test(t, test_batches_send_only_the_transactions_own_statements);
+    tcase_add_test(t, test_cancel_during_a_stall_closes_within_the_grace);
     suite_add_tcase(s, t);
     /* CK_RUN_CASE=random with PGSCOPE_SEED=N repeats one sequence of random faults */
     t = tcase_create("random");
