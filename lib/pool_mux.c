@@ -521,21 +521,12 @@ static void on_timer(void *arg, int what)
     }
     for (mux_req *r; (r = expired.head);) {
         req_unlink(&expired, r);
-        char msg[sizeof r->err.message + sizeof p->connect_err.message];
-        int timeout = p->opts.acquire_timeout_ms;
-        if (p->connect_failing) {
-            snprintf(msg, sizeof msg,
-                     "no connection for the transaction within %d ms (the pool's "
-                     "acquire_timeout_ms): the last new connection failed: %s",
-                     timeout, p->connect_err.message);
-            err_set(&r->err, PGS_ECONNECT, p->connect_err.sqlstate, msg, NULL);
-        } else {
-            snprintf(msg, sizeof msg,
-                     "no place for the transaction within %d ms (the pool's acquire_timeout_ms; "
-                     "max_size %d, %d connections carrying transactions, %d waiting)",
-                     timeout, p->opts.max_size, m->ncarriers, m->queue.n + expired.n + 1);
-            err_set(&r->err, PGS_ETIMEDOUT, NULL, msg, NULL);
-        }
+        char state[128];
+        snprintf(state, sizeof state,
+                 "max_size %d, %d connections carrying transactions, %d waiting",
+                 p->opts.max_size, m->ncarriers, m->queue.n + expired.n + 1);
+        pool_wait_error(p, &r->err, "place for the transaction", p->opts.acquire_timeout_ms,
+                        "the pool's acquire_timeout_ms", state);
         req_fail(r);
     }
     if (m->queue.head && !m->timer_armed)

@@ -138,6 +138,10 @@ void pool_req_outcome(pgs_pool *p, pgs_pool_req *r, pgs_code code);
 /* Fill r->err for a request whose wait ran out: PGS_ETIMEDOUT, or PGS_ECONNECT with the last
  * connect (or setup) failure, naming the limit it hit and the pool's state. */
 void pool_timeout_error(pgs_pool *p, pgs_pool_req *r);
+/* The same for any wait that ran out (the multiplexed mode's too): "no <what> within <ms> ms
+ * (<limit>; <state>)", with the last connect failure when there is one. */
+void pool_wait_error(pgs_pool *p, pgs_error *err, const char *what, int timeout_ms,
+                     const char *limit, const char *state);
 /* Fill r->err for a request failed at once by the pool (PGS_ECANCELED, PGS_ECLOSED). */
 void pool_failed_error(pgs_pool *p, pgs_pool_req *r, pgs_code code);
 

@@ -73,23 +73,29 @@ static void describe_state(const pgs_pool *p, char *out, size_t cap)
                  p->in_use, p->connecting, p->waiting);
 }
 
+void pool_wait_error(pgs_pool *p, pgs_error *err, const char *what, int timeout_ms,
+                     const char *limit, const char *state)
+{
+    char msg[sizeof err->message + sizeof p->connect_err.message];
+    if (p->connect_failing) {
+        /* The server could not be reached (or a new connection's setup failed) meanwhile:
+         * that is why, and its SQLSTATE goes with it. */
+        snprintf(msg, sizeof msg, "no %s within %d ms (%s; %s): the last new connection failed: %s",
+                 what, timeout_ms, limit, state, p->connect_err.message);
+        err_set(err, PGS_ECONNECT, p->connect_err.sqlstate, msg, NULL);
+    } else {
+        snprintf(msg, sizeof msg, "no %s within %d ms (%s; %s)", what, timeout_ms, limit, state);
+        err_set(err, PGS_ETIMEDOUT, NULL, msg, NULL);
+    }
+}
+
 void pool_timeout_error(pgs_pool *p, pgs_pool_req *r)
 {
     char state[128];
     describe_state(p, state, sizeof state);
-    const char *limit = r->own_timeout ? "this request's timeout" : "the pool's acquire_timeout_ms";
-    char msg[sizeof r->err.message + 256];
-    if (p->connect_failing) {
-        /* The server could not be reached (or a new connection's setup failed) meanwhile:
-         * that is why, and its SQLSTATE goes with it. */
-        snprintf(msg, sizeof msg, "no connection within %d ms (%s; %s): the last new "
-                 "connection failed: %s", r->timeout_ms, limit, state, p->connect_err.message);
-        err_set(&r->err, PGS_ECONNECT, p->connect_err.sqlstate, msg, NULL);
-    } else {
-        snprintf(msg, sizeof msg, "no connection within %d ms (%s; %s)", r->timeout_ms, limit,
-                 state);
-        err_set(&r->err, PGS_ETIMEDOUT, NULL, msg, NULL);
-    }
+    pool_wait_error(p, &r->err, "connection", r->timeout_ms,
+                    r->own_timeout ? "this request's timeout" : "the pool's acquire_timeout_ms",
+                    state);
 }
 
 void pool_failed_error(pgs_pool *p, pgs_pool_req *r, pgs_code code)

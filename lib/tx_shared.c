@@ -62,7 +62,7 @@ void fire_unsent(pgs_tx *tx)
             continue;
         r->unsent = 0;
         pgs_error e = tx->err;
-        r->cb(NULL, NULL, &e, r->arg);
+        r->cb(tx->conn, NULL, &e, r->arg); /* (NULL only when the guard was freed under it) */
     }
 }
 
