@@ -2,7 +2,8 @@
  * timeouts, and the exact outcome (COMMIT's life decides it). Sits on the connection layer
  * (conn.h) and the loop adapter (loop.h); knows nothing of pools. Every statement goes through
  * the connection's pipeline, and each result is mapped back through the FIFO of what was sent.
- * pgs_run_tx and its retries are tx_run.c's, resolving an unknown commit tx_resolve.c's. */
+ * pgs_run_tx and its retries are tx_run.c's, resolving an unknown commit tx_resolve.c's, COPY
+ * and streamed statements tx_bulk.c's. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,9 +72,8 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
 
 /* Queue one statement of this guard. A connection that is gone answers with its cause, which
  * becomes the guard's failure. */
-static int send_any(pgs_tx *tx, op_kind kind, const char *sql, int nparams,
-                    const char *const *values, int flags, const conn_bulk_spec *bulk,
-                    pgs_copy **out, pgs_result_cb cb, void *arg)
+int send_any(pgs_tx *tx, op_kind kind, const char *sql, int nparams, const char *const *values,
+             int flags, const conn_bulk_spec *bulk, pgs_copy **out, pgs_result_cb cb, void *arg)
 {
     if (!conn_of(tx))
         return PGS_ECLOSED;
@@ -97,8 +97,8 @@ static int send_any(pgs_tx *tx, op_kind kind, const char *sql, int nparams,
     return PGS_OK;
 }
 
-int send_stmt(pgs_tx *tx, op_kind kind, const char *sql, int nparams,
-                     const char *const *values, int flags, pgs_result_cb cb, void *arg)
+int send_stmt(pgs_tx *tx, op_kind kind, const char *sql, int nparams, const char *const *values,
+              int flags, pgs_result_cb cb, void *arg)
 {
     return send_any(tx, kind, sql, nparams, values, flags, NULL, NULL, cb, arg);
 }
@@ -739,45 +739,6 @@ int pgs_tx_query(pgs_tx *tx, const char *sql, int nparams, const char *const *va
     if (tx->recording)
         return record_stmt(tx, sql, nparams, values, cb, arg);
     return send_stmt(tx, K_USER, sql, nparams, values, STMT, cb, arg);
-}
-
-/* A COPY or streamed statement inside the transaction: checked as pgs_tx_query. */
-static int tx_bulk(pgs_tx *tx, const char *sql, int nparams, const char *const *values,
-                   const conn_bulk_spec *spec, pgs_result_cb done, void *arg, pgs_copy **out)
-{
-    if (out)
-        *out = NULL;
-    if (!tx || !sql || !done || nparams < 0 || (nparams > 0 && !values))
-        return PGS_EINVAL;
-    if (tx->state != TX_OPEN || tx->child)
-        return PGS_EMISUSE;
-    if (tx->recording)
-        emit_alone(tx);
-    return send_any(tx, K_USER, sql, nparams, values, STMT, spec, out, done, arg);
-}
-
-int pgs_tx_copy_in(pgs_tx *tx, const char *sql, pgs_copy_ready_cb on_ready, pgs_result_cb done,
-                   void *arg, pgs_copy **out)
-{
-    conn_bulk_spec spec = {.kind = CONN_COPY_IN, .on_ready = on_ready, .arg = arg};
-    return on_ready ? tx_bulk(tx, sql, 0, NULL, &spec, done, arg, out) : PGS_EINVAL;
-}
-
-int pgs_tx_copy_out(pgs_tx *tx, const char *sql, pgs_copy_data_cb on_data, pgs_result_cb done,
-                    void *arg)
-{
-    conn_bulk_spec spec = {.kind = CONN_COPY_OUT, .on_data = on_data, .arg = arg};
-    return on_data ? tx_bulk(tx, sql, 0, NULL, &spec, done, arg, NULL) : PGS_EINVAL;
-}
-
-int pgs_tx_query_stream(pgs_tx *tx, const char *sql, int nparams, const char *const *values,
-                        int batch_rows, pgs_rows_cb on_rows, pgs_result_cb done, void *arg)
-{
-    conn_bulk_spec spec = {
-        .kind = CONN_STREAM, .on_rows = on_rows, .arg = arg, .batch_rows = batch_rows};
-    if (!on_rows || batch_rows < 0)
-        return PGS_EINVAL;
-    return tx_bulk(tx, sql, nparams, values, &spec, done, arg, NULL);
 }
 
 /* The end of a child. It waits for its own results (plugging the connection so statements

@@ -107,6 +107,10 @@ pgs_conn *conn_of(pgs_tx *tx); /* NULL when the guard was closed and freed under
 void note_failure(pgs_tx *tx, const pgs_error *e);
 void note_failure_code(pgs_tx *tx, pgs_code code, const char *msg);
 void note_unsent(pgs_tx *tx, const char *what, int rc);
+/* Queue one statement of the guard, a COPY or stream when bulk is set (PGS_OK, or why not:
+ * its callback then never fires). */
+int send_any(pgs_tx *tx, op_kind kind, const char *sql, int nparams, const char *const *values,
+             int flags, const conn_bulk_spec *bulk, pgs_copy **out, pgs_result_cb cb, void *arg);
 /* Queue one statement of the guard (PGS_OK, or why not: its callback then never fires). */
 int send_stmt(pgs_tx *tx, op_kind kind, const char *sql, int nparams, const char *const *values,
               int flags, pgs_result_cb cb, void *arg);
