@@ -345,7 +345,7 @@ pgs_conn *conn_new(struct event_base *base, const pgs_conn_opts *opts, pgs_conn_
         return NULL;
     }
     c->state = CS_CONNECTING;
-    c->xact = -1;
+    c->xact = c->xact_view = -1;
     if (getrandom(&c->name_tag, sizeof c->name_tag, GRND_NONBLOCK) != sizeof c->name_tag)
         c->name_tag = (uint64_t)(uintptr_t)c ^ ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
     return c;
@@ -413,10 +413,17 @@ void conn_set_xact(pgs_conn *c, int status)
     c->xact = status;
 }
 
+void conn_set_xact_view(pgs_conn *c, int status)
+{
+    c->xact_view = status;
+}
+
 PGTransactionStatusType pgs_conn_txstatus(pgs_conn *c)
 {
     if (!c || c->state != CS_READY)
         return PQTRANS_UNKNOWN;
+    if (c->xact_view >= 0)
+        return (PGTransactionStatusType)c->xact_view;
     if (c->xact >= 0)
         return (PGTransactionStatusType)c->xact;
     return PQtransactionStatus(c->pg);

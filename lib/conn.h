@@ -145,6 +145,11 @@ const pgs_error *conn_error(pgs_conn *c);
  * learns at a pipeline sync; pgs_conn_txstatus answers it. -1: libpq's own again. */
 void conn_set_xact(pgs_conn *c, int status);
 
+/* On a shared session several transactions are in flight, and the one whose body or callback
+ * runs is not the owner: around that code its own status is what pgs_conn_txstatus says (set
+ * before, -1 after; callbacks never nest, so one value is enough). */
+void conn_set_xact_view(pgs_conn *c, int status);
+
 /* Send a cancel request for what the backend runs, without closing: its answer (57014, and
  * skipped statements after it) arrives as usual. Callbacks still wait for it as for a close. */
 void conn_cancel_request(pgs_conn *c);

@@ -180,6 +180,7 @@ struct pgs_conn {
     int spoiled;              /* a cancel request went out on a shared session: never reused */
     int shared;               /* carries pipelined transactions (conn_set_shared) */
     int xact;                 /* the transaction status the owner knows (conn_set_xact), or -1 */
+    int xact_view;            /* a shared session's: the running body's or callback's, or -1 */
     int server_ended;         /* the server sent FATAL: nothing after it runs */
     int reporting_not_run;    /* inside the callback of a statement that certainly never ran */
     /* Errors live on the heap only while they exist (most connections never have one): the

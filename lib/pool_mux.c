@@ -432,8 +432,7 @@ static int start(struct mux *m, carrier *c, mux_req *r)
     r->on = c;
     r->tx = tx;
     c->inflight++;
-    r->body(tx, r->arg);
-    tx_body_returned(tx); /* the next may follow at once if the body ended it */
+    tx_call_body(tx, r->body, r->arg); /* the next may follow at once if it ended the tx */
     if (tx_carried(tx))
         c->carried = tx;
     return 0;

@@ -417,13 +417,14 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
         res = NULL;
     }
     /* The transaction's status as the server now has it, for pgs_conn_txstatus in the
-     * callbacks below (libpq learns it only at a sync). */
-    if (c && conn_owner(c) == root) {
-        if (err && op->kind != K_COMMIT && op->kind != K_ROLLBACK)
-            conn_set_xact(c, PQTRANS_INERROR);
-        else if (!err && op->kind == K_ROLLBACK_TO)
-            conn_set_xact(c, PQTRANS_INTRANS);
-    }
+     * callbacks below (libpq learns it only at a sync). On a shared session the owner may be
+     * another transaction: the callbacks see their own through the view (tx_view). */
+    if (err && op->kind != K_COMMIT && op->kind != K_ROLLBACK)
+        root->xact = PQTRANS_INERROR;
+    else if (!err && op->kind == K_ROLLBACK_TO)
+        root->xact = PQTRANS_INTRANS;
+    if (c && conn_owner(c) == root)
+        conn_set_xact(c, root->xact);
     switch (op->kind) {
     case K_BEGIN:
         if (err)
@@ -438,7 +439,9 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
         if (tx->on_begun) {
             pgs_tx_cb cb = tx->on_begun;
             tx->on_begun = NULL;
+            tx_view(root, c, 1);
             cb(tx, err, tx->begun_arg);
+            tx_view(root, c, 0);
         }
         break;
     case K_SETUP:
@@ -447,7 +450,9 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
             note_failure(tx, err);
         if (op->cb) {
             root->user_fired = 1;
+            tx_view(root, c, 1);
             op->cb(c, res, err, op->arg);
+            tx_view(root, c, 0);
         }
         break;
     case K_TXID:
@@ -564,6 +569,7 @@ static pgs_tx *tx_new(pgs_conn *conn, pgs_tx *parent)
     tx->conn = parent ? NULL : conn;
     tx->parent = parent;
     tx->state = TX_OPEN;
+    tx->xact = PQTRANS_INTRANS;
     tx->defer = loop_ev_new(conn_base(conn), fire_done, tx);
     if (!tx->defer) {
         tx_free(tx);

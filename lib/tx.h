@@ -39,6 +39,9 @@ int tx_begin_shared(pgs_conn *conn, const pgs_tx_opts *opts, const tx_share *sha
                     int attempts, pgs_tx *before, pgs_tx **out);
 /* The body returned: send the transaction, with its end when the body ended it. */
 void tx_body_returned(pgs_tx *tx);
+/* Run a shared transaction's body (pgs_conn_txstatus inside it gives the transaction's own
+ * status, not the session's), then tx_body_returned. */
+void tx_call_body(pgs_tx *tx, pgs_tx_body body, void *arg);
 /* Send a transaction whose first run was skipped (share->again) on conn (conn_between). */
 int tx_replay(pgs_tx *tx, pgs_conn *conn, pgs_tx *before);
 /* After tx_body_returned (or tx_replay): a batched transaction whose end waits, owning the

@@ -77,6 +77,7 @@ struct pgs_tx {
     long long t0_us;        /* begun at (with hooks only) */
     loop_ev *timer; /* root: the whole-transaction timeout, then the commit grace */
     int server_aborted; /* root: the server refused one of its statements: it cannot commit */
+    int xact; /* root: its status as pgs_conn_txstatus gives it (INTRANS, INERROR) */
     /* root, on a session shared by pipelined transactions (tx_shared.c): */
     const tx_share *share; /* NULL otherwise */
     void *share_arg;
@@ -137,6 +138,9 @@ void tx_on_timer(void *arg, int what);
 /* tx_shared.c */
 /* The end is queued: on a shared session the next transaction may follow at once. */
 void end_queued(pgs_tx *tx);
+/* On a shared session, around a body or callback of root's tree: pgs_conn_txstatus gives
+ * root's own status (on), or the session's again (off). Nothing on other sessions. */
+void tx_view(pgs_tx *root, pgs_conn *c, int on);
 /* pgs_tx_query while the body records. */
 int record_stmt(pgs_tx *tx, const char *sql, int nparams, const char *const *values,
                 pgs_result_cb cb, void *arg);

@@ -154,6 +154,20 @@ void tx_body_returned(pgs_tx *tx)
     emit(tx, tx->end_owed && !tx->opts.begin_alone && tx->replays < MAX_REPLAYS);
 }
 
+void tx_view(pgs_tx *root, pgs_conn *c, int on)
+{
+    if (root->share && c)
+        conn_set_xact_view(c, on ? root->xact : -1);
+}
+
+void tx_call_body(pgs_tx *tx, pgs_tx_body body, void *arg)
+{
+    tx_view(tx, tx->conn, 1);
+    body(tx, arg);
+    tx_view(tx, conn_of(tx), 0);
+    tx_body_returned(tx);
+}
+
 void end_queued(pgs_tx *tx)
 {
     if (!tx->share)
@@ -193,6 +207,7 @@ void replay_victim(pgs_tx *tx)
     tx->outcome = 0;
     tx->commit = CM_NONE;
     tx->server_aborted = 0;
+    tx->xact = PQTRANS_INTRANS;
     tx->in_grace = 0;
     tx->ahead = 0;
     tx->xid[0] = '\0';
