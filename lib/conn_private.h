@@ -94,6 +94,12 @@ typedef struct stmt {
     size_t len;
     int nparams;
     unsigned no; /* its name's number: never reused, unlike its address */
+    /* Its Parse is unanswered: an error before it in its pipeline segment makes the server
+     * skip it, and the name would not exist. Until it is answered, a use in a later segment
+     * goes unnamed (resolve_statement), so a neighbour's failed segment never turns into a
+     * 26000 for another statement (a cache hit and a miss report the same). */
+    unsigned parsing;
+    unsigned seg; /* the segment its Parse went out in (pgs_conn.segs then) */
     char name[40];
     char sql[]; /* the text it was prepared from */
 } stmt;
@@ -174,6 +180,7 @@ struct pgs_conn {
     int reads_undrained; /* socket reads since notifications were last taken */
     int cached;          /* entries */
     unsigned next_stmt;  /* names are never reused: the server may still hold old ones */
+    unsigned segs;       /* syncs sent: the number of the pipeline segment now open */
     uint64_t name_tag;        /* random, in every cached statement's name (stmt_name) */
     int user_prepared;        /* SQL PREPARE ran since prepared statements were last dropped */
     int lent;                 /* kept by a keeper: handed to a user, who has not closed it */
@@ -333,6 +340,7 @@ void cache_resolve(pgs_conn *c, op *o, const char *sql, int *fresh);
 void cache_clear(pgs_conn *c);
 void cache_drop(pgs_conn *c, stmt *gone);
 void cache_forget(pgs_conn *c, op *o);
+void cache_confirm(pgs_conn *c, op *o);
 void explain_missing_statement(pgs_conn *c, pgs_error *e);
 
 /* Which cache entry the statement runs by (o->stmt, executed by name), and whether it is new
@@ -343,7 +351,7 @@ void explain_missing_statement(pgs_conn *c, pgs_error *e);
 static inline void resolve_statement(pgs_conn *c, op *o, const char *sql, int *fresh)
 {
     stmt *e = c->last; /* set only while the cache is on */
-    if (e && (uintptr_t)sql == c->last_sql && e->nparams == o->nparams &&
+    if (e && (uintptr_t)sql == c->last_sql && e->nparams == o->nparams && !e->parsing &&
         strcmp(e->sql, sql) == 0) {
         *fresh = 0;
         o->stmt = e;

@@ -29,6 +29,7 @@ static int send_sync(pgs_conn *c, op *o)
 {
     if (!PQpipelineSync(c->pg))
         return -1;
+    c->segs++;
     c->flush_req = 0;
     c->open_segment = 0;
     c->sync_turn = c->sync_yielded = 0;
@@ -191,6 +192,7 @@ static int send_held(pgs_conn *c, int alone)
         const char *sql = o->stmt ? o->stmt->sql : o->copy[o->nparams];
         ok = enter_pipeline(c) == 0 && emit_statement(c, o, sql, values, 0) == 0 &&
              PQpipelineSync(c->pg);
+        c->segs++;
         c->flush_req = 0;
     }
     /* In flight from here, even on failure: its callback hears of the loss, never "not sent". */
@@ -260,6 +262,7 @@ static int send_op(pgs_conn *c, op *o, const char *sql, const char *const *value
     c->sync_turn = c->sync_yielded = 0; /* it joined the segment: ending it is its sender's */
     if (!(o->flags & CONN_NO_SYNC)) {
         ok = PQpipelineSync(c->pg);
+        c->segs++;
         c->flush_req = 0;
         c->open_segment = 0;
     } else {

@@ -103,6 +103,7 @@ static void prepare_done(pgs_conn *c, op *o)
     PGresult *res = o->res;
     o->res = NULL;
     if (res && PQresultStatus(res) == PGRES_COMMAND_OK) {
+        cache_confirm(c, o);
         PQclear(res);
         return;
     }

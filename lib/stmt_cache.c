@@ -86,6 +86,20 @@ void cache_forget(pgs_conn *c, op *o)
             }
 }
 
+/* The entry's Parse succeeded: it runs by name from any segment now (if the cache still has
+ * it: looked for as cache_forget does; once per text and connection). */
+void cache_confirm(pgs_conn *c, op *o)
+{
+    if (!c->cache)
+        return;
+    for (int i = 0; i < CACHE_BUCKETS; i++)
+        for (stmt *e = c->cache[i]; e; e = e->next)
+            if (e == o->stmt && e->no == o->stmt_no) {
+                e->parsing = 0;
+                return;
+            }
+}
+
 /* Does `sql` start with these words (case-insensitive, any whitespace between them)? */
 static int starts_with_words(const char *sql, const char *const *words)
 {
@@ -142,6 +156,8 @@ static stmt *cache_get(pgs_conn *c, const char *sql, int nparams, int *fresh)
     e->len = len;
     e->nparams = nparams;
     e->no = ++c->next_stmt;
+    e->parsing = 1;
+    e->seg = c->segs; /* its Parse goes out now, in the open segment (emit_statement) */
     /* Unique beyond the connection: behind a pooler that shares server sessions between
      * clients, a name another client prepared can never match one of ours (it would run that
      * client's statement), and ours fails loudly instead (explain_missing_statement). */
@@ -160,6 +176,8 @@ static stmt *cache_get(pgs_conn *c, const char *sql, int nparams, int *fresh)
 void cache_resolve(pgs_conn *c, op *o, const char *sql, int *fresh)
 {
     stmt *e = cache_get(c, sql, o->nparams, fresh);
+    if (e && !*fresh && e->parsing && e->seg != c->segs)
+        e = NULL; /* its Parse may yet be skipped (stmt.parsing): this one goes unnamed */
     int buster = *fresh || !e ? cache_buster(sql) : 0;
     if (*fresh && buster) { /* never cached: a hit cannot be one */
         cache_drop(c, e);

@@ -253,14 +253,11 @@ static int is_aborted(const PGresult *res)
 }
 
 /* Did a batched transaction fail only because of those before it in its segment? Its BEGIN
- * was skipped after their error; or a statement of it, before any of its callbacks fired, ran
- * by the name of a prepared statement whose Parse a failed segment skipped (26000: the
- * statement cache parses each text once per connection, pipelined before its first use). */
-static int skipped(const tx_op *op, const pgs_tx *root, const pgs_error *err, const PGresult *res)
+ * was skipped after their error. (A statement never runs by the name of a prepared statement
+ * whose Parse a failed segment may have skipped: stmt.parsing.) */
+static int skipped(const tx_op *op, const PGresult *res)
 {
-    if (op->kind == K_BEGIN)
-        return is_aborted(res) || (err && strcmp(err->sqlstate, "26000") == 0);
-    return op->kind == K_USER && !root->user_fired && err && strcmp(err->sqlstate, "26000") == 0;
+    return op->kind == K_BEGIN && is_aborted(res);
 }
 
 /* The server's ERROR for the statement (not libpq's word on a lost connection, nor a FATAL):
@@ -278,8 +275,18 @@ static void commit_replied(pgs_tx *tx, pgs_conn *c, const PGresult *res, const p
 {
     tx->commit = CM_ANSWERED;
     if (!err) {
-        if (strcmp(PQcmdStatus((PGresult *)res), "COMMIT") == 0) {
+        if (strcmp(PQcmdStatus((PGresult *)res), "COMMIT") == 0 && tx->begun &&
+            !tx->server_aborted) {
             tx->outcome = PGS_TX_COMMITTED;
+            return;
+        }
+        if (strcmp(PQcmdStatus((PGresult *)res), "COMMIT") == 0) {
+            /* A COMMIT in a segment of its own (a shared session's) found no transaction of
+             * ours: BEGIN never ran, or what it began was ended already. Nothing committed. */
+            tx->outcome = PGS_TX_ROLLED_BACK;
+            if (tx->cancel_code != PGS_OK)
+                note_failure_code(tx, tx->cancel_code, "the transaction was canceled before it ran");
+            note_failure_code(tx, PGS_ESQL, "COMMIT found no transaction: BEGIN did not run");
             return;
         }
         /* COMMIT of a failed transaction "succeeds" with the tag ROLLBACK. */
@@ -317,7 +324,7 @@ static void commit_replied(pgs_tx *tx, pgs_conn *c, const PGresult *res, const p
         }
         return;
     }
-    if (conn_not_run(c) || tx->server_aborted) {
+    if (conn_not_run(c) || tx->server_aborted || tx->begin_unrun) {
         /* Never written, or skipped by the server: after an earlier error of its pipeline
          * segment (the pool's reset, a statement of ours), or after the server's FATAL; or
          * (a shared session's COMMIT, in a segment of its own) the server had refused one of
@@ -356,7 +363,7 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
         if (root->timer)
             loop_ev_stop(root->timer);
     }
-    if (root->victim || (root->batched && root->cancel_code == PGS_OK && skipped(op, root, err, res))) {
+    if (root->victim || (root->batched && root->cancel_code == PGS_OK && skipped(op, res))) {
         /* None of it ran, or what ran is rolled back and nobody has heard of it: a
          * transaction before it in the segment failed. Its callbacks wait for the run again
          * (replay_victim). */
@@ -427,6 +434,12 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
         conn_set_xact(c, root->xact);
     switch (op->kind) {
     case K_BEGIN:
+        if (tx == root) {
+            if (!err)
+                root->begun = 1;
+            else if (res || (c && conn_not_run(c)))
+                root->begin_unrun = 1;
+        }
         if (err)
             note_failure(tx, err);
         if (tx->plug && !tx->parent) {

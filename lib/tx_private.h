@@ -78,6 +78,10 @@ struct pgs_tx {
     loop_ev *timer; /* root: the whole-transaction timeout, then the commit grace */
     int server_aborted; /* root: the server refused one of its statements: it cannot commit */
     int xact; /* root: its status as pgs_conn_txstatus gives it (INTRANS, INERROR) */
+    /* root: BEGIN's answer. A COMMIT after a sync runs whatever the session holds: when BEGIN
+     * never ran (skipped, refused) it finds no transaction and still answers "COMMIT". */
+    int begun;       /* BEGIN succeeded */
+    int begin_unrun; /* BEGIN certainly did not start the transaction (the server said so) */
     /* root, on a session shared by pipelined transactions (tx_shared.c): */
     const tx_share *share; /* NULL otherwise */
     void *share_arg;

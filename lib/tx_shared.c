@@ -207,6 +207,7 @@ void replay_victim(pgs_tx *tx)
     tx->outcome = 0;
     tx->commit = CM_NONE;
     tx->server_aborted = 0;
+    tx->begun = tx->begin_unrun = 0;
     tx->xact = PQTRANS_INTRANS;
     tx->in_grace = 0;
     tx->ahead = 0;
