@@ -104,6 +104,18 @@ static void req_push(req_list *l, mux_req *r)
     l->n++;
 }
 
+static void req_insert_before(req_list *l, mux_req *at, mux_req *r)
+{
+    r->next = at;
+    r->prev = at->prev;
+    if (at->prev)
+        at->prev->next = r;
+    else
+        l->head = r;
+    at->prev = r;
+    l->n++;
+}
+
 static void req_push_front(req_list *l, mux_req *r)
 {
     r->prev = NULL;
@@ -377,13 +389,30 @@ static void tx_again(void *arg)
         return;
     }
     r->replay = 1;
-    r->deadline = -1;
-    req_push_front(&m->queue, r);
+    r->deadline = -1; /* (its own time limit runs on: the transaction's timer) */
+    /* First in line, behind the others sent again before it: skipped ones keep their order. */
+    mux_req *at = m->queue.head;
+    while (at && at->replay)
+        at = at->next;
+    if (at)
+        req_insert_before(&m->queue, at, r);
+    else
+        req_push(&m->queue, r);
     if (!m->dispatching)
         loop_ev_post(m->dispatch_ev);
 }
 
-static const tx_share share = {tx_ended, tx_finished, tx_again};
+/* Its transaction, queued to run again, was cancelled or ran out of time (tx_share). */
+static void tx_dropped(void *arg)
+{
+    mux_req *r = arg;
+    if (r->replay) {
+        req_unlink(&r->mux->queue, r);
+        r->replay = 0;
+    }
+}
+
+static const tx_share share = {tx_ended, tx_finished, tx_again, tx_dropped};
 
 /* Begin the request's transaction on the carrier and run its body. Returns 0, or -1 when the
  * carrier could not take it (the request is back at the head of the queue). */
@@ -599,6 +628,7 @@ void mux_close(pgs_pool *p)
     for (mux_req *r; (r = m->queue.head);) {
         req_unlink(&m->queue, r);
         if (r->replay) {
+            r->replay = 0;
             tx_abandon(r->tx, PGS_ECLOSED, "not run: the pool was closed before it could run again");
             continue;
         }

@@ -172,7 +172,7 @@ void progress(pgs_tx *tx)
                 snprintf(sql, sizeof sql, "RELEASE SAVEPOINT %s", tx->savepoint);
                 send_end(tx, K_RELEASE, sql, STMT | CONN_BYPASS);
             }
-            if (conn_of(tx))
+            if (conn_of(tx) && !tx_kill_before_commit(root_of(tx)))
                 conn_unplug(conn_of(tx), tx->plug);
             commit_released(root_of(tx));
             progress(tx);
@@ -445,7 +445,7 @@ static void tx_op_done(pgs_conn *c, const PGresult *res, const pgs_error *err, v
         if (tx->plug && !tx->parent) {
             int plug = tx->plug;
             tx->plug = 0;
-            if (tx->conn)
+            if (tx->conn && !tx_kill_before_commit(tx))
                 conn_unplug(tx->conn, plug);
             commit_released(tx);
         }
@@ -510,7 +510,7 @@ void tx_free(pgs_tx *tx)
     free(tx);
 }
 
-static long long tx_now_us(void)
+long long tx_now_us(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -544,7 +544,8 @@ static void fire_done(void *arg, int what)
     if (tx->state != TX_DONE)
         return; /* (only those were due: the transaction goes on) */
     if (tx->victim) {
-        replay_victim(tx);
+        if (!victim_expired(tx))
+            replay_victim(tx);
         return;
     }
     pgs_tx_result r = {
@@ -668,11 +669,13 @@ int begin_root(pgs_conn *conn, const pgs_tx_opts *opts, pgs_tx_cb on_begun, void
             return rc;
         }
     }
-    if (tx->opts.timeout_ms > 0)
+    if (tx->opts.timeout_ms > 0) {
         if (arm_timer(tx, tx->opts.timeout_ms) != 0) {
             tx_free(tx);
             return PGS_ENOMEM;
         }
+        tx->deadline_us = tx_now_us() + tx->opts.timeout_ms * 1000LL; /* (a replay's limit) */
+    }
     *out = tx;
     traced_begin(tx, conn);
     return PGS_OK;

@@ -28,6 +28,9 @@ typedef struct tx_share {
     /* None of it ran (a transaction before it in its pipeline segment failed): it waits to be
      * sent again, whole, with tx_replay (or failed with tx_abandon). From the loop. */
     void (*again)(void *arg);
+    /* Queued by `again`, it was cancelled or ran out of time: out of the queue (its done
+     * follows from the loop). Inside pgs_tx_cancel or from the loop: must not call the user. */
+    void (*dropped)(void *arg);
 } tx_share;
 
 /* Begin a root transaction on a shared session, behind the transactions in flight on it

@@ -10,13 +10,9 @@ static void kill_shared(pgs_tx *root, pgs_code code)
 {
     const char *msg = code == PGS_ETIMEDOUT ? "the transaction's time limit passed"
                                             : "the transaction was canceled";
-    if (root->commit == CM_HELD) {
-        /* Its end waits behind a settling savepoint, and the others' transactions behind it:
-         * close (they hear of it exactly: nothing of theirs was written). */
-        conn_kill(root->conn, PGS_ECONN,
-                  "the connection was closed: a transaction sharing it was canceled", 1);
-        return;
-    }
+    /* (A COMMIT held behind a plug, its BEGIN's or a savepoint's, never leaves now: the
+     * connection is closed when that plug is pulled, once what is ahead of it was answered,
+     * so the others' transactions ahead end exactly: tx_kill_before_commit.) */
     note_failure_code(root, code, msg);
     if (root->ahead > 0) {
         /* Its statements are out: stop the one running (it may be a neighbour's, which then
@@ -31,9 +27,27 @@ static void kill_shared(pgs_tx *root, pgs_code code)
     }
 }
 
+int tx_kill_before_commit(pgs_tx *root)
+{
+    if (!root->share || root->cancel_code == PGS_OK || root->commit != CM_HELD ||
+        root->settling > 0 || root->plug || !root->conn)
+        return 0;
+    conn_kill(root->conn, PGS_ECONN,
+              "the connection was closed: a transaction sharing it was canceled before its "
+              "COMMIT left",
+              1);
+    return 1;
+}
+
 static void kill_tx(pgs_tx *root, pgs_code code)
 {
+    if (root->waiting_replay) {
+        drop_waiting(root, code);
+        return;
+    }
     root->cancel_code = code;
+    if (root->victim)
+        return; /* skipped whole: nothing of it runs, and it is not sent again */
     /* A COMMIT held behind a plug has not left: cancel as if not sent (the closed connection
      * makes its rollback certain). */
     if (root->commit == CM_SENT) {
@@ -88,6 +102,10 @@ int pgs_tx_cancel(pgs_tx *tx)
     if (!tx)
         return PGS_EINVAL;
     pgs_tx *root = root_of(tx);
+    if ((root->waiting_replay || root->victim) && root->cancel_code == PGS_OK) {
+        kill_tx(root, PGS_ECANCELED); /* skipped whole: it is not sent again */
+        return PGS_OK;
+    }
     if (root->cancel_code != PGS_OK || root->state == TX_DONE || !root->conn ||
         !conn_ready(root->conn))
         return PGS_EMISUSE;

@@ -81,6 +81,8 @@ struct pgs_tx {
     /* root: BEGIN's answer. A COMMIT after a sync runs whatever the session holds: when BEGIN
      * never ran (skipped, refused) it finds no transaction and still answers "COMMIT". */
     int begun;       /* BEGIN succeeded */
+    long long deadline_us; /* root: when its time limit passes (tx_now_us; 0: none) */
+    int waiting_replay;    /* root, shared: skipped whole, queued to be sent again */
     int begin_unrun; /* BEGIN certainly did not start the transaction (the server said so) */
     /* root, on a session shared by pipelined transactions (tx_shared.c): */
     const tx_share *share; /* NULL otherwise */
@@ -145,6 +147,16 @@ void end_queued(pgs_tx *tx);
 /* On a shared session, around a body or callback of root's tree: pgs_conn_txstatus gives
  * root's own status (on), or the session's again (off). Nothing on other sessions. */
 void tx_view(pgs_tx *root, pgs_conn *c, int on);
+long long tx_now_us(void); /* the monotonic clock, in microseconds */
+/* tx_shared.c: a skipped transaction that may not run again (cancelled, out of time) ends
+ * ROLLED_BACK with that code, its callbacks told why (1); else 0. From its done event. */
+int victim_expired(pgs_tx *tx);
+/* tx_shared.c: a transaction queued to be sent again is cancelled or out of time: out of the
+ * queue, ROLLED_BACK with the code (its done from the loop). */
+void drop_waiting(pgs_tx *root, pgs_code code);
+/* tx_cancel.c: a cancelled shared transaction's COMMIT held behind the plug about to be pulled
+ * must never leave: the connection is closed instead (1), everything ahead answered. */
+int tx_kill_before_commit(pgs_tx *root);
 /* pgs_tx_query while the body records. */
 int record_stmt(pgs_tx *tx, const char *sql, int nparams, const char *const *values,
                 pgs_result_cb cb, void *arg);

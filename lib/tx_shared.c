@@ -212,7 +212,39 @@ void replay_victim(pgs_tx *tx)
     tx->in_grace = 0;
     tx->ahead = 0;
     tx->xid[0] = '\0';
+    tx->waiting_replay = 1;
+    if (tx->deadline_us) {
+        /* Its time limit runs on while it waits and runs again (tx_on_timer: drop_waiting). */
+        long long left = tx->deadline_us - tx_now_us();
+        if (left < 1000 || arm_timer(tx, (int)(left / 1000)) != 0)
+            arm_timer(tx, 0);
+    }
     tx->share->again(tx->share_arg);
+}
+
+int victim_expired(pgs_tx *tx)
+{
+    pgs_code code = tx->cancel_code;
+    if (code == PGS_OK && tx->deadline_us && tx_now_us() >= tx->deadline_us)
+        code = PGS_ETIMEDOUT;
+    if (code == PGS_OK)
+        return 0;
+    tx->victim = 0;
+    tx_abandon(tx, code,
+               code == PGS_ETIMEDOUT ? "not run: the transaction's time limit passed"
+                                     : "not run: the transaction was canceled");
+    return 1;
+}
+
+void drop_waiting(pgs_tx *root, pgs_code code)
+{
+    root->cancel_code = code;
+    root->waiting_replay = 0;
+    root->share->dropped(root->share_arg);
+    tx_abandon(root, code,
+               code == PGS_ETIMEDOUT
+                   ? "not run: the transaction's time limit passed while it waited to run again"
+                   : "not run: the transaction was canceled while it waited to run again");
 }
 
 int tx_replay(pgs_tx *tx, pgs_conn *conn, pgs_tx *before)
@@ -222,6 +254,7 @@ int tx_replay(pgs_tx *tx, pgs_conn *conn, pgs_tx *before)
     conn_set_shared(conn);
     tx->conn = conn;
     tx->before = before;
+    tx->waiting_replay = 0;
     conn_set_owner(conn, tx, NULL);
     tx->end_owed = 1;
     tx->recording = 1;
@@ -231,6 +264,9 @@ int tx_replay(pgs_tx *tx, pgs_conn *conn, pgs_tx *before)
 
 void tx_abandon(pgs_tx *tx, pgs_code code, const char *msg)
 {
+    tx->waiting_replay = 0;
+    if (tx->timer)
+        loop_ev_stop(tx->timer);
     note_failure_code(tx, code, msg);
     tx->outcome = PGS_TX_ROLLED_BACK;
     for (tx_rec *r = tx->recs; r; r = r->next)
