@@ -789,14 +789,20 @@ PGS_API int pgs_pool_run_tx(pgs_pool *pool, const pgs_tx_opts *opts, pgs_tx_body
  *    requests still waiting; its callbacks fire once, for the run that happened, and nothing
  *    of the skipped one is reported (the statement hooks do show the skipped statements).
  *    After 8 such runs again it is sent first in a segment of its own, where nothing can skip
- *    it. The batch's last COMMIT, alone in its segment, ends a transaction the error left
+ *    it. Skipped ones run again in their order. Their time limit (timeout_ms) counts from the
+ *    first run; cancelled (pgs_tx_cancel) or out of time before they run again, they end
+ *    ROLLED_BACK with PGS_ECANCELED or PGS_ETIMEDOUT, their statements' callbacks told they
+ *    did not run. The batch's last COMMIT, alone in its segment, ends a transaction the error left
  *    aborted (it answers ROLLBACK), so the next batch finds the session idle. (When a COMMIT
  *    itself failed, the last one may find no transaction and the server warns "there is no
  *    transaction in progress", SQLSTATE 25P01: that warning is not passed to on_notice.)
  *  - Outcomes are exact as everywhere: a connection lost makes each COMMIT already written
  *    UNKNOWN, and every transaction whose COMMIT was not written, whose statement the server
  *    refused, or that was skipped, ROLLED_BACK (or sent again, when skipped by a neighbour's
- *    error that arrived before the loss).
+ *    error that arrived before the loss). A transaction whose BEGIN did not run is never
+ *    COMMITTED, though a COMMIT in a later segment answers "COMMIT" with no transaction.
+ *  - pgs_conn_txstatus, called in the body or a statement's callback, gives that transaction's
+ *    own status (INTRANS, or INERROR after a failure), not its neighbours'.
  *  - Callers share sessions, as in PgBouncer's transaction mode: a body must not leave session
  *    state behind (SET without LOCAL, PREPARE, LISTEN, temporary tables, session advisory
  *    locks, a role): the next transaction on the connection inherits it. Everything inside the
@@ -831,7 +837,9 @@ PGS_API int pgs_pool_run_tx(pgs_pool *pool, const pgs_tx_opts *opts, pgs_tx_body
  *    back (its pending statements get the cancel's code); the connection takes no new
  *    transaction and is closed once those on it are done. Only when a COMMIT already sent gets
  *    no reply within commit_grace_ms is the connection closed at once: every COMMIT in flight
- *    on it then ends UNKNOWN.
+ *    on it then ends UNKNOWN. When the cancelled transaction's COMMIT waits for its own BEGIN's
+ *    reply (begin_alone) or a savepoint's, the connection is closed when that COMMIT would
+ *    leave, after everything ahead of it was answered: the neighbours' outcomes stay exact.
  *  - pgs_pool_acquire still hands out connections of their own, from the same max_size. */
 
 /* Fill *stats. */

@@ -264,8 +264,14 @@ static void carrier_acquired(pgs_conn *conn, const pgs_error *err, void *arg)
         a->next->prev = a->prev;
     free(a);
     m->acquiring--;
-    if (err) /* the pool closed (the requests heard of it), or could not give one */
+    if (err) {
+        /* The pool closed (the requests heard of it), or could not give one; or stop_asking
+         * cancelled it while requests came in, which acquire_more did not ask for then (it
+         * counted this one): ask now. */
+        if (err->code == PGS_ECANCELED && m->queue.head && !m->pool->closing)
+            dispatch(m);
         return;
+    }
     carrier *c = calloc(1, sizeof *c);
     if (!c) {
         pgs_conn_close(conn, NULL, NULL);

@@ -104,7 +104,10 @@ static void emit(pgs_tx *tx, int batched)
     }
     if (rc != PGS_OK) {
         /* The connection is gone (or memory): nothing of it runs. Its callbacks hear of it
-         * from the loop, before its done. */
+         * from the loop, before its done. The end carried in for the one before it must not
+         * wait for a sync that nothing of this one will bring. */
+        if (before && batched && c && conn_ready(c))
+            conn_sync(c, 0);
         tx->outcome = PGS_TX_ROLLED_BACK;
         tx->batched = 0;
         if (tx->end_owed) {
