@@ -792,7 +792,8 @@ PGS_API int pgs_pool_run_tx(pgs_pool *pool, const pgs_tx_opts *opts, pgs_tx_body
  *    it. Skipped ones run again in their order. Their time limit (timeout_ms) counts from the
  *    first run; cancelled (pgs_tx_cancel) or out of time before they run again, they end
  *    ROLLED_BACK with PGS_ECANCELED or PGS_ETIMEDOUT, their statements' callbacks told they
- *    did not run. The batch's last COMMIT, alone in its segment, ends a transaction the error left
+ *    did not run (with conn NULL: such a transaction is on no connection while it waits; so
+ *    too when the pool's close ends it then, with PGS_ECLOSED). The batch's last COMMIT, alone in its segment, ends a transaction the error left
  *    aborted (it answers ROLLBACK), so the next batch finds the session idle. (When a COMMIT
  *    itself failed, the last one may find no transaction and the server warns "there is no
  *    transaction in progress", SQLSTATE 25P01: that warning is not passed to on_notice.)

@@ -396,12 +396,16 @@ static void tx_again(void *arg)
     }
     r->replay = 1;
     r->deadline = -1; /* (its own time limit runs on: the transaction's timer) */
-    /* First in line, behind the others sent again before it: skipped ones keep their order. */
-    mux_req *at = m->queue.head;
-    while (at && at->replay)
-        at = at->next;
-    if (at)
-        req_insert_before(&m->queue, at, r);
+    /* First in line, but behind the others waiting to run again (a retry may have gone to the
+     * head between them): skipped ones keep their order. */
+    mux_req *last = NULL;
+    for (mux_req *q = m->queue.head; q; q = q->next)
+        if (q->replay)
+            last = q;
+    if (!last)
+        req_push_front(&m->queue, r);
+    else if (last->next)
+        req_insert_before(&m->queue, last->next, r);
     else
         req_push(&m->queue, r);
     if (!m->dispatching)

@@ -35,7 +35,7 @@ int tx_kill_before_commit(pgs_tx *root)
     conn_kill(root->conn, PGS_ECONN,
               "the connection was closed: a transaction sharing it was canceled before its "
               "COMMIT left",
-              1);
+              0); /* (nothing runs: all ahead is answered, all behind is held) */
     return 1;
 }
 

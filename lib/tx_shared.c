@@ -62,7 +62,10 @@ void fire_unsent(pgs_tx *tx)
             continue;
         r->unsent = 0;
         pgs_error e = tx->err;
-        r->cb(tx->conn, NULL, &e, r->arg); /* (NULL only when the guard was freed under it) */
+        /* NULL when it is on no connection: waiting to run again, or its guard freed */
+        tx_view(tx, tx->conn, 1);
+        r->cb(tx->conn, NULL, &e, r->arg);
+        tx_view(tx, tx->conn, 0);
     }
 }
 
@@ -91,6 +94,7 @@ static void emit(pgs_tx *tx, int batched)
         rc = conn_sync(c, 0); /* nothing before it in its segment can skip its BEGIN */
     if (rc == PGS_OK)
         rc = send_begin(tx);
+    int accepted = rc == PGS_OK; /* its BEGIN may reach the server */
     if (rc != PGS_OK)
         note_unsent(tx, "BEGIN", rc);
     for (tx_rec *r = tx->recs; r; r = r->next) {
@@ -106,7 +110,12 @@ static void emit(pgs_tx *tx, int batched)
         /* The connection is gone (or memory): nothing of it runs. Its callbacks hear of it
          * from the loop, before its done. The end carried in for the one before it must not
          * wait for a sync that nothing of this one will bring. */
-        if (before && batched && c && conn_ready(c))
+        if (accepted && c && conn_ready(c))
+            /* Part of it went (memory ran out): a session left in its open transaction
+             * would commit it with the next one's COMMIT. */
+            conn_kill(c, PGS_ECONN,
+                      "the connection was closed: a transaction could not be sent whole", 1);
+        else if (before && batched && c && conn_ready(c))
             conn_sync(c, 0);
         tx->outcome = PGS_TX_ROLLED_BACK;
         tx->batched = 0;
