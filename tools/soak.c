@@ -557,10 +557,18 @@ static void transfer_done(const pgs_tx_result *r, void *arg)
         begin_finish();
 }
 
+static int kinds_missing(void);
+
+/* A run that has not yet seen every fault kind it asked for goes on for a while (a slow or
+ * loaded machine): up to twice its transfers and its seconds. */
 static int may_start(void)
 {
-    return !finishing && started < opt.transfers &&
-           (opt.seconds <= 0 || now_s() < t_stop_starting);
+    if (finishing)
+        return 0;
+    if (started < opt.transfers && (opt.seconds <= 0 || now_s() < t_stop_starting))
+        return 1;
+    return kinds_missing() && started < 2L * opt.transfers && started < MAX_TRANSFERS &&
+           (opt.seconds <= 0 || now_s() < t_stop_starting + opt.seconds);
 }
 
 /* A new transfer, every choice drawn from the seed and its id. */
@@ -639,6 +647,14 @@ static void maybe_done(void);
 static unsigned enabled_kinds(void)
 {
     return opt.faults & F.available;
+}
+
+static int kinds_missing(void)
+{
+    for (int k = 0; k < F_COUNT; k++)
+        if ((enabled_kinds() & (1u << k)) && F.applied[k] == 0)
+            return 1;
+    return 0;
 }
 
 static int restart_allowed(void)
